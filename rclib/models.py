@@ -1,0 +1,182 @@
+"""Models (paper App. B): torchvision VGG16 and the same topology scaled to small inputs.
+
+Both are wrapped in :class:`VGG`, whose first layer standardises pixels (``Normalize``), so that
+inputs, attacks and clamping stay in [0, 1] pixel space. Module names follow torchvision
+(``features``, ``avgpool``, ``classifier``), so a torchvision VGG16 state dict loads as it is and
+the paper's prune targets (``model.features`` convolutions, ``model.classifier`` linears) are the
+same attribute paths.
+
+An architecture is described by a small JSON-able ``spec`` dict, so a saved model file can say
+what to rebuild without pickling anything (see ``storage``).
+
+Used by every chapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, resolve_path
+
+# VGG16's 13 convolutions in 5 blocks ("M" ends a block), as in torchvision's cfg "D".
+VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel. Buffers are not persistent, so torchvision state dicts load."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class VGG(nn.Module):
+    """normalize -> features -> avgpool -> flatten -> classifier; ``spec`` rebuilds it."""
+
+    def __init__(self, normalize: Normalize, features: nn.Sequential, avgpool: nn.Module,
+                 classifier: nn.Sequential, spec: dict[str, Any]):
+        super().__init__()
+        self.normalize = normalize
+        self.features = features
+        self.avgpool = avgpool
+        self.classifier = classifier
+        self.spec = dict(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.normalize(x))
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+def _small_features(in_channels: int, image_size: int, width: int, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in, size = in_channels, image_size
+    for block in VGG16_BLOCKS:
+        for c in block:
+            c_out = max(1, c * width // 64)
+            layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.ReLU(inplace=True))
+            c_in = c_out
+        # VGG16 pools after each of its 5 blocks; an 8x8 input only has room for 3 halvings,
+        # so later blocks keep their 1x1 maps (their convs still act, on the centre tap).
+        if size >= 2:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+    return nn.Sequential(*layers)
+
+
+def _classifier(n_in: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def spec(cfg: Config, num_classes: int, input_shape: tuple[int, int, int],
+         mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """The JSON-able description of the architecture ``cfg`` asks for."""
+    return dict(model=cfg.model, width=cfg.width, hidden=cfg.hidden, batch_norm=cfg.batch_norm,
+                dropout=cfg.dropout, num_classes=num_classes, input_shape=list(input_shape),
+                mean=list(mean), std=list(std))
+
+
+def from_spec(s: dict[str, Any]) -> VGG:
+    """Rebuild an (untrained) model from a ``spec`` dict. Used by ``build`` and ``storage``."""
+    c, h, _ = s["input_shape"]
+    norm = Normalize(tuple(s["mean"]), tuple(s["std"]))
+    if s["model"] == "vgg16":
+        import torchvision
+
+        tv = torchvision.models.vgg16_bn() if s["batch_norm"] else torchvision.models.vgg16()
+        if c != 3:
+            tv.features[0] = nn.Conv2d(c, 64, kernel_size=3, padding=1)
+        tv.classifier[2].p = tv.classifier[5].p = s["dropout"]
+        if s["num_classes"] != 1000:
+            tv.classifier[6] = nn.Linear(4096, s["num_classes"])
+        return VGG(norm, tv.features, tv.avgpool, tv.classifier, s)
+    if s["model"] == "vgg_small":
+        features = _small_features(c, h, s["width"], s["batch_norm"])
+        n_out = max(1, VGG16_BLOCKS[-1][-1] * s["width"] // 64)
+        return VGG(norm, features, nn.AdaptiveAvgPool2d(1),
+                   _classifier(n_out, s["hidden"], s["num_classes"], s["dropout"]), s)
+    raise ValueError(f"model={s['model']!r} is not known; one of vgg_small, vgg16")
+
+
+def build(cfg: Config, num_classes: int, input_shape: tuple[int, int, int],
+          mean: tuple[float, ...], std: tuple[float, ...]) -> VGG:
+    """Build the model ``cfg`` names, seeded, with the weights it asks for, on CPU.
+
+    Args:
+        cfg: uses ``model`` (``vgg_small`` | ``vgg16``), ``width`` (first block's channels; VGG16
+            has 64), ``hidden`` (hidden linear width; VGG16 has 4096), ``batch_norm``, ``dropout``,
+            ``weights`` (``none`` | ``imagenet`` through torchvision | a local ``.safetensors``
+            state dict) and ``seed`` (initialisation).
+        num_classes, input_shape, mean, std: from ``data.load(cfg)`` (``Splits``).
+
+    Returns:
+        A :class:`VGG` mapping (B, C, H, W) pixels in [0, 1] to (B, num_classes) logits.
+
+    Example:
+        >>> s = data.load(cfg)
+        >>> model = build(cfg, s.num_classes, s.input_shape, s.mean, s.std)
+
+    Used by chapter 00 (baseline) and every later chapter through ``pipeline.baseline``.
+    """
+    torch.manual_seed(cfg.seed)
+    model = from_spec(spec(cfg, num_classes, input_shape, mean, std))
+    if cfg.weights == "imagenet":
+        import torchvision
+
+        w = (torchvision.models.VGG16_BN_Weights if cfg.batch_norm else torchvision.models.VGG16_Weights).IMAGENET1K_V1
+        tv = (torchvision.models.vgg16_bn if cfg.batch_norm else torchvision.models.vgg16)(weights=w)
+        state = tv.state_dict()
+        if num_classes != 1000:  # keep the pretrained trunk, retrain the new head
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
+        model.load_state_dict(state, strict=False)
+    elif cfg.weights != "none":
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(resolve_path(cfg.weights))))
+    return model
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """L_prune(h): the convolutions of ``model.features`` and linears of ``model.classifier``.
+
+    This is Table 2's ``prune_targets``. A model without those attributes contributes all of
+    its Conv2d and Linear modules, so the pruning functions work on any network.
+
+    Returns:
+        ``[(qualified_name, module), ...]`` in forward order.
+
+    Used by ``prune``, ``share``, ``storage`` and chapters 00-04.
+    """
+    kinds = (nn.Conv2d, nn.Linear)
+    if hasattr(model, "features") and hasattr(model, "classifier"):
+        return [(f"{part}.{n}", m) for part in ("features", "classifier")
+                for n, m in getattr(model, part).named_modules() if isinstance(m, kinds)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def summary(model: nn.Module):
+    """Per-layer table: name, type, weight shape, parameter count (weights + bias)."""
+    import pandas as pd
+
+    rows = []
+    for name, m in prunable_layers(model):
+        n = sum(p.numel() for p in m.parameters())
+        rows.append(dict(layer=name, type=type(m).__name__, weight_shape=tuple(m.weight.shape), parameters=n))
+    return pd.DataFrame(rows)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

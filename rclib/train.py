@@ -1,0 +1,133 @@
+"""Training and evaluation: seeded, deterministic on CPU, and mask-aware.
+
+Mask-aware: pruning in rclib uses ``torch.nn.utils.prune``'s reparametrisation
+(``weight = weight_orig * weight_mask``), so a pruned weight's gradient is zero and its value
+stays exactly zero whatever the optimiser does to ``weight_orig``. ``fit`` additionally zeroes
+the masked entries of ``weight_orig``'s gradient so momentum and Adam state never build up there.
+
+Used by chapter 00 (baseline), 01 (retraining after pruning) and 04 (Alg 7's plain baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """SGD (with momentum) or Adam over the model's parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={name!r} is not allowed: one of sgd, adam")
+
+
+def mask_gradients(model: nn.Module) -> None:
+    """Zero the gradient of every pruned entry (modules carrying torch prune masks)."""
+    for m in model.modules():
+        for name, buf in m.named_buffers(recurse=False):
+            if name.endswith("_mask"):
+                p = getattr(m, name[: -len("_mask")] + "_orig")
+                if p.grad is not None:
+                    p.grad.mul_(buf)
+
+
+def reseed(loader: DataLoader, seed: int) -> None:
+    """Restart the loader's shuffling and torch's RNG, so a run never depends on what ran before."""
+    torch.manual_seed(seed)
+    if isinstance(getattr(loader, "generator", None), torch.Generator):
+        loader.generator.manual_seed(seed)
+
+
+def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, optimizer: str = "adam",
+        momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
+        loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        desc: str = "train", progress: bool = True) -> list[dict[str, float]]:
+    """Train ``model`` in place with cross-entropy (or ``loss_fn``) for ``epochs`` epochs.
+
+    Args:
+        model: any classifier; its device is used for the batches.
+        loader: yields ``(x, y)``, x (B, C, H, W), y (B,).
+        epochs: full passes over ``loader`` (0 does nothing).
+        lr, optimizer ("adam" | "sgd"), momentum, weight_decay: the optimiser.
+        seed: reseeds torch and the loader's shuffling first, so equal seeds give equal runs.
+        loss_fn: ``loss_fn(model, x, y) -> scalar``; default cross-entropy on ``model(x)``.
+            Alg 7 passes its adversarial + margin loss here.
+        desc, progress: the tqdm bar's label, and whether to show it.
+
+    Returns:
+        One dict per epoch: ``{"epoch", "loss", "accuracy"}`` (mean training loss; accuracy on
+        the clean training batches as seen during the epoch, only when loss_fn is None).
+
+    Used by chapters 00, 01 and 04.
+    """
+    device = model_device(model)
+    opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
+    reseed(loader, seed)
+    history = []
+    was_training = model.training
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            if loss_fn is None:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                correct += (logits.argmax(1) == y).sum().item()
+            else:
+                loss = loss_fn(model, x, y)
+            loss.backward()
+            mask_gradients(model)
+            opt.step()
+            total_loss += loss.item() * len(y)
+            seen += len(y)
+        row = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1)}
+        if loss_fn is None:
+            row["accuracy"] = correct / max(seen, 1)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+    model.train(was_training)
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for a tensor of inputs, in eval mode (the caller's mode is restored). (N, K)."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out = torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy in [0, 1] over ``loader``, in eval mode (the caller's mode is restored).
+
+    Used by every chapter.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
