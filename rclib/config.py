@@ -59,7 +59,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 64
-    epochs: int = 20
+    epochs: int = 30
     # attacks (Eq 8)
     epsilon: float = 0.1  # FGSM strength in pixel units, pixels in [0, 1]
     epsilons: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)

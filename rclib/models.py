@@ -89,10 +89,66 @@ def spec(cfg: Config, num_classes: int, input_shape: tuple[int, int, int],
                 mean=list(mean), std=list(std))
 
 
+def _layer(entry: list) -> nn.Module:
+    kind, *args = entry
+    if kind == "conv":
+        c_in, c_out, k, stride, pad = args
+        return nn.Conv2d(c_in, c_out, kernel_size=k, stride=stride, padding=pad)
+    if kind == "bn":
+        return nn.BatchNorm2d(args[0])
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "maxpool":
+        return nn.MaxPool2d(kernel_size=args[0], stride=args[1])
+    if kind == "linear":
+        return nn.Linear(args[0], args[1])
+    if kind == "dropout":
+        return nn.Dropout(args[0])
+    if kind == "avgpool":
+        return nn.AdaptiveAvgPool2d(tuple(args[0]))
+    raise ValueError(f"unknown layer kind {kind!r} in a model description")
+
+
+def _entry(m: nn.Module) -> list:
+    if isinstance(m, nn.Conv2d):
+        return ["conv", m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0]]
+    if isinstance(m, nn.BatchNorm2d):
+        return ["bn", m.num_features]
+    if isinstance(m, nn.ReLU):
+        return ["relu"]
+    if isinstance(m, nn.MaxPool2d):
+        k, st = m.kernel_size, m.stride
+        return ["maxpool", k if isinstance(k, int) else k[0], st if isinstance(st, int) else st[0]]
+    if isinstance(m, nn.Linear):
+        return ["linear", m.in_features, m.out_features]
+    if isinstance(m, nn.Dropout):
+        return ["dropout", m.p]
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        size = m.output_size
+        return ["avgpool", [size, size] if isinstance(size, int) else list(size)]
+    raise ValueError(f"cannot describe layer {type(m).__name__}")
+
+
+def describe(model: VGG) -> dict[str, Any]:
+    """A spec listing every layer explicitly (``layers``), for models whose widths no longer
+    follow a formula, e.g. after ``prune.harden``. ``from_spec`` rebuilds it exactly."""
+    s = {k: v for k, v in model.spec.items() if k != "layers"}
+    s["layers"] = {
+        "features": [_entry(m) for m in model.features],
+        "avgpool": _entry(model.avgpool),
+        "classifier": [_entry(m) for m in model.classifier],
+    }
+    return s
+
+
 def from_spec(s: dict[str, Any]) -> VGG:
     """Rebuild an (untrained) model from a ``spec`` dict. Used by ``build`` and ``storage``."""
     c, h, _ = s["input_shape"]
     norm = Normalize(tuple(s["mean"]), tuple(s["std"]))
+    if "layers" in s:
+        lay = s["layers"]
+        return VGG(norm, nn.Sequential(*map(_layer, lay["features"])), _layer(lay["avgpool"]),
+                   nn.Sequential(*map(_layer, lay["classifier"])), s)
     if s["model"] == "vgg16":
         import torchvision
 

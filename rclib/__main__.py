@@ -1,0 +1,208 @@
+"""Command line: execute the chapters with papermill, then build the book with execution off.
+
+    python -m rclib book [--profile P] [-p NAME VALUE ...] [--timeout S] [--no-build]
+    python -m rclib run notebooks/00_baseline.ipynb [--profile P] [-p NAME VALUE ...] [-o OUT]
+    python -m rclib build            # render what was executed last, without re-running
+
+Why papermill first and not Jupyter Book's own execution: its cache runs notebooks in file-name
+order, reports a failing notebook only as a warning, and cannot see changed artifacts. Here each
+chapter listed in ``_toc.yml`` runs in toc order into ``_build/src/`` (a copy of the book
+sources), a failure stops everything with the notebook and cell named, and then
+``jupyter-book build -W -n --keep-going`` renders those executed copies into ``_build/html``.
+
+Used by ``make book``, the README and the notebook smoke tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import DEFAULT_PROFILE, PROFILES, project_root
+
+BUILD = "_build"
+STAGE = "src"  # _build/src: the book sources with executed notebooks
+BOOK_FILES = ("_config.yml", "_toc.yml")
+BOOK_DIRS = ("book",)
+
+
+class ChapterFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+def toc_notebooks(root: Path) -> list[Path]:
+    """The notebooks listed in ``_toc.yml``, in reading order (relative paths)."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    found: list[Path] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "file" in node:
+                path = Path(str(node["file"]))
+                if path.suffix == ".ipynb" or (not path.suffix and (root / path.with_suffix(".ipynb")).exists()):
+                    found.append(path.with_suffix(".ipynb"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc)
+    return found
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value as papermill would read it: int, float, bool/None, a YAML list, else text."""
+    if text in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[text]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, list, type(None))) else text
+
+
+def _hide_injected(path: Path) -> None:
+    """Tag papermill's injected-parameters cell ``remove-cell``: the chapter shows its effective
+    configuration as a table instead, which is what a reader needs to see."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = tags + ["remove-cell"]
+    nbformat.write(nb, path)
+
+
+def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], timeout: int,
+                 progress: bool = True) -> float:
+    """Execute one chapter with papermill; returns seconds; raises ChapterFailed on error."""
+    import papermill as pm
+
+    root = project_root()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(root),
+                            kernel_name="python3", progress_bar=progress,
+                            execution_timeout=timeout, request_save_on_cell_execute=False)
+    except pm.PapermillExecutionError as err:
+        raise ChapterFailed(f"{notebook} failed in cell {err.cell_index} (execution count "
+                            f"{err.exec_count}): {err.ename}: {err.evalue}") from None
+    except Exception as err:  # timeouts, a dead kernel, a missing file
+        raise ChapterFailed(f"{notebook} failed: {type(err).__name__}: {err}") from None
+    _hide_injected(output)
+    return time.perf_counter() - start
+
+
+def stage(root: Path) -> Path:
+    """Copy the book's non-notebook sources into ``_build/src`` and return that folder."""
+    dest = root / BUILD / STAGE
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in BOOK_FILES:
+        shutil.copy2(root / name, dest / name)
+    for name in BOOK_DIRS:
+        shutil.copytree(root / name, dest / name, dirs_exist_ok=True)
+    return dest
+
+
+def build_book(root: Path) -> int:
+    """Render ``_build/src`` into ``_build/html`` with warnings as errors."""
+    src = root / BUILD / STAGE
+    missing = [nb for nb in toc_notebooks(root) if not (src / nb).exists()]
+    if missing:
+        print(f"not executed yet: {', '.join(map(str, missing))}; run `python -m rclib book`", file=sys.stderr)
+        return 1
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(root),
+           "-W", "-n", "--keep-going"]
+    jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
+    if jb:
+        cmd = [jb] + cmd[3:]
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _environment() -> None:
+    # see DESIGN "thread collapse"; the kernels papermill starts inherit this environment
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # tqdm bars inside a kernel become widget outputs that the static book cannot show;
+    # the runner shows cell progress instead
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rclib", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("book", "run"):
+        p = sub.add_parser(name, help="execute every toc chapter and build the book" if name == "book"
+                           else "execute one chapter")
+        if name == "run":
+            p.add_argument("notebook", type=Path)
+            p.add_argument("-o", "--output", type=Path, help="default: _build/src/<notebook path>")
+        else:
+            p.add_argument("--no-build", action="store_true", help="execute only; skip jupyter-book")
+        p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
+        p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                       help="override a parameter of every chapter run (papermill -p)")
+        p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
+        p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+    sub.add_parser("build", help="render the last executed notebooks into _build/html")
+    args = parser.parse_args(argv)
+
+    _environment()
+    root = project_root()
+    if args.command == "build":
+        return build_book(root)
+
+    params = {"profile": args.profile}
+    params.update({k: parse_value(v) for k, v in args.parameter})
+    if args.command == "run":
+        notebook = args.notebook
+        if not notebook.exists():
+            parser.error(f"no such notebook: {notebook}")
+        rel = notebook.resolve().relative_to(root) if notebook.resolve().is_relative_to(root) else Path(notebook.name)
+        output = args.output or root / BUILD / STAGE / rel
+        try:
+            seconds = run_notebook(notebook, output, params, args.timeout, progress=not args.quiet)
+        except ChapterFailed as err:
+            print(f"FAILED: {err}", file=sys.stderr)
+            return 1
+        print(f"{notebook} ran in {seconds:.1f} s -> {output}")
+        return 0
+
+    notebooks = toc_notebooks(root)
+    src = stage(root)
+    started = time.perf_counter()
+    for i, nb in enumerate(notebooks, 1):
+        print(f"[{i}/{len(notebooks)}] {nb} (profile {args.profile})", flush=True)
+        try:
+            seconds = run_notebook(root / nb, src / nb, params, args.timeout, progress=not args.quiet)
+        except ChapterFailed as err:
+            print(f"FAILED: {err}", file=sys.stderr)
+            return 1
+        print(f"      done in {seconds:.1f} s", flush=True)
+    print(f"executed {len(notebooks)} chapters in {time.perf_counter() - started:.1f} s", flush=True)
+    if args.no_build:
+        return 0
+    code = build_book(root)
+    if code == 0:
+        print(f"book: {root / BUILD / 'html' / 'index.html'}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Figures: one function per figure kind, one style. Each returns the matplotlib Figure.
+
+Used by every chapter; the widgets call the same functions, so a chapter's static figure and
+its live explorer draw identical pictures.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+STYLE = {
+    "figure.dpi": 110,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 10,
+}
+plt.rcParams.update(STYLE)
+
+
+def _show_image(ax, img: torch.Tensor, cmap="gray_r"):
+    img = img.detach().cpu()
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap=cmap, vmin=0, vmax=1)
+    else:
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def samples(x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str], n: int = 20, title: str = ""):
+    """A grid of input images (pixels in [0, 1]) labelled with their class. Chapter 00."""
+    n = min(n, len(x))
+    cols = min(10, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < n:
+            _show_image(ax, x[i])
+            ax.set_title(class_names[int(y[i])], fontsize=9)
+        else:
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curve(history: Sequence[dict], title: str = "Baseline training"):
+    """Training loss (left axis) and training accuracy in % (right axis) per epoch. Chapter 00."""
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(epochs, [h["loss"] for h in history], "o-", color="C0", label="loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy loss", color="C0")
+    if all("accuracy" in h for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [100 * h["accuracy"] for h in history], "s-", color="C1", label="accuracy")
+        ax2.set_ylabel("training accuracy (%)", color="C1")
+        ax2.set_ylim(0, 100)
+        ax2.grid(False)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
+                  paper: dict[str, tuple[float, float]] | None = None,
+                  title: str = "FGSM robust accuracy", attack: str = "FGSM"):
+    """Robust accuracy (%) against epsilon for one or more models.
+
+    ``paper`` marks points reported by the paper: ``{label: (epsilon, accuracy in [0, 1])}``.
+    Chapters 00, 01, 02 and 04.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for i, (label, acc) in enumerate(curves.items()):
+        ax.plot(epsilons, [100 * a for a in acc], "o-", color=f"C{i}", label=label)
+    for label, (eps, acc) in (paper or {}).items():
+        ax.plot([eps], [100 * acc], "*", markersize=12, color="k", label=label)
+    ax.set_xlabel(r"$\epsilon$ (L$\infty$ step, pixels in [0, 1])")
+    ax.set_ylabel(f"{attack} robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def adversarial_examples(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, pred_clean: torch.Tensor,
+                         pred_adv: torch.Tensor, class_names: Sequence[str], eps: float, n: int = 6):
+    """Rows: clean image, perturbation (x_adv - x), adversarial image, with predicted labels.
+
+    The perturbation is drawn on a diverging scale from -eps to +eps. Chapters 00 and 03 (viewer).
+    """
+    n = min(n, len(x))
+    fig, axes = plt.subplots(3, n, figsize=(1.5 * n, 4.6), squeeze=False)
+    for i in range(n):
+        _show_image(axes[0, i], x[i])
+        ok = int(pred_clean[i]) == int(y[i])
+        axes[0, i].set_title(f"pred {class_names[int(pred_clean[i])]}", fontsize=9, color="k" if ok else "r")
+        delta = (x_adv[i] - x[i]).detach().cpu().mean(0)
+        axes[1, i].imshow(delta.numpy(), cmap="RdBu", vmin=-max(eps, 1e-9), vmax=max(eps, 1e-9))
+        axes[1, i].set_xticks([])
+        axes[1, i].set_yticks([])
+        axes[1, i].grid(False)
+        _show_image(axes[2, i], x_adv[i])
+        ok = int(pred_adv[i]) == int(y[i])
+        axes[2, i].set_title(f"pred {class_names[int(pred_adv[i])]}", fontsize=9, color="k" if ok else "r")
+    axes[0, 0].set_ylabel("clean")
+    axes[1, 0].set_ylabel("perturbation")
+    axes[2, 0].set_ylabel("adversarial")
+    fig.suptitle(f"FGSM, $\\epsilon$ = {eps:g} (red label: misclassified)")
+    fig.tight_layout()
+    return fig

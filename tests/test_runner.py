@@ -1,0 +1,71 @@
+"""The command line runner: toc parsing, -p values, failure reporting, the papermill route."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from rclib.__main__ import ChapterFailed, main, parse_value, run_notebook, toc_notebooks
+
+
+def test_parse_value_reads_like_papermill():
+    assert parse_value("-1") == -1 and isinstance(parse_value("-1"), int)
+    assert parse_value("0.03") == 0.03
+    assert parse_value("1e-3") == 1e-3
+    assert parse_value("True") is True
+    assert parse_value("None") is None
+    assert parse_value("[0.5, 0.9]") == [0.5, 0.9]
+    assert parse_value("digits") == "digits"
+
+
+def test_toc_order_and_only_notebooks(tmp_path):
+    (tmp_path / "nb").mkdir()
+    for name in ("b", "a"):
+        nbformat.write(new_notebook(), tmp_path / "nb" / f"{name}.ipynb")
+    (tmp_path / "intro.md").write_text("# hi")
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nparts:\n- chapters:\n  - file: nb/b\n  - file: nb/a.ipynb\n  - file: intro\n")
+    assert toc_notebooks(tmp_path) == [Path("nb/b.ipynb"), Path("nb/a.ipynb")]
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    cells = [new_code_cell("x = 1", metadata={"tags": ["parameters"]})] + [new_code_cell(s) for s in sources]
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                       "language": "python"}}), path)
+    return path
+
+
+def test_failure_names_notebook_cell_and_error(tmp_path):
+    nb = _notebook(tmp_path / "boom.ipynb", "y = x + 1", "raise ValueError('x=2 is not allowed')")
+    with pytest.raises(ChapterFailed) as err:
+        run_notebook(nb, tmp_path / "out.ipynb", {"x": 2}, timeout=120, progress=False)
+    msg = str(err.value)
+    assert "boom.ipynb" in msg and "cell" in msg and "ValueError" in msg and "x=2 is not allowed" in msg
+
+
+def test_parameters_are_injected_and_hidden(tmp_path):
+    nb = _notebook(tmp_path / "ok.ipynb", "print(x * 2)")
+    out = tmp_path / "out.ipynb"
+    run_notebook(nb, out, {"x": 21}, timeout=120, progress=False)
+    result = nbformat.read(out, as_version=4)
+    injected = [c for c in result.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "remove-cell" in injected[0].metadata.tags
+    assert "42" in result.cells[-1].outputs[0]["text"]
+
+
+def test_cli_run_exits_nonzero_on_failure(tmp_path):
+    nb = _notebook(tmp_path / "bad.ipynb", "assert x == 0, 'x must be 0'")
+    code = subprocess.call([sys.executable, "-m", "rclib", "run", str(nb), "-p", "x", "5", "--quiet",
+                            "-o", str(tmp_path / "o.ipynb")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert code == 1
+
+
+def test_cli_rejects_unknown_profile(capsys):
+    with pytest.raises(SystemExit):
+        main(["book", "--profile", "huge"])
+    assert "huge" in capsys.readouterr().err
