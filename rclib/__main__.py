@@ -109,9 +109,9 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], timeo
     return time.perf_counter() - start
 
 
-def stage(root: Path) -> Path:
-    """Copy the book's non-notebook sources into ``_build/src`` and return that folder."""
-    dest = root / BUILD / STAGE
+def stage(root: Path, out: Path) -> Path:
+    """Copy the book's non-notebook sources into ``<out>/_build/src`` and return that folder."""
+    dest = out / BUILD / STAGE
     dest.mkdir(parents=True, exist_ok=True)
     for name in BOOK_FILES:
         shutil.copy2(root / name, dest / name)
@@ -120,18 +120,17 @@ def stage(root: Path) -> Path:
     return dest
 
 
-def build_book(root: Path) -> int:
-    """Render ``_build/src`` into ``_build/html`` with warnings as errors."""
-    src = root / BUILD / STAGE
+def build_book(root: Path, out: Path) -> int:
+    """Render ``<out>/_build/src`` into ``<out>/_build/html`` with warnings as errors."""
+    src = out / BUILD / STAGE
     missing = [nb for nb in toc_notebooks(root) if not (src / nb).exists()]
     if missing:
         print(f"not executed yet: {', '.join(map(str, missing))}; run `python -m rclib book`", file=sys.stderr)
         return 1
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(root),
-           "-W", "-n", "--keep-going"]
-    jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
-    if jb:
-        cmd = [jb] + cmd[3:]
+    # jupyter_book has no ``__main__``; call its click entry point in a child interpreter so a
+    # Sphinx crash cannot take the runner down with it
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(src),
+           "--path-output", str(out), "-W", "-n", "--keep-going"]
     print("$", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -161,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
         p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     sub.add_parser("build", help="render the last executed notebooks into _build/html")
+    for p in sub.choices.values():
+        p.add_argument("--out", type=Path, default=None,
+                       help="folder that receives _build/ (default: the project root)")
     args = parser.parse_args(argv)
 
     _environment()
     root = project_root()
+    out = (args.out or root).resolve()
     if args.command == "build":
-        return build_book(root)
+        return build_book(root, out)
 
     params = {"profile": args.profile}
     params.update({k: parse_value(v) for k, v in args.parameter})
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if not notebook.exists():
             parser.error(f"no such notebook: {notebook}")
         rel = notebook.resolve().relative_to(root) if notebook.resolve().is_relative_to(root) else Path(notebook.name)
-        output = args.output or root / BUILD / STAGE / rel
+        output = args.output or out / BUILD / STAGE / rel
         try:
             seconds = run_notebook(notebook, output, params, args.timeout, progress=not args.quiet)
         except ChapterFailed as err:
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     notebooks = toc_notebooks(root)
-    src = stage(root)
+    src = stage(root, out)
     started = time.perf_counter()
     for i, nb in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {nb} (profile {args.profile})", flush=True)
@@ -198,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"executed {len(notebooks)} chapters in {time.perf_counter() - started:.1f} s", flush=True)
     if args.no_build:
         return 0
-    code = build_book(root)
+    code = build_book(root, out)
     if code == 0:
-        print(f"book: {root / BUILD / 'html' / 'index.html'}")
+        print(f"book: {out / BUILD / 'html' / 'index.html'}")
     return code
 
 

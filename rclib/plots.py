@@ -117,3 +117,82 @@ def adversarial_examples(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, 
     fig.suptitle(f"FGSM, $\\epsilon$ = {eps:g} (red label: misclassified)")
     fig.tight_layout()
     return fig
+
+
+METHOD_STYLE = {
+    "global": dict(color="C0", marker="o"),
+    "layer": dict(color="C1", marker="s"),
+    "channel": dict(color="C2", marker="^"),
+    "channel (hardened)": dict(color="C2", marker="x", linestyle="--"),
+    "iterative (hardened)": dict(color="C3", marker="D"),
+}
+
+
+def _by_method(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    return {m: sorted(rs, key=lambda r: r["rate"]) for m, rs in out.items()}
+
+
+def metric_vs_rate(rows: Sequence[dict], metric: str, ylabel: str, title: str,
+                   baseline: float | None = None, percent: bool = True, ax=None):
+    """One line per pruning method: ``metric`` against prune rate (Figure 1 and its FGSM twin;
+    Figure 3 with ``metric="approx_mb"``). ``baseline`` draws the unpruned value. Chapter 01."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.8, 3.6))
+    scale = 100 if percent else 1
+    for method, rs in _by_method(rows).items():
+        ax.plot([r["rate"] for r in rs], [scale * r[metric] for r in rs], label=method,
+                **METHOD_STYLE.get(method, {}))
+    if baseline is not None:
+        ax.axhline(scale * baseline, color="grey", linestyle=":", label="unpruned")
+    ax.set_xlabel("prune rate r")
+    ax.set_ylabel(ylabel)
+    if percent:
+        ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_sparsity(tables: dict[str, "pandas.DataFrame"], rate: float):  # noqa: F821
+    """Figure 2: sparsity (%) of each prunable layer, one bar group per method. Chapter 01."""
+    names = next(iter(tables.values()))["layer"].tolist()
+    x = np.arange(len(names))
+    width = 0.8 / len(tables)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for i, (label, table) in enumerate(tables.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, 100 * table["sparsity"], width, label=label)
+    ax.axhline(100 * rate, color="grey", linestyle=":", label=f"target r = {rate:g}")
+    ax.set_xticks(x, [n.replace("features.", "conv ").replace("classifier.", "fc ") for n in names],
+                  rotation=60, fontsize=8)
+    ax.set_ylabel("weights pruned (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Sparsity by prunable layer at r = {rate:g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def latency_bars(rows: Sequence[dict], flop_ratio: float):
+    """Figure 4: forward latency (ms) of model variants at each batch size, with the speed-up
+    a FLOP count would predict drawn as the hardened model's limit. Chapter 01.
+
+    ``rows``: dicts with ``model``, ``batch`` and ``seconds``; the first model is the reference.
+    """
+    batches = sorted({r["batch"] for r in rows})
+    labels = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(3.4 * len(batches), 3.4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        t = {r["model"]: 1e3 * r["seconds"] for r in rows if r["batch"] == b}
+        ax.bar(labels, [t[m] for m in labels], color=[f"C{i}" for i in range(len(labels))])
+        ax.axhline(t[labels[0]] / flop_ratio, color="k", linestyle="--",
+                   label=f"unpruned / FLOP ratio ({flop_ratio:.1f}x)")
+        ax.set_title(f"batch {b}")
+        ax.set_ylabel("forward pass (ms)")
+        ax.tick_params(axis="x", rotation=20)
+        ax.legend(fontsize=7)
+    fig.suptitle("Inference latency (median of repeated runs, CPU)")
+    fig.tight_layout()
+    return fig

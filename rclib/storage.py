@@ -48,3 +48,31 @@ def approx_size_mb(model: nn.Module, bits: int = 32, unit: str = "MB") -> float:
     if not 1 <= bits <= 64:
         raise ValueError(f"bits={bits!r} is not allowed: a precision from 1 to 64")
     return nonzero_parameters(model) * bits / 8 / UNITS[unit]
+
+
+def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as the model computes with it: a pruned ``<name>_orig`` / ``<name>_mask``
+    pair becomes the single masked tensor ``<name>`` (what ``prune.make_permanent`` would leave)."""
+    state = {}
+    for mod_name, m in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if name.endswith("_mask") or name in m._non_persistent_buffers_set:
+                continue
+            if name.endswith("_orig"):
+                name = name[: -len("_orig")]
+                p = getattr(m, name)
+            state[prefix + name] = p.detach().cpu().contiguous()
+    return state
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes of the model's effective weights written as safetensors (dense float32, zeros kept).
+
+    This is what a pruned but not hardened model costs on disk: pruning by masks zeroes
+    weights but still stores every one of them.
+    Used by chapters 01 and 02.
+    """
+    from safetensors.torch import save
+
+    return len(save(effective_state(model)))
