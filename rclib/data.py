@@ -45,7 +45,7 @@ class Splits:
 
 def _seeded_split(n: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = max(1, int(round(n * test_fraction)))
+    n_test = min(n - 1, max(1, int(round(n * test_fraction))))  # both sides keep >= 1 image
     return sorted(perm[n_test:]), sorted(perm[:n_test])
 
 

@@ -1,0 +1,143 @@
+"""rclib.models: the small VGG16-topology net, torchvision VGG16, specs, seeding, weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from rclib import config, models
+
+
+def _forward_order(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    seen: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(m))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_small_model_output_shape(tiny_model):
+    out = tiny_model(torch.rand(4, 1, 8, 8))
+    assert out.shape == (4, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_prunable_layers_are_13_conv_then_3_linear_in_forward_order(tiny_model):
+    layers = models.prunable_layers(tiny_model)
+    kinds = [type(m) for _, m in layers]
+    assert kinds == [nn.Conv2d] * 13 + [nn.Linear] * 3
+    assert all(n.startswith("features.") for n, _ in layers[:13])
+    assert all(n.startswith("classifier.") for n, _ in layers[13:])
+    assert [m for _, m in layers] == _forward_order(tiny_model, torch.rand(2, 1, 8, 8))
+    named = dict(tiny_model.named_modules())
+    assert all(named[n] is m for n, m in layers)  # names are real attribute paths
+
+
+def test_prunable_layers_of_any_model():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    assert [n for n, _ in models.prunable_layers(net)] == ["0", "3"]
+
+
+def test_small_model_widths_follow_width_and_hidden(tiny_model):
+    convs = [m for _, m in models.prunable_layers(tiny_model)][:13]
+    assert convs[0].in_channels == 1 and convs[0].out_channels == 8  # 64 * 8 / 64
+    assert convs[-1].out_channels == 64  # 512 * 8 / 64
+    lin = [m for _, m in models.prunable_layers(tiny_model)][13:]
+    assert [(l.in_features, l.out_features) for l in lin] == [(64, 32), (32, 32), (32, 10)]
+
+
+def test_normalize_is_the_first_layer():
+    norm = models.Normalize((0.5,), (0.25,))
+    x = torch.full((1, 1, 2, 2), 1.0)
+    assert torch.allclose(norm(x), torch.full_like(x, 2.0))
+    assert "mean" not in norm.state_dict()  # non-persistent: torchvision state dicts load as they are
+
+
+def test_describe_from_spec_round_trip(tiny_model):
+    s = json.loads(json.dumps(models.describe(tiny_model)))  # JSON-able
+    rebuilt = models.from_spec(s)
+    assert models.describe(rebuilt) == s
+    # same module types and parameter shapes, in the same order (AdaptiveAvgPool2d(1) comes
+    # back as the equivalent (1, 1), so the reprs are compared structurally)
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in tiny_model.modules()]
+    assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == \
+        [(n, p.shape) for n, p in tiny_model.named_parameters()]
+    rebuilt.load_state_dict(tiny_model.state_dict())
+    tiny_model.eval()
+    rebuilt.eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), tiny_model(x))
+
+
+def test_describe_records_changed_widths(tiny_model):
+    # a hand-narrowed layer (as prune.harden would make) survives the round trip
+    tiny_model.classifier[3] = nn.Linear(32, 7)
+    tiny_model.classifier[6] = nn.Linear(7, 10)
+    rebuilt = models.from_spec(models.describe(tiny_model))
+    assert rebuilt.classifier[3].out_features == 7 and rebuilt.classifier[6].in_features == 7
+    assert rebuilt(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_build_is_seeded():
+    cfg = config.load("smoke", width=8, hidden=32)
+    a = models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,))
+    b = models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,))
+    c = models.build(config.load("smoke", width=8, hidden=32, seed=1), 10, (1, 8, 8), (0.3,), (0.3,))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["features.0.weight"], sc["features.0.weight"])
+
+
+def test_torchvision_vgg16_from_spec():
+    cfg = config.load("smoke", model="vgg16", batch_norm=False, weights="none")
+    model = models.build(cfg, 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
+    layers = models.prunable_layers(model)
+    assert [type(m) for _, m in layers] == [nn.Conv2d] * 13 + [nn.Linear] * 3
+    assert layers[0][1].in_channels == 3 and layers[0][1].out_channels == 64
+    assert layers[-1][1].out_features == 10 and layers[-3][1].out_features == 4096
+    assert model.classifier[2].p == cfg.dropout
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    # module names follow torchvision, so its state-dict keys fit
+    assert "features.28.weight" in model.state_dict() and "classifier.6.bias" in model.state_dict()
+
+
+def test_local_safetensors_weights(tmp_path, tiny_model):
+    path = tmp_path / "w.safetensors"
+    state = {k: v.clone().contiguous() for k, v in tiny_model.state_dict().items()}
+    save_file(state, str(path))
+    cfg = config.load("smoke", width=8, hidden=32, seed=7, weights=str(path))
+    model = models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,))
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_bad_model_name():
+    with pytest.raises(ValueError, match="model"):
+        config.load("smoke", model="resnet")
+    s = dict(model="resnet", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
+             input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
+    with pytest.raises(ValueError, match="model"):
+        models.from_spec(s)
+
+
+def test_summary_and_count(tiny_model):
+    table = models.summary(tiny_model)
+    assert len(table) == 16
+    assert table["parameters"].sum() == sum(
+        p.numel() for _, m in models.prunable_layers(tiny_model) for p in m.parameters())
+    assert models.count_parameters(tiny_model) > table["parameters"].sum()  # + BatchNorm
