@@ -236,3 +236,16 @@ def summary(model: nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>`` as the next forward pass will compute with it, detached.
+
+    With ``torch.nn.utils.prune`` the attribute ``module.<name>`` is only refreshed by a forward
+    pass; after an optimiser step it is stale. This recomputes ``<name>_orig * <name>_mask``.
+    Used by ``prune``, ``share`` and ``storage``.
+    """
+    mask = getattr(module, f"{name}_mask", None)
+    if mask is None:
+        return getattr(module, name).detach()
+    return (getattr(module, f"{name}_orig") * mask).detach()

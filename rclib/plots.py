@@ -196,3 +196,23 @@ def latency_bars(rows: Sequence[dict], flop_ratio: float):
     fig.suptitle("Inference latency (median of repeated runs, CPU)")
     fig.tight_layout()
     return fig
+
+
+def compression_vs_rate(rows: Sequence[dict]):
+    """Figure 3: model size against prune rate per method; left the paper's formula (non-zero
+    parameters x 32 bit), right the bytes of the model's safetensors file (dense: masked zeros
+    are stored; a hardened model stores only what is left). Both in MB (10^6 bytes). Chapter 01."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, key, scale, title in ((axes[0], "approx_mb", 1.0, "paper's approximate size"),
+                                  (axes[1], "dense_bytes", 1e-6, "safetensors file")):
+        for method, rs in _by_method(rows).items():
+            ax.plot([r["rate"] for r in rs], [scale * r[key] for r in rs], label=method,
+                    **METHOD_STYLE.get(method, {}))
+        ax.set_yscale("log")
+        ax.set_xlabel("prune rate r")
+        ax.set_title(title)
+    axes[0].set_ylabel("size (MB, log scale)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Compression vs prune rate")
+    fig.tight_layout()
+    return fig

@@ -131,3 +131,34 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
         total += len(y)
     model.train(was_training)
     return correct / max(total, 1)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int | None = None) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance on ``loader`` (no weight changes).
+
+    Pruning channels shifts the statistics that later layers see, and BatchNorm keeps
+    normalising with the unpruned model's statistics; one pass over training data without
+    gradients fixes that. Cumulative averages (``momentum=None``) so the result does not depend
+    on the order of batches. Returns ``model`` in its original mode. Used by chapter 01.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.eval()  # dropout off: only the BatchNorm layers run in training mode
+    for m in bns:
+        m.train()
+    device = model_device(model)
+    for i, (x, _) in enumerate(loader):
+        if batches is not None and i >= batches:
+            break
+        model(x.to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+    return model

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from rclib.__main__ import toc_notebooks
 from rclib.config import project_root
 
 
-def test_book_builds_with_every_chapter(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIB_ARTIFACTS", str(tmp_path / "artifacts"))
-    proc = subprocess.run([sys.executable, "-m", "rclib", "book", "--profile", "smoke", "--quiet",
-                           "--out", str(tmp_path), "--timeout", "600"],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    html = tmp_path / "_build" / "html"
+def test_book_builds_with_every_chapter(smoke_book):
+    html = smoke_book / "_build" / "html"
     assert (html / "index.html").exists()
     intro = (html / "book" / "intro.html").read_text()
     assert "What the paper claims" in intro
@@ -25,3 +17,4 @@ def test_book_builds_with_every_chapter(tmp_path, monkeypatch):
         # launch buttons must not point at someone else's repository (Jupyter Book's default)
         assert "executablebooks/jupyter-book" not in page
         assert "injected-parameters" not in page
+        assert "Traceback (most recent call last)" not in page

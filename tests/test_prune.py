@@ -1,0 +1,230 @@
+"""rclib.prune (Alg 1-5) on tiny VGG-topology models, as Torch-Pruning tests its toy nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from torch.utils.data import DataLoader, TensorDataset
+
+from rclib import models, prune, storage, train
+
+SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.0, num_classes=10,
+            input_shape=[1, 8, 8], mean=[0.5], std=[0.5])
+
+
+def tiny(seed: int = 0, batch_norm: bool = True, **changes) -> models.VGG:
+    """A small VGG whose biases and BatchNorm statistics are all non-zero, so that a channel
+    that is only partly removed shows up as a difference (zero biases would hide it)."""
+    torch.manual_seed(seed)
+    model = models.from_spec({**SPEC, "batch_norm": batch_norm, **changes})
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.bias.normal_(0, 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def masks(model):
+    return [m.weight_mask for _, m in models.prunable_layers(model)]
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9, 0.97])
+def test_global_masks_equal_torch(rate):
+    ours, theirs = tiny(), tiny()
+    prune.global_unstructured(ours, rate)
+    torch_prune.global_unstructured([(m, "weight") for _, m in models.prunable_layers(theirs)],
+                                    pruning_method=torch_prune.L1Unstructured, amount=rate)
+    for a, b in zip(masks(ours), masks(theirs)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.75])
+def test_layer_masks_equal_torch(rate):
+    ours, theirs = tiny(), tiny()
+    prune.layer_unstructured(ours, rate)
+    for _, m in models.prunable_layers(theirs):
+        torch_prune.l1_unstructured(m, "weight", amount=rate)
+    for a, b in zip(masks(ours), masks(theirs)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.5, 0.8, 0.95])
+def test_exact_zero_counts(rate):
+    g, layer = tiny(), tiny()
+    prune.global_unstructured(g, rate)
+    table = prune.sparsity(g)
+    assert table["zeros"].sum() == round(rate * table["weights"].sum())
+    prune.layer_unstructured(layer, rate)
+    table = prune.sparsity(layer)
+    assert (table["zeros"] == [round(rate * n) for n in table["weights"]]).all()
+    # biases are not pruned by the unstructured methods
+    assert all(m.bias.ne(0).all() for _, m in models.prunable_layers(g))
+
+
+def test_rates_are_absolute_when_pruning_again():
+    model = tiny()
+    prune.global_unstructured(model, 0.5)
+    zeros_before = masks(model)
+    prune.global_unstructured(model, 0.8)
+    table = prune.sparsity(model)
+    assert table["zeros"].sum() == round(0.8 * table["weights"].sum())
+    # what was pruned stays pruned
+    for before, after in zip(zeros_before, masks(model)):
+        assert not (after.bool() & ~before.bool()).any()
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.9])
+def test_channel_pruning_removes_whole_channels_only(rate):
+    model = tiny()
+    original = {n: m.weight.detach().clone() for n, m in models.prunable_layers(model)}
+    prune.channel_structured(model, rate)
+    layers = models.prunable_layers(model)
+    for name, m in layers[:-1]:
+        w = m.weight.detach().flatten(1)
+        dead = w.eq(0).all(1)
+        n = w.shape[0]
+        assert int(dead.sum()) == min(round(rate * n), n - 1)
+        # surviving channels are untouched, dead ones are zero with their bias
+        assert torch.equal(w[~dead], original[name].flatten(1)[~dead])
+        assert m.bias[dead].eq(0).all() and m.bias[~dead].ne(0).all()
+        # the smallest-L1 channels are the ones removed
+        norms = original[name].abs().flatten(1).sum(1)
+        assert norms[dead].max() <= norms[~dead].min()
+    name, out = layers[-1]
+    assert torch.equal(out.weight.detach(), original[name]), "the output layer must never be pruned"
+
+
+def test_channel_pruning_masks_the_following_batchnorm():
+    model = tiny()
+    prune.channel_structured(model, 0.5)
+    conv, bn = model.features[0], model.features[1]
+    dead = conv.weight.detach().flatten(1).eq(0).all(1)
+    assert bn.weight[dead].eq(0).all() and bn.bias[dead].eq(0).all()
+    model.train()
+    with torch.no_grad():
+        act = model.features[:3](model.normalize(torch.rand(8, 1, 8, 8)))
+    assert act[:, dead].eq(0).all(), "a pruned channel must emit exactly zero, also in train mode"
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+@pytest.mark.parametrize("rate", [0.5, 0.9])
+def test_harden_is_equivalent_and_smaller(rate, batch_norm):
+    model = tiny(batch_norm=batch_norm)
+    prune.channel_structured(model, rate)
+    hard = prune.harden(model)
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(hard(x), model(x), atol=1e-5, rtol=0)
+    assert not prune.is_pruned(hard)
+    assert models.count_parameters(hard) < storage.nonzero_parameters(model) + 10 * 64
+    assert storage.dense_bytes(hard) < 0.7 * storage.dense_bytes(model)
+    assert prune.flops(hard, (1, 8, 8)) < prune.flops(model, (1, 8, 8))
+    # the hardened model can be rebuilt from its spec alone
+    rebuilt = models.from_spec(hard.spec)
+    rebuilt.load_state_dict(hard.state_dict())
+    assert torch.equal(rebuilt.eval()(x), hard(x))
+
+
+def test_harden_torchvision_vgg16_bn_layout():
+    """torchvision's vgg16_bn: BatchNorm after every conv and a 7x7 avgpool, so the first linear
+    layer has 49 input columns per channel."""
+    torch.manual_seed(0)
+    model = models.from_spec(dict(model="vgg16", width=64, hidden=4096, batch_norm=True, dropout=0.5,
+                                  num_classes=10, input_shape=[3, 32, 32], mean=[0.5] * 3,
+                                  std=[0.5] * 3)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+    prune.channel_structured(model, 0.5, layers=[n for n, _ in models.prunable_layers(model)][:13])
+    hard = prune.harden(model)
+    assert hard.classifier[0].in_features == 256 * 49
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hard(x), model(x), atol=1e-5, rtol=1e-4)
+    # conv widths halve and the first linear layer loses half its 25088 input columns
+    assert models.count_parameters(hard) < 0.55 * models.count_parameters(model)
+
+
+def _loader(n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
+
+
+@pytest.mark.parametrize("method", ["global", "channel"])
+def test_iterative_keeps_pruned_weights_at_zero(method):
+    model = tiny()
+    loader = _loader()
+    seen = []
+
+    def retrain(m):
+        train.fit(m, loader, 1, lr=0.05, optimizer="sgd", weight_decay=0.005, progress=False)
+
+    def check(m, rate):
+        # every weight pruned at an earlier step is still exactly zero after retraining
+        zeros = [l.weight.detach().eq(0) for _, l in models.prunable_layers(m)]
+        for before, now in zip(seen[-1] if seen else [], zeros):
+            assert now[before].all()
+        seen.append(zeros)
+
+    result = prune.iterative(model, 0.5, 0.2, retrain, method=method, on_step=check)
+    assert len(seen) == 3  # 0.2, 0.4, 0.5
+    if method == "channel":
+        assert isinstance(result, models.VGG) and result is not model and not prune.is_pruned(result)
+        x = torch.rand(8, 1, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(result(x), model(x), atol=1e-5, rtol=0)
+    else:
+        assert result is model
+        table = prune.sparsity(model)
+        assert table["zeros"].sum() == round(0.5 * table["weights"].sum())
+
+
+def test_schedule():
+    assert prune.schedule(0.5, 0.2) == [0.2, 0.4, 0.5]
+    assert prune.schedule(0.3, 0.1) == [0.1, 0.2, 0.3]
+    assert prune.schedule(0.9, 0.5, extra=[0.7, 0.3, 0.95]) == [0.3, 0.5, 0.7, 0.9]
+
+
+def test_make_permanent_keeps_zeros_and_drops_masks():
+    model = tiny()
+    prune.channel_structured(model, 0.5)
+    before = prune.sparsity(model)
+    prune.make_permanent(model)
+    assert not prune.is_pruned(model)
+    assert (prune.sparsity(model)["zeros"] == before["zeros"]).all()
+    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+
+
+@pytest.mark.parametrize("rate", [0, 1, 1.5, -0.1, "0.5", True, float("nan")])
+def test_bad_rate(rate):
+    with pytest.raises(ValueError, match="rate"):
+        prune.global_unstructured(tiny(), rate)
+
+
+def test_bad_method_layers_and_model():
+    with pytest.raises(ValueError, match="method.*global, layer, channel"):
+        prune.prune(tiny(), "random", 0.5)
+    with pytest.raises(ValueError, match="layers.*features.99"):
+        prune.layer_unstructured(tiny(), 0.5, layers=["features.99"])
+    with pytest.raises(ValueError, match="step"):
+        prune.iterative(tiny(), 0.5, 0.0, lambda m: None)
+    with pytest.raises(ValueError, match="harden needs an rclib.models.VGG"):
+        prune.harden(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="empty"):
+        prune.global_unstructured(nn.Sequential(nn.ReLU()), 0.5)
+
+
+def test_works_on_any_model():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    prune.global_unstructured(net, 0.6)
+    assert prune.sparsity(net)["zeros"].sum() == round(0.6 * (64 * 32 + 32 * 10))
