@@ -1,0 +1,190 @@
+"""The compressed model file: exact round trip, architecture rebuild, corruption refused, size."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from rclib import models, share, storage
+
+SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
+            input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
+
+
+def _model(rate: float = 0.5, shared: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = models.from_spec(SPEC)
+    for m in model.modules():  # non-trivial BatchNorm statistics, so buffers matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    params = [(m, "weight") for _, m in models.prunable_layers(model)]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=rate)
+    if shared:
+        share.weight_share(model, {"conv": 8, "linear": 5})
+    return model.eval()
+
+
+def _x():
+    return torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _model()
+    path = tmp_path / "m.rclz"
+    n = storage.save_compressed(model, path)
+    assert n == path.stat().st_size
+    return model, path
+
+
+def test_round_trip_rebuilds_architecture_and_logits_are_equal(saved):
+    model, path = saved
+    loaded = storage.load_compressed(path)  # no model=: rebuilt from the recorded spec
+    assert isinstance(loaded, models.VGG) and not loaded.training
+    assert models.describe(loaded) == models.describe(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), model(_x()))
+    for name, t in storage.effective_state(model).items():
+        assert torch.equal(storage.effective_state(loaded)[name], t), name
+
+
+def test_fill_given_models_plain_and_pruned(saved):
+    model, path = saved
+    plain = storage.load_compressed(path, model=models.from_spec(SPEC)).eval()
+    masked = _model(rate=0.2, shared=False)  # another mask: the file's pattern replaces it
+    storage.load_compressed(path, model=masked)
+    with torch.no_grad():
+        assert torch.equal(plain(_x()), model(_x()))
+        assert torch.equal(masked(_x()), model(_x()))
+
+
+def test_file_much_smaller_than_dense(saved):
+    model, path = saved
+    dense = storage.dense_bytes(model)
+    assert path.stat().st_size < dense / 4
+    rep = storage.size_report(model)
+    assert rep["file_bytes"] == path.stat().st_size and rep["dense_bytes"] == dense
+    assert rep["entropy_bound_bytes"] <= rep["file_bytes"]
+    assert rep["shared_approx_bytes"] < rep["approx_bytes"] < dense
+
+
+def test_pruned_not_shared_round_trip_exact(tmp_path):
+    model = _model(shared=False)  # ~all distinct values: stored sparse with raw float32 values
+    path = tmp_path / "p.rclz"
+    storage.save_compressed(model, path)
+    with torch.no_grad():
+        assert torch.equal(storage.load_compressed(path)(_x()), model(_x()))
+
+
+def test_bits_on_save_shares_while_writing_and_leaves_model(tmp_path):
+    model = _model(shared=False)
+    before = {k: v.clone() for k, v in storage.effective_state(model).items()}
+    storage.save_compressed(model, tmp_path / "s.rclz", bits={"conv": 8, "linear": 5})
+    for k, v in storage.effective_state(model).items():
+        assert torch.equal(v, before[k])
+    share.weight_share(model, {"conv": 8, "linear": 5})
+    with torch.no_grad():
+        assert torch.equal(storage.load_compressed(tmp_path / "s.rclz")(_x()), model(_x()))
+
+
+def test_truncated_file_refused(saved):
+    _, path = saved
+    data = path.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 30, 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="corrupt|not an rclib"):
+            storage.load_compressed(path)
+
+
+@pytest.mark.parametrize("where", [0.01, 0.3, 0.6, 0.999])
+def test_flipped_byte_refused(saved, where):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    i = max(60, int(len(data) * where))  # after the fixed prefix: header or payload
+    data[i] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        storage.load_compressed(path)
+
+
+def test_bad_magic_and_version_refused(saved, tmp_path):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    bad = tmp_path / "bad.rclz"
+    bad.write_bytes(b"PK\x03\x04" + bytes(data[4:]))
+    with pytest.raises(ValueError, match="magic"):
+        storage.load_compressed(bad)
+    data[8] = 99
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="version"):
+        storage.load_compressed(bad)
+
+
+def test_atomic_write_leaves_no_temp_and_replaces(saved):
+    model, path = saved
+    storage.save_compressed(model, path)
+    assert os.listdir(path.parent) == [path.name]
+
+
+def test_non_vgg_needs_model_and_mismatch_refused(tmp_path):
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    share.weight_share(seq, bits=2)
+    path = tmp_path / "seq.rclz"
+    storage.save_compressed(seq, path)
+    with pytest.raises(ValueError, match="model="):
+        storage.load_compressed(path)
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.rand(3, 6)
+    assert torch.equal(storage.load_compressed(path, model=other)(x), seq(x))
+    with pytest.raises(ValueError, match="does not match"):
+        storage.load_compressed(path, model=nn.Sequential(nn.Linear(6, 4)))
+
+
+def test_huffman_streams_round_trip_and_near_entropy():
+    rng = np.random.default_rng(0)
+    for n, alphabet in [(1, 4), (7, 256), (50_000, 32), (20_000, 5000)]:
+        sym = np.minimum(rng.geometric(0.3, n) - 1, alphabet - 1).astype(np.uint8 if alphabet <= 256 else np.uint16)
+        out = storage._Payload()
+        meta = storage._encode_stream(sym, alphabet, out)
+        data = memoryview(b"".join(out.parts))
+        assert np.array_equal(storage._decode_stream(meta, data), sym)
+    # Huffman costs at most 1 bit per symbol over the entropy (plus tables and block offsets)
+    bound = storage._entropy_bits(np.bincount(sym[:50_000], minlength=alphabet)) / 8
+    assert out.size <= bound + sym.size / 8 + 5000 + 1024
+
+
+def _resign(path, edit):
+    """Rewrite the header with ``edit`` and a valid checksum: a file that lies consistently."""
+    import hashlib
+    import json
+    import struct
+
+    data = path.read_bytes()
+    hlen = struct.unpack_from("<Q", data, 12)[0]
+    header, payload = json.loads(data[60:60 + hlen]), data[60 + hlen:]
+    edit(header)
+    hb = json.dumps(header).encode()
+    prefix = struct.pack("<8sHHQQ", storage.MAGIC, storage.FORMAT_VERSION, 0, len(hb), len(payload))
+    path.write_bytes(prefix + hashlib.sha256(prefix + hb + payload).digest() + hb + payload)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h["tensors"][0]["shape"].__setitem__(0, 10**12), "in the file but"),
+    (lambda h: next(t for t in h["tensors"] if t["encoding"] == "shared").__setitem__("nnz", 10**12), "corrupt"),
+    (lambda h: next(t for t in h["tensors"] if "block" in t.get("codes", {}))["codes"].__setitem__("block", 10**9), "corrupt"),
+    (lambda h: next(t for t in h["tensors"] if t["encoding"] == "raw").__setitem__("data", [0, 10**9]), "corrupt"),
+    (lambda h: h.__setitem__("tensors", "none"), "corrupt"),
+])
+def test_lying_header_with_valid_checksum_refused(saved, edit, match):
+    _, path = saved
+    _resign(path, edit)
+    with pytest.raises(ValueError, match=match):
+        storage.load_compressed(path)
