@@ -332,3 +332,22 @@ def rgb(m: DecisionMap, num_classes: int | None = None) -> np.ndarray:
     floor = 1.0 / num_classes if num_classes and num_classes > 1 else 0.0
     t = np.clip((np.asarray(m.conf) - floor) / (1.0 - floor), 0.0, 1.0)[..., None]
     return t * base + (1.0 - t) * np.ones_like(base)
+
+
+def local_roughness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float = 0.3,
+                    resolution: int = 41, seed: int = 0) -> dict[str, float]:
+    """:func:`roughness` of :func:`local_map` averaged over the inputs ``x`` (N, C, H, W).
+
+    One local map per input (its FGSM direction and a random one, the random direction seeded
+    with ``seed + i``), so a model's number reflects the boundary an attacker meets near the data,
+    not one hand-picked example. Returns the mean of every roughness field.
+
+    Used by chapters 03 (roughness against robustness) and 04 (Figure 8).
+    """
+    totals: dict[str, float] = {}
+    for i in range(len(x)):
+        r = roughness(local_map(model, x[i:i + 1], y[i:i + 1], radius=radius,
+                                resolution=resolution, seed=seed + i))
+        for k, v in r.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return {k: v / len(x) for k, v in totals.items()}

@@ -81,6 +81,12 @@ class Config:
     margin_weight: float = 0.1
     margin_on: str = "logits"  # logits | probs (see chapter 04)
     adv_epochs: int = 1
+    # decision boundaries (Sec. 3.3)
+    map_rates: tuple[float, ...] = (0.3, 0.5, 0.7)  # chapter 03's prune rates for roughness vs robustness
+    resolution: int = 100  # grid points per side of a PCA decision map
+    local_examples: int = 20  # test inputs whose local maps are averaged
+    hurt_rate: float = 0.8  # chapter 04's second global prune rate, where pruning clearly hurts
+    seeds: tuple[int, ...] = (0, 1, 2)  # chapter 04 repeats Table 1 with each (mean and spread)
 
     def digest(self, names: tuple[str, ...] | None = None) -> str:
         """Short hash of the named fields (all when None) and of the rclib source.
@@ -110,6 +116,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         threads=1, train_size=512, test_size=128, width=8, hidden=64, batch_size=64,
         epochs=12, lr=3e-3, epsilons=(0.0, 0.1, 0.2), prune_rates=(0.5, 0.9), retrain_epochs=1,
+        seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4,
     ),
     # minutes on a laptop CPU: the published book
     "cpu": dict(),
@@ -182,7 +189,11 @@ def _coerce(name: str, value: Any) -> Any:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{name} contains {v!r}; every entry must be a number")
-            out.append(float(v))
+            if kind == "tuple[int, ...]":
+                if not float(v).is_integer():
+                    raise ValueError(f"{name} contains {v!r}; every entry must be a whole number")
+                v = int(v)
+            out.append(v if kind == "tuple[int, ...]" else float(v))
         return tuple(out)
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -222,7 +233,7 @@ def validate(cfg: Config) -> Config:
     for name, choices in (("optimizer", OPTIMIZERS), ("retrain_optimizer", OPTIMIZERS),
                           ("prune_method", PRUNE_METHODS), ("margin_on", MARGIN_SPACES)):
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), f"one of {', '.join(choices)}")
-    for name in ("threads", "image_size", "width", "hidden", "batch_size"):
+    for name in ("threads", "image_size", "width", "hidden", "batch_size", "resolution", "local_examples"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a positive whole number")
     for name in ("seed", "train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "a whole number >= 0")
@@ -237,6 +248,9 @@ def validate(cfg: Config) -> Config:
     _check(0 < cfg.prune_rate < 1, "prune_rate", cfg.prune_rate, "a prune rate in (0, 1)")
     _check(all(0 < r < 1 for r in cfg.prune_rates), "prune_rates", cfg.prune_rates,
            "every prune rate in (0, 1)")
+    _check(all(0 < r < 1 for r in cfg.map_rates), "map_rates", cfg.map_rates, "every prune rate in (0, 1)")
+    _check(0 < cfg.hurt_rate < 1, "hurt_rate", cfg.hurt_rate, "a prune rate in (0, 1)")
+    _check(all(v >= 0 for v in cfg.seeds), "seeds", cfg.seeds, "whole numbers >= 0")
     _check(0 < cfg.prune_step < 1, "prune_step", cfg.prune_step, "a step in (0, 1)")
     for name in ("conv_bits", "linear_bits"):
         _check(1 <= getattr(cfg, name) <= 16, name, getattr(cfg, name), "a bit width from 1 to 16")

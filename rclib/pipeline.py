@@ -6,7 +6,7 @@ Used by chapter 00 (``baseline``) and every later chapter.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -77,8 +77,7 @@ def pruned(model: nn.Module, method: str, rate: float) -> nn.Module:
     ``method`` may end in ``" (hardened)"`` for a channel-pruned then hardened copy."""
     hardened = method.endswith(" (hardened)")
     base = method.removesuffix(" (hardened)")
-    with torch.no_grad():  # deepcopy of a pruned model fails after a forward pass with grad
-        copy_ = copy.deepcopy(model)
+    copy_ = prune.clone(model)
     prune.prune(copy_, base, rate)
     return prune.harden(copy_) if hardened else copy_
 
@@ -124,8 +123,7 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                 rows.append(dict(method="iterative (hardened)", rate=r,
                                  **measure(prune.harden(model), splits, cfg.epsilon)))
 
-        with torch.no_grad():
-            model = copy.deepcopy(base)
+        model = prune.clone(base)
         prune.iterative(model, rates[-1], cfg.prune_step, retrainer(cfg, splits), "channel",
                         on_step=record, extra=rates)
         bar.update()
@@ -133,4 +131,172 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
         return None, {"rows": rows}
 
     _, metrics, hit = artifacts.cached(cfg, "prune_sweep", SWEEP_FIELDS, compute)
+    return metrics["rows"], hit
+
+
+ROBUST_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
+    "epsilon", "adv_epsilon", "margin_weight", "margin_on", "adv_epochs", "conv_bits", "linear_bits")
+
+TABLE1_ROWS = ("Baseline", "Pruned", "Pruned + Retrained", "Pruned + Adv Ret.", "Pruned + Adv Ret. + WS")
+ABLATION_ROWS = ("Pruned + FGSM training only (lambda 0)", "Pruned + margin only (eps 0)")
+
+
+def share_bits(cfg: Config) -> dict[str, int]:
+    """Table 2's index widths as ``share.weight_share`` takes them."""
+    return {"conv": cfg.conv_bits, "linear": cfg.linear_bits}
+
+
+def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
+                 progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, dict], bool]:
+    """Table 1 for one seed (``cfg.seed``) and one global prune rate, plus Alg 7's ablation.
+
+    Rows (each a copy of ``base`` pruned with global unstructured pruning at ``rate``):
+
+    * ``Baseline``: unpruned.
+    * ``Pruned``: no retraining.
+    * ``Pruned + Retrained``: the same budget as Alg 7 (``cfg.adv_epochs`` epochs, the same
+      optimiser) on clean data only, plain cross-entropy.
+    * ``Pruned + Adv Ret.``: Alg 7, ``robust.adversarial_retrain`` with ``cfg.adv_epsilon`` and
+      ``cfg.margin_weight``.
+    * ``Pruned + Adv Ret. + WS``: then weight sharing (Alg 6, ``cfg.conv_bits``/``linear_bits``).
+    * Ablation: Alg 7 with ``margin_weight = 0`` (FGSM training only) and with ``eps = 0``
+      (clean data + margin only).
+
+    Each row has clean and FGSM (``cfg.epsilon``) test accuracy, the paper's approximate size
+    (weight-shared formula for the WS row) and the bytes of our compressed file.
+
+    Returns:
+        ``(rows, states, cached)``; ``states`` maps ``"Pruned"`` and ``"Pruned + Adv Ret."`` to
+        their effective state dicts (for Figure 8's decision maps; load with ``strict=True``
+        into ``new_model``).
+
+    Used by chapter 04.
+    """
+    from . import robust, share
+
+    def compute():
+        start = prune.clone(base)
+        prune.global_unstructured(start, rate)
+        variants: dict[str, nn.Module] = {"Baseline": base, "Pruned": start}
+
+        def retrained(eps: float, weight: float, adversarial: bool = True) -> nn.Module:
+            m = prune.clone(start)
+            kw = dict(epochs=cfg.adv_epochs, lr=cfg.retrain_lr, momentum=cfg.retrain_momentum,
+                      weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer,
+                      seed=cfg.seed, progress=False)
+            if adversarial:
+                robust.adversarial_retrain(m, splits.train, eps, weight, on=cfg.margin_on, **kw)
+            else:
+                train.fit(m, splits.train, kw.pop("epochs"), desc="retrain", **kw)
+            return m.eval()
+
+        variants["Pruned + Retrained"] = retrained(0.0, 0.0, adversarial=False)
+        variants["Pruned + Adv Ret."] = retrained(cfg.adv_epsilon, cfg.margin_weight)
+        ws = prune.clone(variants["Pruned + Adv Ret."])
+        share.weight_share(ws, share_bits(cfg))
+        variants["Pruned + Adv Ret. + WS"] = ws
+        variants[ABLATION_ROWS[0]] = retrained(cfg.adv_epsilon, 0.0)
+        variants[ABLATION_ROWS[1]] = retrained(0.0, cfg.margin_weight)
+
+        rows = []
+        for name, m in tqdm(variants.items(), desc=f"Table 1 at r={rate:g}", disable=not progress):
+            shared = name.endswith("+ WS")
+            rows.append(dict(
+                variant=name, seed=cfg.seed, rate=rate,
+                accuracy=train.evaluate(m, splits.test),
+                robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
+                approx_mb=share.shared_size_mb(m, share_bits(cfg)) if shared else storage.approx_size_mb(m),
+                file_bytes=storage.size_report(m)["file_bytes"]))
+        tensors = {f"{key}/{k}": v for key in ("Pruned", "Pruned + Adv Ret.")
+                   for k, v in storage.effective_state(variants[key]).items()}
+        return tensors, {"rows": rows}
+
+    step_cfg = dataclasses.replace(cfg, prune_rate=rate)
+    tensors, metrics, hit = artifacts.cached(step_cfg, "robust_table", ROBUST_FIELDS + ("prune_rate",), compute)
+    states: dict[str, dict] = {}
+    for key, value in tensors.items():
+        variant, name = key.split("/", 1)
+        states.setdefault(variant, {})[name] = value
+    return metrics["rows"], states, hit
+
+
+BOUNDARY_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
+    "prune_step", "map_rates", "epsilon", "conv_bits", "linear_bits", "resolution", "local_examples")
+BOUNDARY_METHODS = ("global", "layer", "channel", "iterative")
+
+
+def compressed_variants(cfg: Config, splits: data.Splits, base: nn.Module, rates,
+                        methods=BOUNDARY_METHODS, shared=(False, True)) -> dict[str, dict[str, Any]]:
+    """Every compressed version of ``base`` that chapter 03 compares, by label.
+
+    ``methods``: one-shot ``global``/``layer``/``channel`` (Alg 1-3, not retrained) and
+    ``iterative`` (Alg 5: channel pruning in ``cfg.prune_step`` steps with ``retrainer``,
+    hardened), each at every rate of ``rates``, each without and with weight sharing (Alg 6 with
+    ``share_bits(cfg)``). The baseline (``"baseline"``, and ``"baseline + WS"``) comes first.
+
+    Returns:
+        ``{label: {"method", "rate", "shared", "model"}}`` in a stable order.
+
+    Used by chapter 03.
+    """
+    from . import share
+
+    rates = sorted(float(r) for r in rates)
+    models_: dict[tuple[str, float], nn.Module] = {("baseline", 0.0): base}
+    for method in methods:
+        if method == "iterative":
+            def keep(model: nn.Module, r: float) -> None:
+                if any(abs(r - q) < 1e-9 for q in rates):
+                    models_[("iterative", r)] = prune.harden(model)
+            prune.iterative(prune.clone(base), rates[-1], cfg.prune_step, retrainer(cfg, splits),
+                            "channel", on_step=keep, extra=rates)
+        else:
+            for r in rates:
+                models_[(method, r)] = pruned(base, method, r)
+    out: dict[str, dict[str, Any]] = {}
+    for (method, r), m in models_.items():
+        for ws in shared:
+            label = ("baseline" if method == "baseline" else f"{method} r={r:g}") + (" + WS" if ws else "")
+            if ws:
+                m = prune.clone(m)
+                share.weight_share(m, share_bits(cfg))
+            out[label] = dict(method=method, rate=r, shared=ws, model=m.eval())
+    return out
+
+
+def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
+                   progress: bool = True) -> tuple[list[dict[str, Any]], bool]:
+    """Roughness against robustness for every variant of :func:`compressed_variants` at
+    ``cfg.map_rates`` (cached).
+
+    Each row: label, method, rate, shared, clean and FGSM (``cfg.epsilon``) accuracy, the
+    ``boundary.roughness`` of the PCA map (``cfg.resolution``; one PCA plane fitted on the test
+    inputs, shared by all variants) prefixed ``pca_``, and the mean roughness of local maps
+    around the first ``cfg.local_examples`` test inputs prefixed ``local_``.
+
+    Used by chapter 03.
+    """
+    from . import boundary
+
+    def compute():
+        x, y = data.as_tensors(splits.test.dataset)
+        device = next(base.parameters()).device
+        x, y = x.to(device), y.to(device)
+        n = cfg.local_examples
+        variants = compressed_variants(cfg, splits, base, cfg.map_rates)
+        rows, pca = [], None
+        for label, v in tqdm(variants.items(), desc="roughness", disable=not progress):
+            m = v["model"]
+            dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca)
+            pca = dmap.pca
+            row = dict(label=label, method=v["method"], rate=v["rate"], shared=v["shared"],
+                       accuracy=train.evaluate(m, splits.test),
+                       robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon))
+            row.update({f"pca_{k}": float(val) for k, val in boundary.roughness(dmap).items()})
+            row.update({f"local_{k}": float(val) for k, val in
+                        boundary.local_roughness(m, x[:n], y[:n], seed=cfg.seed).items()})
+            rows.append(row)
+        return None, {"rows": rows}
+
+    _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute)
     return metrics["rows"], hit

@@ -216,3 +216,76 @@ def compression_vs_rate(rows: Sequence[dict]):
     fig.suptitle("Compression vs prune rate")
     fig.tight_layout()
     return fig
+
+
+def decision_map(dmap, num_classes: int, title: str = "", ax=None, points: bool = True):
+    """One decision map (``boundary.DecisionMap``): colour = predicted class, intensity =
+    confidence (pale = uncertain), optionally the projected data points. Figures 7 and 8."""
+    from . import boundary
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(3.6, 3.6))
+    ax.imshow(boundary.rgb(dmap, num_classes), origin="lower", extent=dmap.extent,
+              aspect="auto", interpolation="nearest")
+    if points and dmap.points is not None and len(dmap.points):
+        ax.scatter(dmap.points[:, 0], dmap.points[:, 1], s=3, c="k", alpha=0.25, linewidths=0)
+    local = dmap.info.get("kind") == "local"
+    axis = ("gradient-sign direction (pixels)", "random direction") if local else ("PC 1", "PC 2")
+    ax.set_xlabel(axis[0])
+    ax.set_ylabel(axis[1])
+    ax.set_xlim(dmap.extent[0], dmap.extent[1])
+    ax.set_ylim(dmap.extent[2], dmap.extent[3])
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def decision_maps(maps: Sequence, titles: Sequence[str], num_classes: int, ncols: int = 4,
+                  suptitle: str = "", points: bool = True):
+    """A grid of decision maps with a shared class legend (Figure 7 / Figure 8)."""
+    import matplotlib.patches as mpatches
+    import matplotlib
+
+    n = len(maps)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 3.0 * nrows + 0.6), squeeze=False)
+    for ax, m, t in zip(axes.flat, maps, titles):
+        decision_map(m, num_classes, t, ax=ax, points=points)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    colours = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"].colors
+    handles = [mpatches.Patch(color=colours[k % len(colours)], label=str(k)) for k in range(num_classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(num_classes, 10), fontsize=8,
+               title="predicted class (pale = low confidence)", title_fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def table1_bars(summary, rates: Sequence[float], variants: Sequence[str], paper: dict | None = None):
+    """Chapter 04: clean and FGSM robust accuracy (%) of each Table 1 variant, mean over seeds
+    with the min-max spread as error bars, one panel per prune rate; the paper's robust
+    accuracies as black ticks on the first panel.
+
+    ``summary``: a DataFrame with columns rate, variant, metric ("accuracy" |
+    "robust_accuracy"), mean, min, max (fractions in [0, 1]).
+    """
+    fig, axes = plt.subplots(1, len(rates), figsize=(5.6 * len(rates), 4.2), sharey=True, squeeze=False)
+    x = np.arange(len(variants))
+    for ax, rate in zip(axes[0], rates):
+        for i, (metric, label) in enumerate((("accuracy", "clean"), ("robust_accuracy", "FGSM robust"))):
+            s = summary[(summary.rate == rate) & (summary.metric == metric)].set_index("variant").loc[list(variants)]
+            err = np.vstack([s["mean"] - s["min"], s["max"] - s["mean"]]) * 100
+            ax.bar(x + (i - 0.5) * 0.38, 100 * s["mean"], 0.38, yerr=err, capsize=3, label=label,
+                   color=f"C{i}")
+        if paper is not None and ax is axes[0][0]:
+            ax.scatter(x + 0.19, [paper[v]["robust_accuracy"] for v in variants], marker="_", s=300,
+                       color="k", zorder=3, label="paper, FGSM robust (ImageNet)")
+        ax.set_xticks(x, [v.replace("Pruned + ", "+ ") for v in variants], rotation=25, ha="right", fontsize=8)
+        ax.set_title(f"global pruning at r = {rate:g}")
+        ax.set_ylim(0, 125)  # headroom for the legend above the bars
+        ax.set_yticks(range(0, 101, 20))
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=8, loc="upper center", ncol=3)
+    fig.suptitle("Table 1 as bars: mean over seeds, error bars from min to max")
+    fig.tight_layout()
+    return fig

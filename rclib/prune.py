@@ -22,6 +22,8 @@ Used by chapter 01 (pruning) and, through ``pipeline``, chapters 02-04.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Callable, Sequence
 
 import numpy as np
@@ -421,3 +423,19 @@ def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
             h.remove()
         model.train(was_training)
     return total
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works for a pruned model that has been trained.
+
+    ``torch.nn.utils.prune`` stores the masked weight as a plain attribute computed in the last
+    forward pass; after a pass with gradients that tensor is not a graph leaf and deepcopy
+    refuses it. Recomputing it without gradients first (exactly what the next forward pass does)
+    makes the copy possible. Used by ``pipeline`` and chapters 01-04.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            for hook in m._forward_pre_hooks.values():
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    setattr(m, hook._tensor_name, hook.apply_mask(m))
+        return copy.deepcopy(model)
