@@ -300,3 +300,85 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
 
     _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute)
     return metrics["rows"], hit
+
+
+SHARE_FIELDS = BASELINE_FIELDS + ("prune_rates", "epsilon", "conv_bits", "linear_bits")
+
+
+def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
+                progress: bool = True) -> tuple[list[dict[str, Any]], bool]:
+    """Figure 5 data: global pruning at every rate of ``cfg.prune_rates``, without and with
+    weight sharing (Alg 6, ``share_bits(cfg)``), cached.
+
+    Each row: rate, shared, clean and FGSM (``cfg.epsilon``) test accuracy, and the four sizes of
+    ``storage.size_report`` (bytes): dense safetensors, the paper's formula (with the
+    weight-shared count for shared rows), our compressed file and its entropy bound.
+
+    Used by chapter 02.
+    """
+    from . import share
+
+    def compute():
+        rows = []
+        for r in tqdm(sorted(cfg.prune_rates), desc="share sweep", disable=not progress):
+            plain = pruned(base, "global", r)
+            shared = prune.clone(plain)
+            share.weight_share(shared, share_bits(cfg))
+            for ws, m in ((False, plain), (True, shared)):
+                report = storage.size_report(m)
+                rows.append(dict(rate=r, shared=ws, accuracy=train.evaluate(m, splits.test),
+                                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
+                                 dense_bytes=report["dense_bytes"],
+                                 approx_bytes=report["shared_approx_bytes"] if ws else report["approx_bytes"],
+                                 file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"]))
+        return None, {"rows": rows}
+
+    _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute)
+    return metrics["rows"], hit
+
+
+def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple[list[dict[str, Any]], bool]:
+    """The four sizes of torchvision's VGG16 (randomly initialised: no pretrained weights can be
+    downloaded on the project machines) after global pruning at each of ``rates`` and weight
+    sharing with ``share_bits(cfg)``; also the seconds to share, encode and decode. Cached
+    (the shapes, not the data, decide these sizes; takes ~1 minute and ~5 GB of memory once).
+
+    Used by chapter 02.
+    """
+    import tempfile
+    import time
+
+    import torchvision
+
+    from . import share
+
+    def compute():
+        rows = []
+        for r in tqdm(rates, desc="VGG16 sizes", disable=not progress):
+            torch.manual_seed(0)
+            m = torchvision.models.vgg16().eval()
+            prune.global_unstructured(m, r)
+            t0 = time.perf_counter()
+            share.weight_share(m, share_bits(cfg))
+            t1 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = f"{tmp}/vgg16.rclib"
+                storage.save_compressed(m, path)
+                t2 = time.perf_counter()
+                back = storage.load_compressed(path, torchvision.models.vgg16())
+                t3 = time.perf_counter()
+            a, b = storage.effective_state(m), storage.effective_state(back)
+            same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            report = storage.size_report(m)
+            rows.append(dict(rate=r, nonzero=storage.nonzero_parameters(m), dense_bytes=report["dense_bytes"],
+                             approx_bytes=report["approx_bytes"], shared_approx_bytes=report["shared_approx_bytes"],
+                             file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"],
+                             share_seconds=t1 - t0, encode_seconds=t2 - t1, decode_seconds=t3 - t2,
+                             exact=bool(same)))
+            del m, back
+        return None, {"rows": rows}
+
+    names = ("conv_bits", "linear_bits")
+    step_cfg = dataclasses.replace(cfg, prune_rates=tuple(rates))
+    _, metrics, hit = artifacts.cached(step_cfg, "vgg16_sizes", names + ("prune_rates",), compute)
+    return metrics["rows"], hit

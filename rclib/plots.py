@@ -289,3 +289,31 @@ def table1_bars(summary, rates: Sequence[float], variants: Sequence[str], paper:
     fig.suptitle("Table 1 as bars: mean over seeds, error bars from min to max")
     fig.tight_layout()
     return fig
+
+
+def roughness_scatter(rows: Sequence[dict], metrics: Sequence[tuple[str, str]], title: str = ""):
+    """Chapter 03: FGSM robust accuracy (%) against each roughness measure, one panel per
+    measure, one marker per pruning method, filled without and hollow with weight sharing.
+
+    ``rows``: dicts with ``method``, ``shared``, ``robust_accuracy`` and the ``metrics`` keys;
+    ``metrics``: ``(key, axis label)`` pairs.
+    """
+    markers = {"baseline": "*", "global": "o", "layer": "s", "channel": "^", "iterative": "D"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        for i, method in enumerate(markers):
+            for shared in (False, True):
+                pts = [r for r in rows if r["method"] == method and bool(r["shared"]) == shared]
+                if not pts:
+                    continue
+                ax.scatter([r[key] for r in pts], [100 * r["robust_accuracy"] for r in pts],
+                           marker=markers[method], s=60 if method == "baseline" else 36,
+                           facecolors="none" if shared else f"C{i}", edgecolors=f"C{i}",
+                           label=f"{method}{' + WS' if shared else ''}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("FGSM robust accuracy (%)")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

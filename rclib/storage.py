@@ -417,9 +417,13 @@ def _seg(payload: memoryview, ref: Any) -> memoryview:
 
 
 def _gap_alphabet(nnz: int, numel: int) -> int:
-    # about 8x the mean gap, so an escape (a raw overflow gap) is rare (~e^-8 for random masks)
+    # about 8x the mean gap, so an escape (a raw overflow gap) is rare (~e^-8 for random masks);
+    # but the Huffman table costs a byte per symbol, so for a very sparse layer (few non-zeros,
+    # huge gaps) the alphabet is capped near nnz: escaping every gap then costs less than the table
     mean_gap = numel / max(nnz, 1)
-    return int(min(2**16, max(256, 2 ** math.ceil(math.log2(8 * mean_gap)))))
+    wanted = 2 ** math.ceil(math.log2(8 * mean_gap))
+    cap = 2 ** math.ceil(math.log2(max(nnz, 2)))
+    return int(min(2**16, max(256, min(wanted, cap))))
 
 
 def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -62,7 +62,7 @@ def test_chapter_runs_under_smoke(nb, smoke_book):
     outputs = [o for c in out.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) >= 3, "a chapter shows its figures"
+    assert len(figures) >= 2, "a chapter shows its figures"
     injected = [c for c in out.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and "remove-cell" in injected[0].metadata["tags"]
     values = book.glued(path)
@@ -119,3 +119,26 @@ def test_bad_parameter_fails_in_first_cell_and_writes_nothing(tmp_path, artifact
     failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert failed == [first_work]
     assert not artifact_root.exists() or not any(artifact_root.rglob("*"))
+
+
+def test_weight_sharing_numbers(smoke_book):
+    values = _glued(smoke_book, "02_weight_sharing")
+    assert values["exact"] == "identical"  # the compressed file loads back bit-exact
+    # VGG16 pruned to 50% with 8/5-bit sharing, by the paper's formula: its Table 1 says 45.5
+    assert values["vgg_half_mib"] == pytest.approx(45.1, abs=0.5)
+    assert values["ours_file"] < values["ours_dense"]
+    assert values["rho_first"] > 1 > values["rho_last"]  # a 144-weight layer cannot amortise 256 floats
+
+
+def test_boundary_numbers(smoke_book):
+    values = _glued(smoke_book, "03_boundary_smoothness")
+    assert 0 <= values["rougher_local"] <= 100 and values["n_working"] >= 1
+    for key in ("r_pca", "r_local"):
+        assert math.isnan(values[key]) or -1 <= values[key] <= 1
+
+
+def test_robust_retraining_numbers(smoke_book):
+    values = _glued(smoke_book, "04_robust_retraining")
+    assert values["n_seeds"] == 2  # the smoke profile's seeds
+    assert values["gain"] > 0 and 0 <= values["adv_rob"] <= 100
+    assert values["gain_paper"] == pytest.approx(25.6 / 12.0)
