@@ -109,12 +109,12 @@ def bench_sharing(model) -> dict[str, np.ndarray]:
 
     print(f"\n## Weight sharing of VGG16, 50% global pruning, {sum(nnz.values()):,} non-zero weights, "
           f"bits {BITS}, max_iter {MAX_ITER}\n")
-    print(f"| method | time (s) | MSE (non-zeros) | note |\n|---|---:|---:|---|")
+    print("| method | time (s) | MSE (non-zeros) | note |\n|---|---:|---:|---|")
     for r in rows:
         mse = "" if np.isnan(r[2]) else f"{r[2]:.4e}"
         print(f"| {r[0]} | {r[1]:.1f} | {mse} | {r[3]} |")
-    print(f"\n| sample | sklearn time (s) | sklearn MSE | sklearn iters | rclib time (s) | rclib MSE | rclib/sklearn MSE |\n"
-          f"|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| sample | sklearn time (s) | sklearn MSE | sklearn iters | rclib time (s) | rclib MSE | rclib/sklearn MSE |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for r in sample_rows:
         print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.4e} | {r[3]} | {r[4]:.2f} | {r[5]:.4e} | {r[5] / r[2]:.3f} |")
     return shared

@@ -156,7 +156,7 @@ def metric_vs_rate(rows: Sequence[dict], metric: str, ylabel: str, title: str,
     return fig
 
 
-def layer_sparsity(tables: dict[str, "pandas.DataFrame"], rate: float):  # noqa: F821
+def layer_sparsity(tables: dict, rate: float):
     """Figure 2: sparsity (%) of each prunable layer, one bar group per method. Chapter 01."""
     names = next(iter(tables.values()))["layer"].tolist()
     x = np.arange(len(names))

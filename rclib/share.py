@@ -123,7 +123,6 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 300, init: np.ndarray | N
     if not np.isfinite(x).all():
         raise ValueError("values contain NaN or infinity: k-means needs finite values")
     xs = np.sort(x if x.dtype == np.float64 else x.astype(np.float32))
-    n = xs.size
     distinct = 1 + int(np.count_nonzero(xs[1:] != xs[:-1]))
     if distinct <= k:
         # fewer distinct values than clusters: the distinct values themselves are optimal (error 0)

@@ -12,18 +12,11 @@ from torch import nn
 
 from rclib.attacks import fgsm
 from rclib.boundary import DecisionMap, decision_map, local_map, rgb, roughness
-from rclib.models import from_spec
+
+
+from toys import tiny_vgg  # noqa: E402
 
 torch.set_num_threads(1)
-
-SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.0, num_classes=10,
-            input_shape=[1, 8, 8], mean=[0.5], std=[0.5])
-
-
-def tiny_vgg(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return from_spec(SPEC)
-
 
 def planar_data(n: int = 200, seed: int = 0) -> torch.Tensor:
     """(n, 1, 4, 4) images 0.5 + a e1 + b e2 + small noise, a wider than b; never clamped on the grid."""
@@ -106,7 +99,7 @@ def test_pca_map_at_resolution_100_is_cheap():
 # ---- roughness -------------------------------------------------------------------------------
 
 def _map(pred: np.ndarray, conf: np.ndarray | None = None) -> DecisionMap:
-    r = pred.shape[0]
+
     conf = np.ones(pred.shape) if conf is None else conf
     return DecisionMap(pred=pred, conf=conf, extent=(0, 1, 0, 1), points=np.zeros((0, 2)),
                        origin=np.zeros(4), basis=np.zeros((2, 4)), input_shape=(1, 2, 2))

@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from rclib import models, prune, storage, train
 
-SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.0, num_classes=10,
-            input_shape=[1, 8, 8], mean=[0.5], std=[0.5])
+from toys import SPEC  # noqa: E402
 
 
 def tiny(seed: int = 0, batch_norm: bool = True, **changes) -> models.VGG:

@@ -13,19 +13,12 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 from rclib.attacks import fgsm
-from rclib.models import from_spec, prunable_layers
+from rclib.models import prunable_layers
 from rclib.robust import adversarial_margin_loss, adversarial_retrain, margin_loss
 
+from toys import tiny_vgg  # noqa: E402
+
 torch.set_num_threads(1)
-
-SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.0, num_classes=10,
-            input_shape=[1, 8, 8], mean=[0.5], std=[0.5])
-
-
-def tiny_vgg(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return from_spec(SPEC)
-
 
 def data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
