@@ -223,6 +223,14 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 BOUNDARY_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
     "prune_step", "map_rates", "epsilon", "conv_bits", "linear_bits", "resolution", "local_examples")
 BOUNDARY_METHODS = ("global", "layer", "channel", "iterative")
+MAP_POINTS = 1000  # test inputs that fit a PCA plane: all of digits' 360, a sample of ImageNet's 10k
+
+
+def map_inputs(splits: data.Splits, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``MAP_POINTS`` test inputs and labels, for PCA decision maps (a 10k x 150k
+    ImageNet matrix would not fit PCA in memory; digits' test set is used whole)."""
+    x, y = data.first_batch(splits.test, MAP_POINTS)
+    return x.to(device), y.to(device)
 
 
 def compressed_variants(cfg: Config, splits: data.Splits, base: nn.Module, rates,
@@ -272,16 +280,15 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     Each row: label, method, rate, shared, clean and FGSM (``cfg.epsilon``) accuracy, the
     ``boundary.roughness`` of the PCA map (``cfg.resolution``; one PCA plane fitted on the test
     inputs, shared by all variants) prefixed ``pca_``, and the mean roughness of local maps
-    around the first ``cfg.local_examples`` test inputs prefixed ``local_``.
+    around the first ``cfg.local_examples`` test inputs prefixed ``local_``. The PCA plane is
+    fitted on :func:`map_inputs`.
 
     Used by chapter 03.
     """
     from . import boundary
 
     def compute():
-        x, y = data.as_tensors(splits.test.dataset)
-        device = next(base.parameters()).device
-        x, y = x.to(device), y.to(device)
+        x, y = map_inputs(splits, next(base.parameters()).device)
         n = cfg.local_examples
         variants = compressed_variants(cfg, splits, base, cfg.map_rates)
         rows, pca = [], None
