@@ -40,10 +40,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import attacks, boundary, data, pipeline, plots, train
+from . import attacks, boundary, data, pipeline, plots, share, train
+from .share import DEFAULT_BITS
 
 METHODS = ("global", "layer", "channel", "channel (hardened)")
-DEFAULT_BITS: dict[str, int] = {"conv": 8, "linear": 5}  # the paper's Sec 3.2, as share.DEFAULT_BITS
 MAX_RATE = 0.98  # beyond this one-shot pruning leaves too few weights to say anything
 MAX_EPS = 0.3
 
@@ -166,7 +166,6 @@ class Variants:
         else:
             model = pipeline.pruned(self.base, method, rate)
         if shared:
-            from . import share  # lazily: share.py is a sibling module that may evolve separately
 
             share.weight_share(model, self.bits)
         return model if model is self.base else model.eval()
