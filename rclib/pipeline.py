@@ -82,6 +82,27 @@ def pruned(model: nn.Module, method: str, rate: float) -> nn.Module:
     return prune.harden(copy_) if hardened else copy_
 
 
+def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rates) -> dict[float, nn.Module]:
+    """Alg 5 on a copy of ``base`` (channel pruning in ``cfg.prune_step`` steps, ``retrainer``
+    after each), stopping at every rate of ``rates`` on one trajectory to the largest.
+
+    Returns:
+        ``{rate: hardened copy of the model at that rate}`` in increasing rate order.
+
+    Used by :func:`prune_sweep` (chapter 01) and :func:`compressed_variants` (chapter 03).
+    """
+    rates = sorted(float(r) for r in rates)
+    out: dict[float, nn.Module] = {}
+
+    def keep(model: nn.Module, r: float) -> None:
+        if any(abs(r - q) < 1e-9 for q in rates):
+            out[r] = prune.harden(model)
+
+    prune.iterative(prune.clone(base), rates[-1], cfg.prune_step, retrainer(cfg, splits), "channel",
+                    on_step=keep, extra=rates)
+    return out
+
+
 def measure(model: nn.Module, splits: data.Splits, eps: float) -> dict[str, Any]:
     """Clean and FGSM robust test accuracy, and the model's size by every yardstick we use."""
     return dict(accuracy=train.evaluate(model, splits.test),
@@ -118,14 +139,8 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                 rows.append(dict(method=method, rate=r, **measure(pruned(base, method, r), splits, cfg.epsilon)))
                 bar.update()
 
-        def record(model: nn.Module, r: float) -> None:
-            if any(abs(r - q) < 1e-9 for q in rates):
-                rows.append(dict(method="iterative (hardened)", rate=r,
-                                 **measure(prune.harden(model), splits, cfg.epsilon)))
-
-        model = prune.clone(base)
-        prune.iterative(model, rates[-1], cfg.prune_step, retrainer(cfg, splits), "channel",
-                        on_step=record, extra=rates)
+        for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
+            rows.append(dict(method="iterative (hardened)", rate=r, **measure(hardened, splits, cfg.epsilon)))
         bar.update()
         bar.close()
         return None, {"rows": rows}
@@ -253,11 +268,8 @@ def compressed_variants(cfg: Config, splits: data.Splits, base: nn.Module, rates
     models_: dict[tuple[str, float], nn.Module] = {("baseline", 0.0): base}
     for method in methods:
         if method == "iterative":
-            def keep(model: nn.Module, r: float) -> None:
-                if any(abs(r - q) < 1e-9 for q in rates):
-                    models_[("iterative", r)] = prune.harden(model)
-            prune.iterative(prune.clone(base), rates[-1], cfg.prune_step, retrainer(cfg, splits),
-                            "channel", on_step=keep, extra=rates)
+            for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
+                models_[("iterative", r)] = hardened
         else:
             for r in rates:
                 models_[(method, r)] = pruned(base, method, r)

@@ -23,7 +23,6 @@ Used by chapter 01 (pruning) and, through ``pipeline``, chapters 02-04.
 from __future__ import annotations
 
 import copy
-
 from typing import Callable, Sequence
 
 import numpy as np

@@ -26,7 +26,6 @@ Used by chapter 03 (boundary smoothness).
 from __future__ import annotations
 
 import base64
-import copy
 import html
 import io
 import time
@@ -40,7 +39,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import attacks, boundary, data, pipeline, plots, share, train
+from . import attacks, boundary, data, pipeline, plots, prune, share, train
 from .share import DEFAULT_BITS
 
 METHODS = ("global", "layer", "channel", "channel (hardened)")
@@ -161,12 +160,10 @@ class Variants:
 
     def _build(self, method: str, rate: float, shared: bool) -> nn.Module:
         if rate == 0:
-            with torch.no_grad():  # a copy only when sharing will change it; no_grad: DESIGN.md
-                model = copy.deepcopy(self.base) if shared else self.base
+            model = prune.clone(self.base) if shared else self.base  # a copy only when sharing changes it
         else:
             model = pipeline.pruned(self.base, method, rate)
         if shared:
-
             share.weight_share(model, self.bits)
         return model if model is self.base else model.eval()
 
@@ -215,23 +212,16 @@ class Variants:
                     nonzero=v["nonzero"], max_distinct=v["max_distinct"])
 
 
-def _layer_weights(model: nn.Module) -> list[torch.Tensor]:
-    # ``module.weight`` is the effective (masked) weight also under torch pruning
-    from .models import prunable_layers
-
-    return [m.weight.detach() for _, m in prunable_layers(model)]
-
-
 def _nonzero_weights(model: nn.Module) -> int:
     """Non-zero weights of the prunable layers (what pruning removes)."""
-    return int(sum(int(torch.count_nonzero(w)) for w in _layer_weights(model)))
+    table = prune.sparsity(model)
+    return int((table["weights"] - table["zeros"]).sum())
 
 
 def _max_distinct(model: nn.Module) -> int:
     """The largest number of distinct non-zero weight values in one prunable layer: at most
     2^bits after weight sharing (Eq 7), about the layer's size without it."""
-    counts = [int(torch.unique(w[w != 0]).numel()) for w in _layer_weights(model)]
-    return max(counts, default=0)
+    return max((len(v) for v in share.codebooks(model).values()), default=0)
 
 
 def static_explorer(base: nn.Module, splits: data.Splits, cfg=None, method: str = "global",
