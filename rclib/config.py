@@ -34,59 +34,59 @@ MARGIN_SPACES = ("logits", "probs")
 class Config:
     """Every knob of every chapter. Field comments say what each one means."""
 
-    profile: str = "cpu"
-    seed: int = 0
+    profile: str = "cpu"  # named set of defaults: smoke | cpu | paper
+    seed: int = 0  # random seed: data split, initialisation, training order
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 2  # torch intra-op threads on CPU
     # data (Sec. 3)
-    dataset: str = "digits"
-    data_dir: str = "data"  # relative paths are taken from the project root
-    image_size: int = 8  # digits are natively 8x8
-    train_size: int = 0  # 0 means the whole training split
-    test_size: int = 0  # 0 means the whole test split
-    test_fraction: float = 0.2  # the paper: 10k of the 50k ImageNet val images
-    num_workers: int = 0
+    dataset: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | imagenet | folder
+    data_dir: str = "data"  # dataset folder; relative paths start at the project root
+    image_size: int = 8  # input height and width in pixels (digits are natively 8x8)
+    train_size: int = 0  # training images to use; 0 means all
+    test_size: int = 0  # test images to use; 0 means all
+    test_fraction: float = 0.2  # share of the images held out for testing (paper: 10k of 50k)
+    num_workers: int = 0  # data-loading worker processes
     # model (App. B)
-    model: str = "vgg_small"
+    model: str = "vgg_small"  # vgg_small (VGG16 topology, scaled) | vgg16 (torchvision)
     width: int = 16  # channels of the first conv block (VGG16: 64)
     hidden: int = 256  # width of the two hidden linear layers (VGG16: 4096)
-    batch_norm: bool = True
-    dropout: float = 0.5
+    batch_norm: bool = True  # BatchNorm after every convolution
+    dropout: float = 0.5  # dropout probability in the classifier
     weights: str = "none"  # none | imagenet | path/to/weights.safetensors
     # baseline training
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    epochs: int = 30
+    optimizer: str = "adam"  # optimiser of the baseline: adam | sgd
+    lr: float = 1e-3  # learning rate of the baseline
+    momentum: float = 0.9  # SGD momentum of the baseline
+    weight_decay: float = 0.0  # weight decay of the baseline
+    batch_size: int = 64  # examples per batch, training and evaluation
+    epochs: int = 30  # baseline training epochs
     # attacks (Eq 8)
     epsilon: float = 0.1  # FGSM strength in pixel units, pixels in [0, 1]
-    epsilons: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+    epsilons: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # FGSM strengths of the robustness curves
     # pruning (Alg 1-5)
-    prune_method: str = "global"
-    prune_rate: float = 0.5
-    prune_rates: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-    prune_step: float = 0.1  # r_inc of Alg 5
-    retrain_epochs: int = 2
+    prune_method: str = "global"  # global | layer | channel | iterative
+    prune_rate: float = 0.5  # the single prune rate of Table 1 and Figures 2 and 4
+    prune_rates: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # prune rates of the sweeps
+    prune_step: float = 0.1  # r_inc of Alg 5, the increment of each iterative pruning step
+    retrain_epochs: int = 2  # retraining epochs after each iterative pruning step
     # weight sharing (Alg 6, Table 2)
-    conv_bits: int = 8
-    linear_bits: int = 5
+    conv_bits: int = 8  # weight-sharing index bits of convolutions
+    linear_bits: int = 5  # weight-sharing index bits of linear layers
     # robust retraining (Alg 7, App. C)
-    retrain_optimizer: str = "sgd"
-    retrain_lr: float = 0.005
-    retrain_momentum: float = 0.9
-    retrain_weight_decay: float = 0.005
-    adv_epsilon: float = 0.1
-    margin_weight: float = 0.1
-    margin_on: str = "logits"  # logits | probs (see chapter 04)
-    adv_epochs: int = 1
+    retrain_optimizer: str = "sgd"  # optimiser of all retraining: sgd | adam
+    retrain_lr: float = 0.005  # learning rate of all retraining
+    retrain_momentum: float = 0.9  # momentum of all retraining
+    retrain_weight_decay: float = 0.005  # weight decay of all retraining
+    adv_epsilon: float = 0.1  # FGSM strength inside Algorithm 7
+    margin_weight: float = 0.1  # lambda of Eq. 10, the weight of the margin penalty
+    margin_on: str = "logits"  # logits | probs: where the margin is measured (see chapter 04)
+    adv_epochs: int = 1  # epochs of Algorithm 7 (the paper: 1)
     # decision boundaries (Sec. 3.3)
     map_rates: tuple[float, ...] = (0.3, 0.5, 0.7)  # chapter 03's prune rates for roughness vs robustness
     resolution: int = 100  # grid points per side of a PCA decision map
     local_examples: int = 20  # test inputs whose local maps are averaged
     hurt_rate: float = 0.8  # chapter 04's second global prune rate, where pruning clearly hurts
-    seeds: tuple[int, ...] = (0, 1, 2)  # chapter 04 repeats Table 1 with each (mean and spread)
+    seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the repeated runs (mean and spread)
 
     def digest(self, names: tuple[str, ...] | None = None) -> str:
         """Short hash of the named fields (all when None) and of the rclib source.
@@ -130,6 +130,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
 }
 DEFAULT_PROFILE = "cpu"
+
+MAX_SEED = 2**32 - 1
+MIN_RESOLUTION, MAX_RESOLUTION = 10, 2000
+MAX_PRUNE_STEPS = 1000
+MAP_POINTS = 1000  # test inputs that fit a PCA plane: all of digits' 360, a sample of ImageNet's 10k
 
 
 def project_root() -> Path:
@@ -188,12 +193,20 @@ def _coerce(name: str, value: Any) -> Any:
         out = []
         for v in value:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{name} contains {v!r}; every entry must be a number")
+                raise ValueError(f"{name}={value!r} is not allowed: every entry must be a number ({v!r} is not)")
             if kind == "tuple[int, ...]":
                 if not float(v).is_integer():
-                    raise ValueError(f"{name} contains {v!r}; every entry must be a whole number")
+                    raise ValueError(f"{name}={value!r} is not allowed: every entry must be a whole number "
+                                     f"({v!r} is not)")
                 v = int(v)
+            elif not math.isfinite(v):
+                raise ValueError(f"{name}={value!r} is not allowed: every entry must be a finite number "
+                                 f"({v!r} is not)")
             out.append(v if kind == "tuple[int, ...]" else float(v))
+        repeated = sorted({v for v in out if out.count(v) > 1})
+        if repeated:  # refused, not silently de-duplicated: a repeated rate or seed is a typo
+            raise ValueError(f"{name}={tuple(out)!r} is not allowed: every entry must be distinct "
+                             f"({', '.join(map(str, repeated))} repeated)")
         return tuple(out)
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -211,7 +224,7 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{bad} (a number)")
         if not math.isfinite(value):
-            raise ValueError(f"{name}={value!r} must be a finite number")
+            raise ValueError(f"{name}={value!r} is not allowed: a finite number")
         return float(value)
     if not isinstance(value, str):
         raise ValueError(f"{bad} (a string)")
@@ -233,10 +246,20 @@ def validate(cfg: Config) -> Config:
     for name, choices in (("optimizer", OPTIMIZERS), ("retrain_optimizer", OPTIMIZERS),
                           ("prune_method", PRUNE_METHODS), ("margin_on", MARGIN_SPACES)):
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), f"one of {', '.join(choices)}")
-    for name in ("threads", "image_size", "width", "hidden", "batch_size", "resolution", "local_examples"):
+    for name in ("threads", "image_size", "width", "hidden", "batch_size", "local_examples"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a positive whole number")
-    for name in ("seed", "train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs"):
+    for name in ("train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "a whole number >= 0")
+    seed_range = f"a whole number from 0 to {MAX_SEED} (numpy and scikit-learn take 32-bit seeds)"
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, seed_range)
+    _check(all(0 <= v <= MAX_SEED for v in cfg.seeds), "seeds", cfg.seeds, f"every seed {seed_range}")
+    cores = os.cpu_count() or 1
+    _check(cfg.threads <= cores, "threads", cfg.threads, f"at most {cores}, the CPU cores of this machine")
+    _check(MIN_RESOLUTION <= cfg.resolution <= MAX_RESOLUTION, "resolution", cfg.resolution,
+           f"a whole number from {MIN_RESOLUTION} (coarser maps cannot show a boundary's shape) "
+           f"to {MAX_RESOLUTION}")
+    _check(cfg.local_examples <= MAP_POINTS, "local_examples", cfg.local_examples,
+           f"at most {MAP_POINTS}: local maps are drawn from the {MAP_POINTS} inputs of the PCA maps")
     for name in ("lr", "retrain_lr"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a learning rate > 0")
     for name in ("momentum", "retrain_momentum", "dropout"):
@@ -250,21 +273,18 @@ def validate(cfg: Config) -> Config:
            "every prune rate in (0, 1)")
     _check(all(0 < r < 1 for r in cfg.map_rates), "map_rates", cfg.map_rates, "every prune rate in (0, 1)")
     _check(0 < cfg.hurt_rate < 1, "hurt_rate", cfg.hurt_rate, "a prune rate in (0, 1)")
-    _check(all(v >= 0 for v in cfg.seeds), "seeds", cfg.seeds, "whole numbers >= 0")
     _check(0 < cfg.prune_step < 1, "prune_step", cfg.prune_step, "a step in (0, 1)")
+    top = max(cfg.prune_rates + cfg.map_rates)
+    _check(top / cfg.prune_step <= MAX_PRUNE_STEPS, "prune_step", cfg.prune_step,
+           f"a step of at least {top / MAX_PRUNE_STEPS:.3g}: Algorithm 5 retrains after every step, "
+           f"and reaching the largest rate {top:g} must take at most {MAX_PRUNE_STEPS} steps")
     for name in ("conv_bits", "linear_bits"):
         _check(1 <= getattr(cfg, name) <= 16, name, getattr(cfg, name), "a bit width from 1 to 16")
-    if cfg.dataset in DISK_DATASETS:
-        root = resolve_path(cfg.data_dir)
-        _check(root.is_dir(), "data_dir", cfg.data_dir,
-               f"dataset {cfg.dataset!r} reads images from disk, and {root} is not an existing folder "
-               "(an ImageFolder: one sub-folder per class)")
-    if cfg.weights not in ("none", "imagenet"):
-        path = resolve_path(cfg.weights)
-        _check(path.suffix == ".safetensors" and path.is_file(), "weights", cfg.weights,
-               "'none', 'imagenet', or an existing .safetensors file")
     if cfg.weights == "imagenet":
         _check(cfg.model == "vgg16", "weights", cfg.weights, "'imagenet' weights exist only for model='vgg16'")
+    from . import checks  # needs models, which imports this module
+
+    checks.feasible(cfg, profile_config(cfg.profile))
     return cfg
 
 
@@ -295,11 +315,97 @@ def load(profile: str = DEFAULT_PROFILE, **overrides: Any) -> Config:
     values: dict[str, Any] = dict(PROFILES[profile])
     for name, value in overrides.items():
         if name not in FIELD_NAMES or name == "profile":
-            raise ValueError(f"unknown parameter {name!r}; known parameters: {', '.join(FIELD_NAMES[1:])}")
+            raise ValueError(unknown_message([name]))
         if value is not None:
             values[name] = value
     coerced = {name: _coerce(name, value) for name, value in values.items()}
     return validate(Config(profile=profile, **coerced))
+
+
+def unknown_message(names: list[str]) -> str:
+    """The error for parameters that are not Config fields, with the closest known names."""
+    import difflib
+
+    hints = [f"{n!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(n, FIELD_NAMES, 1))
+             else repr(n) for n in names]
+    return (f"unknown parameter{'s' if len(names) > 1 else ''} {', '.join(hints)}; "
+            f"known parameters: profile, {', '.join(FIELD_NAMES[1:])}")
+
+
+def profile_config(profile: str) -> Config:
+    """The profile's own values, without overrides and without the checks of :func:`validate`
+    (the reference that :func:`table` and error messages compare a run's config with)."""
+    return Config(profile=profile, **{n: _coerce(n, v) for n, v in PROFILES[profile].items()})
+
+
+PAPERMILL_COMMENT = "# Parameters"  # the first line of the cell papermill injects
+
+
+def injected_names(history: list[str]) -> list[str]:
+    """Names assigned by the parameters papermill injected, read from IPython's input history.
+
+    Papermill adds any ``-p NAME VALUE`` to the executed notebook, known or not (it only logs
+    "Passed unknown parameter"), in a cell starting with ``# Parameters``. Reading that cell
+    back is the only way a chapter can see a misspelt name; without it the chapter would run
+    with the profile's value.
+    """
+    import ast
+
+    for source in reversed(history):
+        if source.lstrip().startswith(PAPERMILL_COMMENT):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                return []
+            return [t.id for node in tree.body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)]
+    return []
+
+
+def from_notebook(namespace: dict[str, Any]) -> Config:
+    """The config of a chapter, from its ``parameters`` cell and what papermill injected.
+
+    Every Config field is a parameter of every chapter: the parameters cell declares them all
+    (:func:`parameters_source`), ``None`` meaning "the profile's value". A name papermill
+    injected that is not a field stops the chapter here, with the list of known names.
+
+    Args:
+        namespace: the notebook's ``globals()``.
+
+    Used by the first code cell of every chapter.
+    """
+    unknown = [n for n in injected_names(list(namespace.get("In", []))) if n not in FIELD_NAMES]
+    if unknown:
+        raise ValueError(unknown_message(unknown))
+    profile = namespace.get("profile", DEFAULT_PROFILE)
+    return load(profile, **{n: namespace.get(n) for n in FIELD_NAMES[1:]})
+
+
+def field_help() -> dict[str, str]:
+    """Each Config field's one-line description: the comment on its line in :class:`Config`."""
+    import inspect
+    import re
+
+    found = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.+)$", line)
+        if m and m.group(1) in FIELD_NAMES:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+def parameters_source() -> str:
+    """The ``parameters`` cell every chapter carries: every Config field, ``None`` by default.
+
+    A test checks that each chapter's cell is exactly this text, so a new field reaches every
+    chapter. No ``=`` may appear in a comment (papermill's parameter inspection breaks on it).
+    """
+    helps = field_help()
+    lines = ["# Every field of rclib.config.Config is a parameter of every chapter.",
+             "# None means: take the profile's value. Lists: [0.5, 0.9] or the text \"[0.5, 0.9]\".",
+             f'profile = "{DEFAULT_PROFILE}"  # {" | ".join(PROFILES)}']
+    lines += [f"{n} = None  # {helps[n]}" for n in FIELD_NAMES[1:]]
+    return "\n".join(lines)
 
 
 def configure_torch(cfg: Config) -> str:
@@ -322,8 +428,20 @@ def configure_torch(cfg: Config) -> str:
 
 
 def table(cfg: Config, names: tuple[str, ...] | None = None):
-    """The effective configuration as a two-column DataFrame (shown at the top of each chapter)."""
+    """The configuration that produced a page, shown at the top of each chapter.
+
+    Rows: ``names`` (the fields the chapter reads; all when None), then every other field whose
+    value differs from the profile's. The second column gives the profile's value where the run
+    overrides it and is empty elsewhere, so a reader sees at once what was changed.
+    """
     import pandas as pd
 
-    names = FIELD_NAMES if names is None else names
-    return pd.DataFrame({"parameter": list(names), "value": [str(getattr(cfg, n)) for n in names]}).set_index("parameter")
+    base = profile_config(cfg.profile)
+    names = FIELD_NAMES if names is None else tuple(names)
+    rows = list(names) + [n for n in FIELD_NAMES if n not in names and getattr(cfg, n) != getattr(base, n)]
+    return pd.DataFrame({
+        "parameter": rows,
+        "value": [str(getattr(cfg, n)) for n in rows],
+        f"profile {cfg.profile!r} has": [str(getattr(base, n)) if getattr(cfg, n) != getattr(base, n) else ""
+                                         for n in rows],
+    }).set_index("parameter")

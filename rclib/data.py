@@ -89,11 +89,17 @@ def _torchvision(cfg: Config):
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[cfg.dataset]
+    from .checks import ensure_downloadable
+
     root = resolve_path(cfg.data_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    # refuses, before anything is created under data_dir, when the files are absent and no
+    # mirror answers; only then may torchvision create folders and download
+    download = not ensure_downloadable(cfg)
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
     tf = T.Compose([T.Resize(cfg.image_size), T.ToTensor()])
-    train = cls(str(root), train=True, download=True, transform=tf)
-    test = cls(str(root), train=False, download=True, transform=tf)
+    train = cls(str(root), train=True, download=download, transform=tf)
+    test = cls(str(root), train=False, download=download, transform=tf)
     train = Subset(train, _limit(list(range(len(train))), cfg.train_size, cfg.seed))
     test = Subset(test, _limit(list(range(len(test))), cfg.test_size, cfg.seed))
     # statistics from (up to) 2048 training images: enough for a per-channel mean/std

@@ -10,6 +10,8 @@ import torch
 
 from rclib import config
 
+from toys import image_folder
+
 
 @pytest.mark.parametrize("profile", ["smoke", "cpu"])
 def test_profiles_load(profile):
@@ -24,7 +26,8 @@ def test_paper_profile_needs_its_data_folder(tmp_path):
     # the paper profile reads ImageNet val from disk; the folder is validated up front
     with pytest.raises(ValueError, match="data_dir"):
         config.load("paper", data_dir=str(tmp_path / "absent"))
-    cfg = config.load("paper", data_dir=str(tmp_path))
+    root = image_folder(tmp_path / "val", ["n01", "n02"], 3, size=(12, 12))
+    cfg = config.load("paper", data_dir=str(root), local_examples=1)
     assert cfg.dataset == "imagenet" and cfg.model == "vgg16" and cfg.weights == "imagenet"
 
 
@@ -154,7 +157,9 @@ def test_message_says_what_is_allowed():
 
 
 def test_data_dir_ok_for_disk_dataset(tmp_path):
-    cfg = config.load("smoke", dataset="folder", data_dir=str(tmp_path))
+    image_folder(tmp_path, ["a", "b"], 3, size=(12, 12))
+    cfg = config.load("smoke", dataset="folder", data_dir=str(tmp_path), train_size=0, test_size=0,
+                      local_examples=1)
     assert config.resolve_path(cfg.data_dir) == tmp_path
 
 
@@ -163,3 +168,158 @@ def test_resolve_device():
     assert config.resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ValueError, match="device"):
         config.resolve_device("tpu")
+
+
+# ---------------------------------------------------------------- bad input refused up front
+# Each case: (the parameter the message must name, overrides, text the message must contain).
+# All are refused by config.load, i.e. in a chapter's first code cell and before `python -m rclib`
+# runs anything; none of them may reach training.
+
+
+def _weights_file(tmp_path, name: str, content: bytes | None = None, tensors=None) -> str:
+    path = tmp_path / name
+    if tensors is not None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        path.write_bytes(content)
+    return str(path)
+
+
+def _smoke_state():
+    cfg = config.load("smoke")
+    from rclib import models
+
+    return models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,)).state_dict()
+
+
+REFUSED = [
+    ("seed", dict(seed=2**32), "4294967295"),
+    ("seed", dict(seed=-1), "-1"),
+    ("seeds", dict(seeds="[0, 4294967296]"), "4294967295"),
+    ("seeds", dict(seeds="[1, 1]"), "distinct"),
+    ("seeds", dict(seeds=[0, 2, 0]), "repeated"),
+    ("prune_rates", dict(prune_rates="[0.5, 0.5]"), "distinct"),
+    ("map_rates", dict(map_rates=[0.3, 0.3]), "distinct"),
+    ("epsilons", dict(epsilons=[0.1, 0.1]), "distinct"),
+    ("epsilons", dict(epsilons="[0, .inf]"), "finite"),
+    ("epsilons", dict(epsilons=[0.0, float("nan")]), "finite"),
+    ("prune_rates", dict(prune_rates="[0.5, .nan]"), "finite"),
+    ("map_rates", dict(map_rates=[0.3, float("inf")]), "finite"),
+    ("resolution", dict(resolution=1), "from 10"),
+    ("resolution", dict(resolution=9), "from 10"),
+    ("resolution", dict(resolution=100000), "to 2000"),
+    ("threads", dict(threads=100000), "cores"),
+    ("prune_step", dict(prune_step=1e-9), "1000 steps"),
+    ("prune_step", dict(prune_step=1e-4), "1000 steps"),
+    ("local_examples", dict(local_examples=5000), "1000"),
+    ("local_examples", dict(local_examples=200, test_size=100), "at most 100"),
+    ("train_size", dict(train_size=100000), "at most 1437"),
+    ("test_size", dict(test_size=5000), "at most 360"),
+    ("width", dict(width=1000000), "GB"),
+    ("hidden", dict(hidden=10**9), "GB"),
+    ("image_size", dict(image_size=100000), "GB"),
+    ("batch_size", dict(batch_size=10**9), "GB"),
+    ("epsilon", dict(epsilon=float("inf")), "finite"),
+    ("lr", dict(lr=float("-inf")), "lr"),
+    ("image_size", dict(model="vgg16", batch_norm=False, image_size=8), "can take"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, text", REFUSED, ids=[f"{c[0]}-{i}" for i, c in enumerate(REFUSED)])
+def test_bad_value_is_refused_naming_parameter_value_and_rule(name, overrides, text):
+    with pytest.raises(ValueError) as err:
+        config.load("smoke", **overrides)
+    msg = str(err.value)
+    assert f"{name}=" in msg, msg
+    assert text in msg, msg
+
+
+def test_weights_must_be_a_readable_safetensors_file_of_the_model(tmp_path):
+    import pickle
+
+    import torch
+
+    cases = {
+        "garbage": _weights_file(tmp_path, "garbage.safetensors", b"\xff" * 64),
+        "empty": _weights_file(tmp_path, "empty.safetensors", b""),
+        "pickle": _weights_file(tmp_path, "pickle.safetensors", pickle.dumps({"a": [1, 2, 3]})),
+        "other names": _weights_file(tmp_path, "other.safetensors", tensors={"w": torch.zeros(3)}),
+    }
+    state = {k: v.clone() for k, v in _smoke_state().items()}
+    state["classifier.6.weight"] = torch.zeros(5, state["classifier.6.weight"].shape[1])
+    cases["wrong shape"] = _weights_file(tmp_path, "shape.safetensors", tensors=state)
+    for what, path in cases.items():
+        with pytest.raises(ValueError) as err:
+            config.load("smoke", weights=path)
+        msg = str(err.value)
+        assert msg.startswith(f"weights={path!r} is not allowed"), (what, msg)
+    good = _weights_file(tmp_path, "good.safetensors", tensors={k: v.contiguous() for k, v in _smoke_state().items()})
+    assert config.load("smoke", weights=good).weights == good
+
+
+@pytest.mark.parametrize("layout", ["etc-like", "one class", "empty class"])
+def test_data_dir_must_be_an_image_folder(tmp_path, layout):
+    root = tmp_path / "d"
+    if layout == "etc-like":  # sub-folders without images, like /etc
+        for name in (".java", "PackageKit", "ssl"):
+            (root / name).mkdir(parents=True)
+            (root / name / "conf.txt").write_text("x")
+    elif layout == "one class":
+        image_folder(root, ["only"], 4, size=(12, 12))
+    else:
+        image_folder(root, ["a", "b"], 3, size=(12, 12))
+        (root / "c").mkdir()
+    with pytest.raises(ValueError) as err:
+        config.load("smoke", dataset="folder", data_dir=str(root), train_size=0, test_size=0, local_examples=1)
+    msg = str(err.value)
+    assert msg.startswith(f"data_dir={str(root)!r} is not allowed") and "class" in msg, msg
+
+
+def test_torchvision_dataset_offline_is_refused_and_nothing_created(tmp_path, monkeypatch):
+    from rclib import checks
+
+    monkeypatch.setattr(checks, "_reachable", lambda url: "URLError: no route")  # as on these machines
+    target = tmp_path / "mnist-here"
+    with pytest.raises(ValueError) as err:
+        config.load("smoke", dataset="mnist", data_dir=str(target))
+    assert "data_dir=" in str(err.value) and "cannot be downloaded" in str(err.value)
+    assert not target.exists()
+
+
+def test_unknown_parameter_suggests_the_close_name():
+    with pytest.raises(ValueError) as err:
+        config.load("smoke", epsilom=0.2)
+    assert "'epsilom' (did you mean 'epsilon'?)" in str(err.value) and "known parameters" in str(err.value)
+
+
+def _namespace(injected: str | None, **values):
+    history = ["", "# Every field ...\nprofile = 'cpu'\nseed = None\n"]
+    if injected is not None:
+        history.append(injected)
+    return {"In": history, "profile": "smoke", **{n: None for n in config.FIELD_NAMES[1:]}, **values}
+
+
+def test_from_notebook_takes_every_field_and_refuses_misspelt_injected_names():
+    cfg = config.from_notebook(_namespace('# Parameters\nprofile = "smoke"\nwidth = 4\nseed = 3\n', width=4, seed=3))
+    assert (cfg.profile, cfg.width, cfg.seed) == ("smoke", 4, 3)
+    with pytest.raises(ValueError, match=r"'epsilom' \(did you mean 'epsilon'\?\)"):
+        config.from_notebook(_namespace('# Parameters\nprofile = "smoke"\nepsilom = 0.2\n', epsilom=0.2))
+    # run by hand in JupyterLab: no injected cell, the parameters cell's values are used
+    assert config.from_notebook(_namespace(None, epsilon=0.2)).epsilon == 0.2
+
+
+def test_parameters_cell_declares_every_field_without_equals_in_comments():
+    src = config.parameters_source()
+    names = [line.split(" = ")[0] for line in src.splitlines() if not line.startswith("#")]
+    assert names == list(config.FIELD_NAMES)
+    for line in src.splitlines():
+        assert "=" not in line.partition("#")[2], line
+
+
+def test_table_shows_every_field_that_differs_from_the_profile():
+    t = config.table(config.load("smoke", width=4, seed=3), ("profile", "epsilon"))
+    assert list(t.index) == ["profile", "epsilon", "seed", "width"]
+    assert t.loc["width", "value"] == "4" and t.loc["width", "profile 'smoke' has"] == "8"
+    assert t.loc["epsilon", "profile 'smoke' has"] == ""

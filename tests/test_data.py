@@ -19,6 +19,8 @@ from PIL import Image
 
 from rclib import config, data
 
+from toys import image_folder
+
 
 def _rows(x: torch.Tensor) -> set[bytes]:
     return {row.numpy().tobytes() for row in x}
@@ -99,20 +101,11 @@ def test_first_batch_crosses_batches_in_order(tiny_cfg):
 
 # ---------------------------------------------------------------- ImageFolder datasets
 
-def _image_folder(root, classes, per_class, size=(40, 30)):
-    """Solid-colour RGB images: class c has red level 60*c + 20, so the label is visible."""
-    root.mkdir(parents=True, exist_ok=True)
-    for c, name in enumerate(classes):
-        (root / name).mkdir()
-        for i in range(per_class):
-            img = Image.new("RGB", size, (60 * c + 20, 10 * i, 128))
-            img.save(root / name / f"img{i}.png")
-    return root
-
 
 def test_folder_dataset(tmp_path):
-    root = _image_folder(tmp_path / "imgs", ["cat", "dog", "emu"], 4)
-    cfg = config.load("smoke", dataset="folder", data_dir=str(root), image_size=32, batch_size=4)
+    root = image_folder(tmp_path / "imgs", ["cat", "dog", "emu"], 4)
+    cfg = config.load("smoke", dataset="folder", data_dir=str(root), image_size=32, batch_size=4,
+                      train_size=0, test_size=0, local_examples=1)
     s = data.load(cfg)
     assert s.num_classes == 3 and s.class_names == ["cat", "dog", "emu"]
     assert s.input_shape == (3, 32, 32)
@@ -129,21 +122,21 @@ def test_folder_dataset(tmp_path):
 
 
 def test_folder_with_too_few_images(tmp_path):
-    root = _image_folder(tmp_path / "one", ["a"], 1)
+    root = image_folder(tmp_path / "one", ["a"], 1)
     with pytest.raises(ValueError, match="data_dir"):
         data.load(config.load("smoke", dataset="folder", data_dir=str(root), image_size=8))
 
 
 @pytest.mark.parametrize("fraction, n_test", [(0.9, 1), (0.1, 1)])
 def test_tiny_folder_keeps_an_image_on_each_side(tmp_path, fraction, n_test):
-    root = _image_folder(tmp_path / "two", ["a", "b"], 1, size=(10, 10))
+    root = image_folder(tmp_path / "two", ["a", "b"], 1, size=(10, 10))
     s = data.load(config.load("smoke", dataset="folder", data_dir=str(root), image_size=8,
-                              test_fraction=fraction))
+                              test_fraction=fraction, train_size=0, test_size=0, local_examples=1))
     assert len(s.train.dataset) == 2 - n_test and len(s.test.dataset) == n_test
 
 
 def test_imagenet_split_follows_test_fraction_and_seed(tmp_path):
-    root = _image_folder(tmp_path / "val", ["n01", "n02"], 10, size=(50, 40))
+    root = image_folder(tmp_path / "val", ["n01", "n02"], 10, size=(50, 40))
     cfg = config.load("smoke", dataset="imagenet", data_dir=str(root), image_size=32,
                       test_fraction=0.3, train_size=0, test_size=0)
     s = data.load(cfg)
@@ -165,21 +158,23 @@ def test_imagenet_split_follows_test_fraction_and_seed(tmp_path):
 def test_imagenet_centre_crop_keeps_the_centre(tmp_path):
     # a wide image: left/right thirds black, centre white; the crop must be all centre
     root = tmp_path / "val"
-    (root / "c").mkdir(parents=True)
-    for i in range(2):
-        arr = np.zeros((40, 120, 3), dtype=np.uint8)
-        arr[:, 40:80] = 255
-        Image.fromarray(arr).save(root / "c" / f"{i}.png")
-    s = data.load(config.load("smoke", dataset="imagenet", data_dir=str(root), image_size=28))
+    for c in ("c", "d"):  # an ImageFolder needs at least two classes
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            arr = np.zeros((40, 120, 3), dtype=np.uint8)
+            arr[:, 40:80] = 255
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    s = data.load(config.load("smoke", dataset="imagenet", data_dir=str(root), image_size=28,
+                              train_size=0, test_size=0, local_examples=1))
     x, _ = data.as_tensors(s.train.dataset)
     assert x.shape[1:] == (3, 28, 28)
     assert x[:, :, :, 4:-4].min() > 0.99  # resized to 32x96, the middle 32 columns are white
 
 
 def test_train_size_limits_folder(tmp_path):
-    root = _image_folder(tmp_path / "imgs", ["a", "b"], 10, size=(12, 12))
+    root = image_folder(tmp_path / "imgs", ["a", "b"], 10, size=(12, 12))
     s = data.load(config.load("smoke", dataset="folder", data_dir=str(root), image_size=8,
-                              train_size=5, test_size=2))
+                              train_size=5, test_size=2, local_examples=1))
     assert len(s.train.dataset) == 5 and len(s.test.dataset) == 2
     assert not set(s.train.dataset.indices) & set(s.test.dataset.indices)
 

@@ -101,7 +101,7 @@ def test_build_is_seeded():
 
 
 def test_torchvision_vgg16_from_spec():
-    cfg = config.load("smoke", model="vgg16", batch_norm=False, weights="none")
+    cfg = config.load("smoke", model="vgg16", batch_norm=False, weights="none", image_size=32)
     model = models.build(cfg, 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
     layers = models.prunable_layers(model)
     assert [type(m) for _, m in layers] == [nn.Conv2d] * 13 + [nn.Linear] * 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -16,3 +18,16 @@ def tiny_vgg(seed: int = 0, **changes) -> nn.Module:
     """``SPEC`` built with ``seed`` (fields overridden by ``changes``)."""
     torch.manual_seed(seed)
     return from_spec({**SPEC, **changes})
+
+
+def image_folder(root: Path, classes, per_class: int, size=(40, 30)) -> Path:
+    """An ImageFolder of solid-colour RGB PNGs: class c has red level 60*c + 20, so the label is
+    visible; image i of a class has green level 10*i."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(classes):
+        (root / name).mkdir()
+        for i in range(per_class):
+            Image.new("RGB", size, (60 * c + 20, 10 * i, 128)).save(root / name / f"img{i}.png")
+    return root

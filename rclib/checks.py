@@ -1,0 +1,255 @@
+"""Can this configuration run here? Checks against the disk and the machine, before any work.
+
+``config.validate`` judges each value on its own (types, ranges, choices). What remains needs the
+world outside the config: the dataset's files and how many images they hold, a weights file's
+header and tensor names, whether the model, one training batch and a decision map fit in this
+machine's memory, and whether a torchvision dataset that is not on disk could be downloaded at
+all. :func:`feasible` runs them all in well under a second (it builds the model on PyTorch's
+``meta`` device: shapes only, nothing allocated) and raises ``ValueError`` naming the parameter,
+the value and what is allowed, so a chapter stops in its first code cell and nothing is written.
+
+Used by ``config.validate``: every chapter's first cell and ``python -m rclib`` before it runs
+anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import MAP_POINTS, Config, resolve_path
+
+DIGITS_IMAGES = 1797  # scikit-learn's load_digits
+# the official splits of the torchvision datasets (used for cifar10, whose size needs unpickling)
+TORCHVISION_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "cifar10": (50000, 10000)}
+TORCHVISION_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+PROBE_TIMEOUT = 5.0  # seconds to wait for a dataset mirror before calling it unreachable
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a dataset will give: split sizes before ``train_size``/``test_size``, classes, input."""
+
+    n_train: int
+    n_test: int
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def image_folder_classes(root: Path) -> dict[str, int]:
+    """``{class sub-folder: number of image files}`` of an ImageFolder, counted as torchvision's
+    ``ImageFolder`` counts them (every sub-folder is a class; files searched recursively)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    counts: dict[str, int] = {}
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                counts[entry.name] = sum(
+                    1 for _, _, files in os.walk(entry.path, followlinks=True)
+                    for f in files if f.lower().endswith(IMG_EXTENSIONS))
+    return dict(sorted(counts.items()))
+
+
+def _folder_shape(cfg: Config) -> DataShape:
+    root = resolve_path(cfg.data_dir)
+    if not root.is_dir():
+        _fail("data_dir", cfg.data_dir, f"dataset {cfg.dataset!r} reads images from disk, and {root} is "
+              "not an existing folder (an ImageFolder: one sub-folder per class)")
+    counts = image_folder_classes(root)
+    empty = [name for name, n in counts.items() if n == 0]
+    if len(counts) - len(empty) < 2 or empty:
+        what = (f"{root} has {len(counts)} sub-folders" +
+                (f", and {len(empty)} of them hold no image ({', '.join(empty[:5])}"
+                 f"{', ...' if len(empty) > 5 else ''})" if empty else ""))
+        _fail("data_dir", cfg.data_dir, f"dataset {cfg.dataset!r} needs an ImageFolder: at least two class "
+              f"sub-folders, each holding images (.jpg, .png, ...); {what}")
+    n = sum(counts.values())
+    n_test = min(n - 1, max(1, round(n * cfg.test_fraction)))  # as data._seeded_split
+    return DataShape(n - n_test, n_test, len(counts), (3, cfg.image_size, cfg.image_size))
+
+
+def _torchvision_missing(cfg: Config) -> list[Path]:
+    """The files of a torchvision dataset that are not under ``data_dir`` (empty: all there)."""
+    import torchvision
+
+    root = resolve_path(cfg.data_dir)
+    if cfg.dataset == "cifar10":
+        c = torchvision.datasets.CIFAR10
+        wanted = [root / c.base_folder / name for name, _ in c.train_list + c.test_list]
+    else:
+        c = torchvision.datasets.MNIST if cfg.dataset == "mnist" else torchvision.datasets.FashionMNIST
+        wanted = [root / c.__name__ / "raw" / os.path.splitext(os.path.basename(url))[0] for url, _ in c.resources]
+    return [p for p in wanted if not p.is_file()]
+
+
+def _reachable(url: str) -> str | None:
+    """None when ``url`` answers within PROBE_TIMEOUT, else the reason it does not."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT).close()
+    except Exception as err:  # no route, DNS failure, HTTP error, timeout: all mean "cannot download"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def ensure_downloadable(cfg: Config) -> bool:
+    """For mnist / fashion_mnist / cifar10: True when the files are under ``data_dir``; False when
+    they are not but a mirror answers (the caller may download); ``ValueError`` otherwise, before
+    anything is created under ``data_dir``. Used here and by ``data.load``."""
+    import torchvision
+
+    missing = _torchvision_missing(cfg)
+    if not missing:
+        return True
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[cfg.dataset]
+    urls = ([m + cls.resources[0][0] for m in cls.mirrors] if hasattr(cls, "mirrors") else [cls.url])
+    reasons = [r for r in map(_reachable, urls) if r is not None]
+    if len(reasons) == len(urls):
+        _fail("data_dir", cfg.data_dir, f"dataset {cfg.dataset!r} is not there ({len(missing)} files missing, "
+              f"e.g. {missing[0]}) and cannot be downloaded ({reasons[0]}); put its files there, "
+              "or use dataset='digits', which needs no download")
+    return False
+
+
+def _idx_count(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack(">II", f.read(8))[1]  # magic, number of items
+
+
+def dataset_shape(cfg: Config) -> DataShape:
+    """Split sizes, classes and input shape of ``cfg.dataset`` without loading any image."""
+    s = cfg.image_size
+    if cfg.dataset == "digits":
+        n_test = math.ceil(DIGITS_IMAGES * cfg.test_fraction)  # scikit-learn's train_test_split
+        return DataShape(DIGITS_IMAGES - n_test, n_test, 10, (1, s, s))
+    if cfg.dataset in TORCHVISION_SIZES:
+        n_train, n_test = TORCHVISION_SIZES[cfg.dataset]
+        if ensure_downloadable(cfg) and cfg.dataset != "cifar10":  # on disk: the idx headers say how many
+            raw = resolve_path(cfg.data_dir) / ("MNIST" if cfg.dataset == "mnist" else "FashionMNIST") / "raw"
+            n_train, n_test = _idx_count(raw / "train-labels-idx1-ubyte"), _idx_count(raw / "t10k-labels-idx1-ubyte")
+        return DataShape(n_train, n_test, 10, (TORCHVISION_CHANNELS[cfg.dataset], s, s))
+    return _folder_shape(cfg)
+
+
+def check_sizes(cfg: Config, shape: DataShape) -> None:
+    """``train_size``, ``test_size`` and ``local_examples`` must be met by the data."""
+    if cfg.train_size > shape.n_train:
+        _fail("train_size", cfg.train_size, f"at most {shape.n_train}, the training images of {cfg.dataset!r} "
+              "with this test_fraction (0 means all of them)")
+    if cfg.test_size > shape.n_test:
+        _fail("test_size", cfg.test_size, f"at most {shape.n_test}, the test images of {cfg.dataset!r} "
+              "with this test_fraction (0 means all of them)")
+    n_test = cfg.test_size or shape.n_test
+    if cfg.local_examples > min(n_test, MAP_POINTS):
+        _fail("local_examples", cfg.local_examples, f"at most {min(n_test, MAP_POINTS)}: local maps are drawn "
+              f"from the test set ({n_test} images here)")
+
+
+def _meta_model(cfg: Config, shape: DataShape):
+    import torch
+
+    from . import models
+
+    c = shape.input_shape[0]
+    with torch.device("meta"):
+        return models.from_spec(models.spec(cfg, shape.num_classes, shape.input_shape, (0.0,) * c, (1.0,) * c))
+
+
+def memory_needed(cfg: Config, shape: DataShape) -> dict[str, float]:
+    """Bytes the run needs at the very least, by what needs them (a lower bound, so only the
+    obviously impossible is refused).
+
+    * ``training``: 4 bytes x (4 x parameters + outputs of every convolution and linear layer
+      for one ``batch_size`` batch): weights, gradients and two Adam moments, and the
+      activations the backward pass keeps.
+    * ``decision map``: ``resolution``^2 grid points, each with two plane coordinates, a class, a
+      confidence and an RGB colour (8 bytes each).
+
+    Counted on the ``meta`` device (a forward pass of shapes), so even an absurd width costs nothing.
+    """
+    import torch
+    from torch import nn
+
+    model = _meta_model(cfg, shape)
+    params = sum(p.numel() for p in model.parameters())
+    acts = 0
+
+    def count(module, inputs, output):
+        nonlocal acts
+        acts += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(torch.empty(cfg.batch_size, *shape.input_shape, device="meta"))
+    except RuntimeError as err:  # e.g. five max-pools on an 8x8 input leave nothing
+        _fail("image_size", cfg.image_size, f"an input size model={cfg.model!r} can take ({err})")
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"training": 4.0 * (4 * params + acts), "decision map": 8.0 * 8 * cfg.resolution ** 2}
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: Config, shape: DataShape, defaults: Config | None = None) -> None:
+    """Refuse a configuration whose memory is obviously beyond the machine, naming the
+    parameters that drive it (those changed from ``defaults``, the profile, first)."""
+    total = machine_memory()
+    drivers = {"training": ("width", "hidden", "image_size", "batch_size", "model"), "decision map": ("resolution",)}
+    for what, need in memory_needed(cfg, shape).items():
+        if need <= total:
+            continue
+        names = drivers[what]
+        if defaults is not None:
+            changed = [n for n in names if getattr(cfg, n) != getattr(defaults, n)]
+            names = tuple(changed) or names
+        values = ", ".join(f"{n}={getattr(cfg, n)!r}" for n in names)
+        raise ValueError(f"{values} is not allowed: the {what} would need about {need / 1e9:,.1f} GB, more than "
+                         f"this machine's {total / 2**30:.0f} GiB of memory; choose smaller values")
+
+
+def check_weights(cfg: Config, shape: DataShape) -> None:
+    """A ``weights`` file must be a readable safetensors file whose tensors fit the model:
+    the header is parsed (nothing else is read) and names and shapes are compared."""
+    if cfg.weights in ("none", "imagenet"):
+        return
+    from safetensors import safe_open
+
+    path = resolve_path(cfg.weights)
+    if path.suffix != ".safetensors" or not path.is_file():
+        _fail("weights", cfg.weights, "'none', 'imagenet', or an existing .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # garbage, an empty file, a renamed pickle: the header does not parse
+        _fail("weights", cfg.weights, f"a readable safetensors file; its header does not parse ({err})")
+    wanted = {k: tuple(v.shape) for k, v in _meta_model(cfg, shape).state_dict().items()}
+    diff = sorted(set(found) ^ set(wanted)) + sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])
+    if diff:
+        shown = "; ".join(f"{k}: file {found.get(k, 'absent')}, model {wanted.get(k, 'absent')}" for k in diff[:4])
+        _fail("weights", cfg.weights, f"a state dict of the configured model (model={cfg.model!r}, "
+              f"width={cfg.width}, hidden={cfg.hidden}, {shape.num_classes} classes); {len(diff)} tensors "
+              f"differ: {shown}{' ...' if len(diff) > 4 else ''}")
+
+
+def feasible(cfg: Config, defaults: Config | None = None) -> None:
+    """Run every check of this module; ``defaults`` (the profile's config) sharpens messages."""
+    shape = dataset_shape(cfg)
+    check_sizes(cfg, shape)
+    check_memory(cfg, shape, defaults)
+    check_weights(cfg, shape)
