@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from . import config
 from .config import DEFAULT_PROFILE, PROFILES, project_root
 
 BUILD = "_build"
@@ -99,14 +100,37 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], timeo
     try:
         pm.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(root),
                             kernel_name="python3", progress_bar=progress,
-                            execution_timeout=timeout, request_save_on_cell_execute=False)
+                            execution_timeout=timeout,
+                            # saves as each cell starts and ends: a dead kernel leaves a partial
+                            # notebook whose unfinished cell names where it stopped
+                            request_save_on_cell_execute=True)
     except pm.PapermillExecutionError as err:
         raise ChapterFailed(f"{notebook} failed in cell {err.cell_index} (execution count "
                             f"{err.exec_count}): {err.ename}: {err.evalue}") from None
     except Exception as err:  # timeouts, a dead kernel, a missing file
-        raise ChapterFailed(f"{notebook} failed: {type(err).__name__}: {err}") from None
+        raise ChapterFailed(f"{notebook} failed: {type(err).__name__}: {err}{_last_cell(output)}") from None
     _hide_injected(output)
     return time.perf_counter() - start
+
+
+def _last_cell(output: Path) -> str:
+    """Where a chapter stopped without a Python error (a dead kernel, a timeout): papermill saves
+    the partial notebook as each cell starts, so the last cell with a start time is the one that
+    never finished. Returns a sentence naming that cell and the partial notebook, or "" if
+    nothing was saved."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:  # nothing was saved
+        return ""
+    started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    if not started:
+        return f"; partial executed notebook: {output}"
+    cell = nb.cells[started[-1]]
+    first = next((line.strip() for line in cell.source.splitlines() if line.strip()), "")
+    return (f"; it stopped in cell {started[-1]} ({first[:80]!r}), the last cell that started (a dead "
+            f"kernel is most often out of memory); partial executed notebook: {output}")
 
 
 def stage(root: Path, out: Path) -> Path:
@@ -156,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--no-build", action="store_true", help="execute only; skip jupyter-book")
         p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
         p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                       help="override a parameter of every chapter run (papermill -p)")
+                       help="override a Config field in every chapter run (papermill -p); checked "
+                            "before anything runs")
         p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
         p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     sub.add_parser("build", help="render the last executed notebooks into _build/html")
@@ -173,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
     params = {"profile": args.profile}
     params.update({k: parse_value(v) for k, v in args.parameter})
+    try:  # every chapter takes every field: one check of the merged config, before any work
+        config.load(args.profile, **{k: v for k, v in params.items() if k != "profile"})
+    except ValueError as err:
+        print(f"FAILED before running anything: {err}", file=sys.stderr)
+        return 2
     if args.command == "run":
         notebook = args.notebook
         if not notebook.exists():

@@ -38,10 +38,14 @@ def tiny_model():
     return models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,))
 
 
+SMOKE_OVERRIDES = ("-p", "seed", "3", "-p", "width", "4")
+
+
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory):
-    """The whole book built once per test session, as `make book` does, under the smoke profile:
-    ``python -m rclib book --profile smoke`` into a temporary folder, with its own artifacts.
+    """The whole book built once per test session, as `make book` does, under the smoke profile
+    with two overrides that every chapter must receive: ``python -m rclib book --profile smoke
+    -p seed 3 -p width 4`` into a temporary folder, with its own artifacts.
 
     Returns the output folder: executed chapters in ``_build/src``, HTML in ``_build/html``.
     The chapter and book tests all read this one build instead of executing again.
@@ -51,8 +55,8 @@ def smoke_book(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("book")
     env = {**os.environ, "RCLIB_ARTIFACTS": str(out / "artifacts")}
-    proc = subprocess.run([sys.executable, "-m", "rclib", "book", "--profile", "smoke", "--quiet",
-                           "--out", str(out), "--timeout", "600"],
+    proc = subprocess.run([sys.executable, "-m", "rclib", "book", "--profile", "smoke", *SMOKE_OVERRIDES,
+                           "--quiet", "--out", str(out), "--timeout", "600"],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -59,10 +60,38 @@ def test_parameters_are_injected_and_hidden(tmp_path):
 
 
 def test_cli_run_exits_nonzero_on_failure(tmp_path):
-    nb = _notebook(tmp_path / "bad.ipynb", "assert x == 0, 'x must be 0'")
-    code = subprocess.call([sys.executable, "-m", "rclib", "run", str(nb), "-p", "x", "5", "--quiet",
+    nb = _notebook(tmp_path / "bad.ipynb", "assert seed == 0, 'seed must be 0'")
+    code = subprocess.call([sys.executable, "-m", "rclib", "run", str(nb), "-p", "seed", "5", "--quiet",
                             "-o", str(tmp_path / "o.ipynb")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert code == 1
+
+
+@pytest.mark.parametrize("args, text", [
+    (["-p", "epsilom", "0.2"], "did you mean 'epsilon'?"),
+    (["-p", "prune_rate", "1.5"], "prune_rate=1.5 is not allowed"),
+    (["-p", "width", "1000000"], "width=1000000 is not allowed"),
+])
+def test_book_validates_the_merged_config_before_running_anything(tmp_path, args, text):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "rclib", "book", "--profile", "smoke", "--out", str(tmp_path),
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and text in proc.stderr, proc.stderr
+    assert "FAILED before running anything" in proc.stderr
+    assert not (tmp_path / "_build").exists()  # nothing staged, nothing executed
+    assert time.perf_counter() - start < 60  # seconds, not after chapter 00 has trained
+
+
+def test_dead_kernel_names_the_cell_and_keeps_the_partial_notebook(tmp_path):
+    nb = _notebook(tmp_path / "dies.ipynb", "y = x + 1", "import os\nos._exit(9)  # as the OOM killer would", "z = 3")
+    out = tmp_path / "out.ipynb"
+    with pytest.raises(ChapterFailed) as err:
+        run_notebook(nb, out, {"x": 1}, timeout=120, progress=False)
+    msg = str(err.value)
+    assert "DeadKernelError" in msg and "stopped in cell" in msg and "'import os'" in msg, msg
+    assert str(out) in msg and out.exists()
+    partial = nbformat.read(out, as_version=4)
+    started = [c.metadata.papermill["start_time"] is not None for c in partial.cells]
+    assert started == [True, True, True, True, False]  # the cell after the one that died never ran
 
 
 def test_cli_rejects_unknown_profile(capsys):
