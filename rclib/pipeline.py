@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts, attacks, data, models, prune, storage, train
+from . import config
 from .config import Config
 
 DATA_FIELDS = ("seed", "dataset", "data_dir", "image_size", "train_size", "test_size", "test_fraction")
@@ -47,7 +48,7 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
         model = new_model(cfg, splits).to(device)
         history = train.fit(model, splits.train, cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                            desc="baseline", progress=progress)
+                            desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})")
         return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test), "history": history}
 
     tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute)
@@ -68,7 +69,7 @@ def retrainer(cfg: Config, splits: data.Splits, desc: str = "retrain") -> Callab
         return train.fit(model, splits.train, cfg.retrain_epochs, lr=cfg.retrain_lr,
                          optimizer=cfg.retrain_optimizer, momentum=cfg.retrain_momentum,
                          weight_decay=cfg.retrain_weight_decay, seed=cfg.seed, desc=desc,
-                         progress=False)
+                         progress=False, blame=f"retrain_lr={cfg.retrain_lr:g}")
     return retrain
 
 
@@ -200,9 +201,11 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
                       weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer,
                       seed=cfg.seed, progress=False)
             if adversarial:
-                robust.adversarial_retrain(m, splits.train, eps, weight, on=cfg.margin_on, **kw)
+                robust.adversarial_retrain(m, splits.train, eps, weight, on=cfg.margin_on,
+                                           blame=f"retrain_lr={cfg.retrain_lr:g} or margin_weight={weight:g}", **kw)
             else:
-                train.fit(m, splits.train, kw.pop("epochs"), desc="retrain", **kw)
+                train.fit(m, splits.train, kw.pop("epochs"), desc="retrain",
+                          blame=f"retrain_lr={cfg.retrain_lr:g}", **kw)
             return m.eval()
 
         variants["Pruned + Retrained"] = retrained(0.0, 0.0, adversarial=False)
@@ -238,7 +241,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 BOUNDARY_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
     "prune_step", "map_rates", "epsilon", "conv_bits", "linear_bits", "resolution", "local_examples")
 BOUNDARY_METHODS = ("global", "layer", "channel", "iterative")
-MAP_POINTS = 1000  # test inputs that fit a PCA plane: all of digits' 360, a sample of ImageNet's 10k
+MAP_POINTS = config.MAP_POINTS
 
 
 def map_inputs(splits: data.Splits, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

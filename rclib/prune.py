@@ -438,3 +438,29 @@ def clone(model: nn.Module) -> nn.Module:
                 if isinstance(hook, torch_prune.BasePruningMethod):
                     setattr(m, hook._tensor_name, hook.apply_mask(m))
         return copy.deepcopy(model)
+
+
+def mask_agreement(ours: nn.Module, theirs: nn.Module) -> dict[str, object]:
+    """Compare the pruning masks of two copies of one model (e.g. ours and torch's Alg 1).
+
+    Two correct implementations of magnitude pruning agree on every weight except those whose
+    magnitude equals the threshold exactly: which of several tied weights goes is arbitrary
+    (``torch.topk`` breaks ties in no documented order). So the check is: equal numbers of zeros,
+    and every differing entry is such a tie.
+
+    Returns:
+        ``{"zeros_ours", "zeros_theirs", "differ", "ties_only", "agree"}``; ``agree`` is True when
+        the zero counts match and all differences are ties.
+
+    Used by chapter 01 and ``bench/bench_prune.py``.
+    """
+    pairs = list(zip(models.prunable_layers(ours), models.prunable_layers(theirs)))
+    differ = sum(int((a.weight_mask != b.weight_mask).sum()) for (_, a), (_, b) in pairs)
+    zeros_ours = sum(int((a.weight_mask == 0).sum()) for (_, a), _ in pairs)
+    zeros_theirs = sum(int((b.weight_mask == 0).sum()) for _, (_, b) in pairs)
+    pruned = [a.weight_orig.detach().abs()[~a.weight_mask.bool()] for (_, a), _ in pairs]
+    threshold = max((float(p.max()) for p in pruned if p.numel()), default=0.0)
+    ties_only = all(bool((a.weight_orig.detach().abs()[a.weight_mask != b.weight_mask] == threshold).all())
+                    for (_, a), (_, b) in pairs)
+    return dict(zeros_ours=zeros_ours, zeros_theirs=zeros_theirs, differ=differ, ties_only=ties_only,
+                agree=zeros_ours == zeros_theirs and ties_only)

@@ -138,7 +138,8 @@ def adversarial_margin_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin_weight: float,
                         epochs: int = 1, lr: float = 0.005, momentum: float = 0.9,
                         weight_decay: float = 0.005, optimizer: str = "sgd", margin: float = 1.0,
-                        on: str = "logits", seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+                        on: str = "logits", seed: int = 0, progress: bool = True,
+                        blame: str | None = None) -> list[dict[str, Any]]:
     """Alg 7: retrain a (compressed) model in place on clean + FGSM examples with the margin loss.
 
     For every batch ``(x, y)``: ``x_adv = x + eps * sign(grad_x CE(h(x), y))`` (clamped to
@@ -164,6 +165,8 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
             or ``"probs"``); see :func:`margin_loss` for why logits.
         seed: reseeds torch and the loader's shuffling, so equal seeds give equal runs.
         progress: show a tqdm bar.
+        blame: the settings named if the loss stops being finite (``train.Diverged``); default
+            ``lr`` and ``margin_weight`` with their values.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "ce", "mm"}``, the epoch means of the total
@@ -200,7 +203,8 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
         return loss
 
     history = fit(model, loader, epochs, lr=lr, optimizer=optimizer, momentum=momentum,
-                  weight_decay=weight_decay, seed=seed, loss_fn=loss_fn, desc="Alg 7", progress=progress)
+                  weight_decay=weight_decay, seed=seed, loss_fn=loss_fn, desc="Alg 7", progress=progress,
+                  blame=blame or f"lr={lr:g} or margin_weight={margin_weight:g}")
     per_epoch = len(batches) // max(len(history), 1)
     for i, row in enumerate(history):
         chunk = batches[i * per_epoch:(i + 1) * per_epoch]

@@ -10,6 +10,7 @@ Used by chapter 00 (baseline), 01 (retraining after pruning) and 04 (Alg 7's pla
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -51,10 +52,14 @@ def reseed(loader: DataLoader, seed: int) -> None:
         loader.generator.manual_seed(seed)
 
 
+class Diverged(ValueError):
+    """Training produced a non-finite loss; the message names the settings to change."""
+
+
 def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, optimizer: str = "adam",
         momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
         loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        desc: str = "train", progress: bool = True) -> list[dict[str, float]]:
+        desc: str = "train", progress: bool = True, blame: str | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place with cross-entropy (or ``loss_fn``) for ``epochs`` epochs.
 
     Args:
@@ -66,6 +71,12 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
         loss_fn: ``loss_fn(model, x, y) -> scalar``; default cross-entropy on ``model(x)``.
             Alg 7 passes its adversarial + margin loss here.
         desc, progress: the tqdm bar's label, and whether to show it.
+        blame: the settings a diverging run points to, e.g. ``"lr=0.001"``; default the ``lr``
+            argument. Named in the error so a reader knows which parameter to change.
+
+    Raises:
+        Diverged: as soon as a batch's loss is not finite (NaN or infinite), so a diverged model
+            is never returned, evaluated or cached.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "accuracy"}`` (mean training loss; accuracy on
@@ -82,7 +93,7 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
     for epoch in bar:
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
-        for x, y in loader:
+        for batch, (x, y) in enumerate(loader, 1):
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             if loss_fn is None:
@@ -94,7 +105,11 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
             loss.backward()
             mask_gradients(model)
             opt.step()
-            total_loss += loss.item() * len(y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"training diverged ({desc}): the loss is {value} in epoch {epoch + 1}, batch "
+                               f"{batch}; lower {blame or f'lr={lr:g}'}")
+            total_loss += value * len(y)
             seen += len(y)
         row = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1)}
         if loss_fn is None:
@@ -134,13 +149,18 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int | None = None) -> nn.Module:
-    """Re-estimate every BatchNorm's running mean and variance on ``loader`` (no weight changes).
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int | None = None,
+                          seed: int = 0) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance on ``loader``'s data (no weight
+    changes).
 
     Pruning channels shifts the statistics that later layers see, and BatchNorm keeps
     normalising with the unpruned model's statistics; one pass over training data without
-    gradients fixes that. Cumulative averages (``momentum=None``) so the result does not depend
-    on the order of batches. Returns ``model`` in its original mode. Used by chapter 01.
+    gradients fixes that. Cumulative averages (``momentum=None``) so the order of batches does
+    not matter, but which images share a batch does (each batch contributes its own variance):
+    the pass draws its batches from ``loader.dataset`` with its own generator seeded by
+    ``seed``, so the result never depends on how far another step had advanced ``loader``'s
+    shuffling. Returns ``model`` in its original mode. Used by chapter 01.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -154,7 +174,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int | N
     for m in bns:
         m.train()
     device = model_device(model)
-    for i, (x, _) in enumerate(loader):
+    own = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                     generator=torch.Generator().manual_seed(seed), num_workers=loader.num_workers)
+    for i, (x, _) in enumerate(own):
         if batches is not None and i >= batches:
             break
         model(x.to(device))

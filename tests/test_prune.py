@@ -227,3 +227,35 @@ def test_works_on_any_model():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     prune.global_unstructured(net, 0.6)
     assert prune.sparsity(net)["zeros"].sum() == round(0.6 * (64 * 32 + 32 * 10))
+
+
+def test_mask_agreement_allows_differences_only_at_exact_ties():
+    def both(model):
+        ours, theirs = prune.clone(model), prune.clone(model)
+        prune.global_unstructured(ours, 0.5)
+        torch_prune.global_unstructured([(m, "weight") for _, m in models.prunable_layers(theirs)],
+                                        pruning_method=torch_prune.L1Unstructured, amount=0.5)
+        return ours, theirs
+
+    tied = models.from_spec(SPEC)
+    with torch.no_grad():  # every magnitude equal: which weights go is an arbitrary choice
+        for _, m in models.prunable_layers(tied):
+            m.weight.copy_(torch.sign(torch.randn_like(m.weight)))
+    result = prune.mask_agreement(*both(tied))
+    assert result["agree"] and result["zeros_ours"] == result["zeros_theirs"]
+
+    torch.manual_seed(0)
+    ours, theirs = both(models.from_spec(SPEC))
+    assert prune.mask_agreement(ours, theirs) == dict(zeros_ours=result["zeros_ours"],
+                                                      zeros_theirs=result["zeros_ours"], differ=0,
+                                                      ties_only=True, agree=True)
+    # swap the largest kept weight with a pruned one: equal counts, a difference far from any tie
+    _, m = models.prunable_layers(theirs)[0]
+    mask, w = m.weight_mask.view(-1), m.weight_orig.detach().abs().view(-1)
+    largest = int(torch.where(mask.bool(), w, torch.zeros_like(w)).argmax())
+    dropped = int((mask == 0).nonzero()[0])
+    with torch.no_grad():
+        mask[largest], mask[dropped] = 0.0, 1.0
+    swapped = prune.mask_agreement(ours, theirs)
+    assert swapped["zeros_ours"] == swapped["zeros_theirs"] and swapped["differ"] == 2
+    assert not swapped["ties_only"] and not swapped["agree"]

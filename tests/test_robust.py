@@ -184,3 +184,11 @@ def test_zero_epochs_changes_nothing():
     before = copy.deepcopy(model.state_dict())
     assert adversarial_retrain(model, loader(16), eps=0.1, margin_weight=0.1, epochs=0, progress=False) == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_huge_margin_weight_diverges_with_a_message_naming_it():
+    from rclib.train import Diverged
+
+    model = tiny_vgg()
+    with pytest.raises(Diverged, match=r"margin_weight=1e\+300"):
+        adversarial_retrain(model, loader(), eps=0.1, margin_weight=1e300, progress=False)

@@ -140,3 +140,40 @@ def test_evaluate_on_a_known_model():
     y = torch.tensor([2, 2, 0, 1, 2])
     loader = DataLoader(TensorDataset(torch.zeros(5, 4), y), batch_size=2)
     assert train.evaluate(lin, loader) == pytest.approx(3 / 5)
+
+
+def test_divergence_stops_training_and_names_the_learning_rate(loader):
+    model = _small()
+    with pytest.raises(train.Diverged, match=r"lr=1e\+30") as err:
+        train.fit(model, loader, epochs=3, lr=1e30, optimizer="sgd", progress=False)
+    assert "epoch 1" in str(err.value)
+    with pytest.raises(train.Diverged, match="retrain_lr=1e"):
+        train.fit(_small(), loader, epochs=1, lr=1e30, optimizer="sgd", progress=False, blame="retrain_lr=1e+30")
+
+
+def test_diverged_baseline_writes_no_artifact(tmp_path, monkeypatch):
+    from rclib import artifacts, pipeline
+
+    cfg = config.load("smoke", train_size=128, test_size=64, epochs=2, lr=1e30, optimizer="sgd")
+    splits = data.load(cfg)
+    with pytest.raises(ValueError, match=r"lr=1e\+30"):
+        pipeline.baseline(cfg, splits, progress=False)
+    assert not artifacts.root().exists() or not any(artifacts.root().rglob("*.json"))
+
+
+def test_batchnorm_recalibration_does_not_depend_on_the_loaders_state(loader):
+    """Chapter 01's recalibrated accuracy once differed between a cold and a warm cache: the
+    pass drew batches from a shared loader whose shuffling state depended on what ran before."""
+    import copy
+
+    base = _small()
+    fresh, used = copy.deepcopy(base), copy.deepcopy(base)
+    train.recalibrate_batchnorm(fresh, loader, seed=5)
+    for _ in loader:  # another step advances the shared generator
+        pass
+    train.recalibrate_batchnorm(used, loader, seed=5)
+    for a, b in zip(fresh.buffers(), used.buffers()):
+        assert torch.equal(a, b)
+    other = copy.deepcopy(base)
+    train.recalibrate_batchnorm(other, loader, seed=6)  # another seed, other batches
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.buffers(), other.buffers()) if a.dtype.is_floating_point)
