@@ -254,7 +254,9 @@ def save(path: Path, tensors: Tensors | None, metrics: Metrics,
 
 
 def _warn(path: Path, kind: str, err: BaseException) -> None:
-    warnings.warn(f"ignoring {kind} artifact {path} ({err}); it will be recomputed", stacklevel=3)
+    reason = " ".join(str(err).split())  # one line, even for torch's multi-line key listings
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    warnings.warn(f"ignoring {kind} artifact {path} ({reason}); it will be recomputed", stacklevel=3)
 
 
 def load(path: Path) -> tuple[Tensors | None, Metrics] | None:

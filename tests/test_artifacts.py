@@ -453,3 +453,36 @@ def test_concurrent_saves_of_one_key():
     tensors, metrics = artifacts.load(path)
     assert metrics == _expected()[1] and torch.equal(tensors["w"], _expected()[0]["w"])
     assert os.listdir(path.parent) == ["step-race"]  # every temporary and trash folder removed
+
+
+# --- the pipeline's checks: a cached result that cannot serve a chapter is recomputed -----------
+
+def test_baseline_with_wrong_tensor_names_is_recomputed(tiny_cfg):
+    from rclib import data, pipeline
+
+    splits = data.load(tiny_cfg)
+    model, metrics, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
+    assert not hit
+    path = artifacts.location(tiny_cfg, "baseline", pipeline.BASELINE_FIELDS)
+    state = {f"renamed.{k}": v for k, v in model.state_dict().items()}
+    _rewrite(path, tensors=state)
+    with pytest.warns(UserWarning, match=r"unusable artifact .*RuntimeError.* recomputed"):
+        again, metrics2, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
+    assert not hit and metrics2["clean_accuracy"] == metrics["clean_accuracy"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
+    assert hit
+
+
+def test_sweep_rows_missing_a_key_are_recomputed(tiny_model):
+    from rclib import data, pipeline
+
+    cfg = config.load("smoke", train_size=128, test_size=64, epochs=1, prune_rates=(0.5,))
+    splits = data.load(cfg)
+    path = artifacts.location(cfg, "share_sweep", pipeline.SHARE_FIELDS)
+    artifacts.save(path, None, {"rows": [{"rate": 0.5, "shared": False}]})  # an older row format
+    with pytest.warns(UserWarning, match=r"unusable artifact .*KeyError.* recomputed"):
+        rows, hit = pipeline.share_sweep(cfg, splits, tiny_model, progress=False)
+    assert not hit and len(rows) == 2 and all("file_bytes" in r for r in rows)
+    assert artifacts.load(path)[1]["rows"] == rows
