@@ -124,24 +124,23 @@ def content_fingerprint(cfg: Config, names: tuple[str, ...]) -> str:
     if "weights" in names and cfg.weights not in ("none", "imagenet"):
         path = resolve_path(cfg.weights)
         parts.append(f"weights\0{_file_sha256(path) if path.is_file() else 'absent'}")
-    if "data_dir" in names:
-        folder = resolve_path(cfg.data_dir)
-        if cfg.dataset in TORCHVISION_FOLDERS:
-            folder = folder / TORCHVISION_FOLDERS[cfg.dataset]
-        if folder.is_dir() and (cfg.dataset in DISK_DATASETS or cfg.dataset in TORCHVISION_FOLDERS):
+    if "data_dir" in names and (cfg.dataset in DISK_DATASETS or cfg.dataset in TORCHVISION_FOLDERS):
+        folder = resolve_path(cfg.data_dir) / TORCHVISION_FOLDERS.get(cfg.dataset, "")
+        if folder.is_dir():  # a torchvision dataset not yet downloaded has no files to key on
             parts.append("data_dir\0" + "\n".join(_folder_listing(folder)))
     if not parts:
         return ""
     return hashlib.sha256("\n\n".join(parts).encode()).hexdigest()
 
 
-def location(cfg: Config, step: str, names: tuple[str, ...]) -> Path:
+def location(cfg: Config, step: str, names: tuple[str, ...], content: str | None = None) -> Path:
     """Where step ``step`` of ``cfg`` lives, keyed by the fields ``names`` it depends on and by
-    the content of the files they name (:func:`content_fingerprint`)."""
+    the content of the files they name (``content``: :func:`content_fingerprint`, computed
+    when not given)."""
     if not step.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"step={step!r} must be letters, digits, '-' or '_'")
     key = cfg.digest(names)
-    content = content_fingerprint(cfg, names)
+    content = content_fingerprint(cfg, names) if content is None else content
     if content:
         key = hashlib.sha256(f"{key}\0{content}".encode()).hexdigest()[:12]
     return root() / cfg.profile / f"{step}-{key}"
@@ -290,7 +289,8 @@ def cached(cfg: Config, step: str, names: tuple[str, ...],
     Returns:
         ``(tensors, metrics, hit)``, ``hit`` True when it came from disk.
     """
-    path = location(cfg, step, names)
+    content = content_fingerprint(cfg, names)  # once: a large image folder takes a while to list
+    path = location(cfg, step, names, content)
     found = load(path)
     if found is not None and check is not None:
         try:
@@ -304,7 +304,6 @@ def cached(cfg: Config, step: str, names: tuple[str, ...],
         discard(path)
     tensors, metrics = compute()
     info = {"step": step, "config": {n: getattr(cfg, n) for n in names}}
-    content = content_fingerprint(cfg, names)
     if content:
         info["content"] = content
     save(path, tensors, metrics, info=info)

@@ -330,6 +330,23 @@ def test_weights_file_content_is_in_the_key(tmp_path):
     assert artifacts.location(cfg, "baseline", names) == first
 
 
+def test_replaced_weights_are_not_served_the_old_result(tmp_path):
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"old weights")
+    cfg = config.load("smoke", weights=str(w))
+    names = NAMES + ("weights",)
+    compute = Counter()
+    artifacts.cached(cfg, "baseline", names, compute)
+    assert artifacts.cached(cfg, "baseline", names, compute)[2]
+    new = tmp_path / "new.safetensors"
+    new.write_bytes(b"new weights!")
+    new.replace(w)
+    _, metrics, hit = artifacts.cached(cfg, "baseline", names, compute)
+    assert not hit and metrics["calls"] == 2
+    info = json.loads((artifacts.location(cfg, "baseline", names) / artifacts.MANIFEST).read_text())["info"]
+    assert info["config"]["weights"] == str(w) and len(info["content"]) == 64
+
+
 def test_weights_file_is_hashed_once_per_process(tmp_path, monkeypatch):
     w = tmp_path / "w.safetensors"
     w.write_bytes(b"x" * 1000)
