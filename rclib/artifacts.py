@@ -1,11 +1,39 @@
 """Cached results: ``data/artifacts/<profile>/<step>-<hash>/`` with safetensors + JSON.
 
-* The key hashes the config fields a step depends on AND the rclib source (``Config.digest``),
-  so a change of either makes a fresh directory and the stale one is never read.
-* Writes are atomic: everything goes into a temporary sibling directory, which is renamed into
-  place only when complete, so an interrupted run leaves no half-written artifact.
-* ``manifest.json`` records a sha256 per file; on load a missing file or a mismatch means
-  "recompute" (with a warning), never a crash, and nothing is ever unpickled.
+Keys
+  The key hashes the config fields a step depends on AND the rclib source (``Config.digest``)
+  AND the content of the files the step reads (:func:`content_fingerprint`), so a change of any
+  of them makes a fresh directory and the stale one is never read:
+
+  * ``weights`` given as a file: the sha256 of its bytes (hashed once per process for a given
+    path, size, mtime and inode, so a 500 MB file costs one read per run). Replacing the file at
+    the same path changes the key.
+  * ``data_dir`` of a dataset read from disk (``imagenet``, ``folder``, and the downloaded files of
+    ``mnist``/``fashion_mnist``/``cifar10``): a cheap fingerprint of every file under the folder,
+    its relative path, size and mtime (never its bytes). Renaming, resizing or touching an image
+    changes the key. The artifact root itself is skipped.
+
+Writes
+  Everything goes into a unique temporary sibling folder, which is renamed into place only when
+  complete, so an interrupted run leaves no half-written artifact. A key names one result, so
+  when another process has already put a valid artifact under the same key, ``save`` drops its
+  own copy and treats the save as done (the two are equal). A damaged occupant, or a plain file,
+  is first renamed aside to a unique ``.<name>.trash-*`` sibling and only then deleted, so no
+  process ever deletes a folder that another one is renaming. Several processes may therefore
+  save and load the same key at once.
+
+Damage
+  ``manifest.json`` lists the files (``weights.safetensors``, ``metrics.json``, nothing else) and
+  a sha256 for each. On load, any of these means "recompute", with the warning
+  ``ignoring damaged artifact <path> (<reason>); it will be recomputed`` and never a crash:
+  the path is a file, not a folder; the manifest is missing or not JSON; it names any other file
+  (a path outside the folder, such as ``/dev/zero``, is refused unread); a listed file is missing,
+  not a regular file, or fails its checksum; the JSON or safetensors cannot be parsed. Nothing is
+  ever unpickled. A caller may also pass ``check(tensors, metrics)`` to :func:`cached`; when it
+  raises ``KeyError``, ``IndexError``, ``TypeError``, ``ValueError`` or ``RuntimeError`` (metrics
+  lack a key, tensors have the wrong names or shapes), the warning is
+  ``ignoring unusable artifact <path> (<error>); it will be recomputed``. Either way the
+  rejected artifact is moved aside and the recomputed one takes its place.
 
 The root is ``$RCLIB_ARTIFACTS`` when set (tests use a temporary folder), else
 ``<project>/data/artifacts``. ``make clean`` removes it.
@@ -15,11 +43,14 @@ Used by ``pipeline`` (every chapter's cached steps).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -27,11 +58,19 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, project_root
+from .config import DISK_DATASETS, Config, project_root, resolve_path
 
 WEIGHTS = "weights.safetensors"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
+KNOWN_FILES = (WEIGHTS, METRICS)
+CHECK_ERRORS = (KeyError, IndexError, TypeError, ValueError, RuntimeError)
+# where torchvision keeps each dataset under data_dir (the rest of data_dir is not read)
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}
+RENAME_ATTEMPTS = 20
+
+Tensors = dict[str, torch.Tensor]
+Metrics = dict[str, Any]
 
 
 def root() -> Path:
@@ -39,11 +78,72 @@ def root() -> Path:
     return Path(env) if env else project_root() / "data" / "artifacts"
 
 
-def location(cfg: Config, step: str, names: tuple[str, ...]) -> Path:
-    """Where step ``step`` of ``cfg`` lives, keyed by the fields ``names`` it depends on."""
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime, inode): a replaced file is re-hashed."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = _sha256(path)
+    return _FILE_HASHES[key]
+
+
+def _folder_listing(folder: Path) -> list[str]:
+    """``relative/path size mtime_ns`` for every file under ``folder`` (symlinks followed, as
+    torchvision's ImageFolder does; each real folder visited once, so a link cycle ends)."""
+    skip = root().resolve()
+    seen: set[tuple[int, int]] = set()
+    out: list[str] = []
+    stack = [(folder, "")]
+    while stack:
+        here, rel = stack.pop()
+        st = os.stat(here)
+        if (st.st_dev, st.st_ino) in seen or Path(here).resolve() == skip:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(here) as entries:
+            for e in entries:
+                name = f"{rel}{e.name}"
+                try:
+                    if e.is_dir():
+                        stack.append((Path(e.path), name + "/"))
+                    else:
+                        s = e.stat()
+                        out.append(f"{name}\0{s.st_size}\0{s.st_mtime_ns}")
+                except FileNotFoundError:  # a dangling link: no file to read
+                    continue
+    return sorted(out)
+
+
+def content_fingerprint(cfg: Config, names: tuple[str, ...]) -> str:
+    """A hash of the disk content that the fields ``names`` point at, or ``""`` when they point
+    at none (built-in data, no weights file): then the key is ``cfg.digest(names)`` alone."""
+    parts = []
+    if "weights" in names and cfg.weights not in ("none", "imagenet"):
+        path = resolve_path(cfg.weights)
+        parts.append(f"weights\0{_file_sha256(path) if path.is_file() else 'absent'}")
+    if "data_dir" in names and (cfg.dataset in DISK_DATASETS or cfg.dataset in TORCHVISION_FOLDERS):
+        folder = resolve_path(cfg.data_dir) / TORCHVISION_FOLDERS.get(cfg.dataset, "")
+        if folder.is_dir():  # a torchvision dataset not yet downloaded has no files to key on
+            parts.append("data_dir\0" + "\n".join(_folder_listing(folder)))
+    if not parts:
+        return ""
+    return hashlib.sha256("\n\n".join(parts).encode()).hexdigest()
+
+
+def location(cfg: Config, step: str, names: tuple[str, ...], content: str | None = None) -> Path:
+    """Where step ``step`` of ``cfg`` lives, keyed by the fields ``names`` it depends on and by
+    the content of the files they name (``content``: :func:`content_fingerprint`, computed
+    when not given)."""
     if not step.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"step={step!r} must be letters, digits, '-' or '_'")
-    return root() / cfg.profile / f"{step}-{cfg.digest(names)}"
+    key = cfg.digest(names)
+    content = content_fingerprint(cfg, names) if content is None else content
+    if content:
+        key = hashlib.sha256(f"{key}\0{content}".encode()).hexdigest()[:12]
+    return root() / cfg.profile / f"{step}-{key}"
 
 
 def _sha256(path: Path) -> str:
@@ -54,12 +154,79 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(path: Path, tensors: dict[str, torch.Tensor] | None, metrics: dict[str, Any],
+class Damaged(Exception):
+    """An artifact folder that must not be served; the message says why."""
+
+
+def _verified(path: Path) -> dict[str, str]:
+    """The manifest's ``{file: sha256}`` once every listed file checks out; raises otherwise."""
+    if not path.is_dir():
+        raise Damaged("not a folder")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise Damaged(f"{MANIFEST} is missing") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or METRICS not in files:
+        raise Damaged(f"{MANIFEST} does not list {METRICS}")
+    # only the two known names are ever opened: a manifest cannot point outside its folder
+    for name in files:
+        if name not in KNOWN_FILES:
+            raise Damaged(f"{MANIFEST} names {name!r}, not one of {', '.join(KNOWN_FILES)}; refused unread")
+    for name, digest in files.items():
+        try:
+            mode = os.lstat(path / name).st_mode
+        except FileNotFoundError:
+            raise Damaged(f"{name} is missing") from None
+        if not stat.S_ISREG(mode):  # a link or device (/dev/zero) would hang or escape the checksum
+            raise Damaged(f"{name} is not a regular file")
+        if _sha256(path / name) != digest:
+            raise Damaged(f"checksum mismatch in {path / name}")
+    return files
+
+
+def _read(path: Path) -> tuple[Tensors | None, Metrics]:
+    files = _verified(path)
+    metrics = json.loads((path / METRICS).read_text())
+    if not isinstance(metrics, dict):
+        raise Damaged(f"{METRICS} holds a {type(metrics).__name__}, not an object")
+    tensors = load_file(str(path / WEIGHTS)) if WEIGHTS in files else None
+    return tensors, metrics
+
+
+def _intact(path: Path) -> bool:
+    try:
+        _verified(path)
+        return True
+    except Exception:
+        return False
+
+
+def discard(path: Path) -> None:
+    """Remove the artifact (folder or stray file) at ``path``, safely under concurrency: it is
+    renamed aside to a unique name first, so only this process deletes what it moved."""
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # already gone (another process discarded it)
+        return
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def save(path: Path, tensors: Tensors | None, metrics: Metrics,
          info: dict[str, Any] | None = None) -> Path:
-    """Write tensors (safetensors) and metrics (JSON) to ``path`` atomically; return ``path``."""
+    """Write tensors (safetensors) and metrics (JSON) to ``path`` atomically; return ``path``.
+
+    A valid artifact already at ``path`` (saved by another process under the same key) is kept
+    and this copy dropped; a damaged one, or a plain file, is discarded and replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         files = {}
         if tensors is not None:
@@ -68,36 +235,46 @@ def save(path: Path, tensors: dict[str, torch.Tensor] | None, metrics: dict[str,
         (tmp / METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True))
         files[METRICS] = _sha256(tmp / METRICS)
         (tmp / MANIFEST).write_text(json.dumps({"files": files, "info": info or {}}, indent=1))
-        if path.exists():  # a corrupt or stale copy under the same key: replace it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        for _ in range(RENAME_ATTEMPTS):
+            try:
+                os.rename(tmp, path)  # atomic; refuses a non-empty folder or a file in the way
+                return path
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise
+            if _intact(path):  # another process won the race with an equal result
+                shutil.rmtree(tmp, ignore_errors=True)
+                return path
+            discard(path)
+        raise OSError(f"could not move {tmp} to {path}: {RENAME_ATTEMPTS} attempts raced with other writers")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]] | None:
-    """``(tensors, metrics)`` when ``path`` holds a complete, intact artifact, else ``None``."""
+def _warn(path: Path, kind: str, err: BaseException) -> None:
+    reason = " ".join(str(err).split())  # one line, even for torch's multi-line key listings
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    warnings.warn(f"ignoring {kind} artifact {path} ({reason}); it will be recomputed", stacklevel=3)
+
+
+def load(path: Path) -> tuple[Tensors | None, Metrics] | None:
+    """``(tensors, metrics)`` when ``path`` holds a complete, intact artifact, else ``None``
+    (with a warning when something is there but damaged; see the module docstring)."""
     path = Path(path)
+    if not os.path.lexists(path):
+        return None
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        for name, digest in manifest["files"].items():
-            if _sha256(path / name) != digest:
-                raise ValueError(f"checksum mismatch in {path / name}")
-        metrics = json.loads((path / METRICS).read_text())
-        tensors = load_file(str(path / WEIGHTS)) if WEIGHTS in manifest["files"] else None
-    except FileNotFoundError:
+        return _read(path)
+    except Exception as err:  # Damaged, bad JSON, bad safetensors header, a file vanishing, ...
+        _warn(path, "damaged", err)
         return None
-    except Exception as err:  # corrupt JSON, bad checksum, bad safetensors header, ...
-        warnings.warn(f"ignoring damaged artifact {path} ({err}); it will be recomputed", stacklevel=2)
-        return None
-    return tensors, metrics
 
 
 def cached(cfg: Config, step: str, names: tuple[str, ...],
-           compute: Callable[[], tuple[dict[str, torch.Tensor] | None, dict[str, Any]]]
-           ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], bool]:
+           compute: Callable[[], tuple[Tensors | None, Metrics]],
+           check: Callable[[Tensors | None, Metrics], None] | None = None,
+           ) -> tuple[Tensors | None, Metrics, bool]:
     """Load step ``step`` if a valid artifact exists, else run ``compute()`` and store it.
 
     Args:
@@ -105,14 +282,44 @@ def cached(cfg: Config, step: str, names: tuple[str, ...],
         step: a short name ("baseline", "pruned", ...).
         names: the Config fields the result depends on.
         compute: returns ``(tensors or None, metrics)``; metrics must be JSON-serialisable.
+        check: optional; called on a loaded ``(tensors, metrics)``, it raises one of
+            ``CHECK_ERRORS`` when the result cannot serve the caller (a missing key, wrong tensor
+            names). Then a warning is given and the step recomputed and stored again.
 
     Returns:
         ``(tensors, metrics, hit)``, ``hit`` True when it came from disk.
     """
-    path = location(cfg, step, names)
+    content = content_fingerprint(cfg, names)  # once: a large image folder takes a while to list
+    path = location(cfg, step, names, content)
     found = load(path)
+    if found is not None and check is not None:
+        try:
+            check(*found)
+        except CHECK_ERRORS as err:
+            _warn(path, "unusable", RuntimeError(f"{type(err).__name__}: {err}"))
+            found = None
     if found is not None:
         return found[0], found[1], True
+    if os.path.lexists(path):  # rejected above: an intact but unusable copy would block save
+        discard(path)
     tensors, metrics = compute()
-    save(path, tensors, metrics, info={"step": step, "config": {n: getattr(cfg, n) for n in names}})
+    info = {"step": step, "config": {n: getattr(cfg, n) for n in names}}
+    if content:
+        info["content"] = content
+    save(path, tensors, metrics, info=info)
     return tensors, metrics, False
+
+
+def rows_with(*keys: str) -> Callable[[Tensors | None, Metrics], None]:
+    """A ``check`` for :func:`cached`: ``metrics["rows"]`` is a list of rows with every key."""
+    def check(tensors: Tensors | None, metrics: Metrics) -> None:
+        rows = metrics["rows"]
+        if not isinstance(rows, list):
+            raise TypeError(f"rows is a {type(rows).__name__}, not a list")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise TypeError(f"row {i} is a {type(row).__name__}, not an object")
+            missing = [k for k in keys if k not in row]
+            if missing:
+                raise KeyError(f"row {i} lacks {missing}")
+    return check

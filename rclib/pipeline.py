@@ -51,10 +51,18 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
                             desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})")
         return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test), "history": history}
 
-    tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute)
-    model = new_model(cfg, splits)
-    model.load_state_dict(tensors)
-    return model.to(device).eval(), metrics, hit
+    built: dict[str, nn.Module] = {}
+
+    def check(tensors, metrics):  # a cached state must fit this model exactly, or be recomputed
+        if not {"clean_accuracy", "history"} <= metrics.keys():
+            raise KeyError(f"metrics lack clean_accuracy or history: {sorted(metrics)}")
+        built["model"] = new_model(cfg, splits)
+        built["model"].load_state_dict(tensors, strict=True)
+
+    tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check)
+    if not hit:
+        check(tensors, metrics)
+    return built["model"].to(device).eval(), metrics, hit
 
 
 RETRAIN_FIELDS = ("retrain_epochs", "retrain_optimizer", "retrain_lr", "retrain_momentum",
@@ -146,7 +154,9 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
         bar.close()
         return None, {"rows": rows}
 
-    _, metrics, hit = artifacts.cached(cfg, "prune_sweep", SWEEP_FIELDS, compute)
+    check = artifacts.rows_with("method", "rate", "accuracy", "robust_accuracy", "nonzero", "parameters",
+                                "approx_mb", "dense_bytes")
+    _, metrics, hit = artifacts.cached(cfg, "prune_sweep", SWEEP_FIELDS, compute, check=check)
     return metrics["rows"], hit
 
 
@@ -229,8 +239,23 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
                    for k, v in storage.effective_state(variants[key]).items()}
         return tensors, {"rows": rows}
 
+    def check(tensors, metrics):  # every row chapter 04 tabulates, and states that fit the model
+        artifacts.rows_with("variant", "seed", "rate", "accuracy", "robust_accuracy", "approx_mb",
+                            "file_bytes")(tensors, metrics)
+        missing = set(TABLE1_ROWS + ABLATION_ROWS) - {row["variant"] for row in metrics["rows"]}
+        if missing:
+            raise KeyError(f"rows lack the variants {sorted(missing)}")
+        if tensors is None:
+            raise KeyError("no tensors")
+        want = {k: v.shape for k, v in storage.effective_state(base).items()}
+        for variant in ("Pruned", "Pruned + Adv Ret."):
+            got = {k.split("/", 1)[1]: v.shape for k, v in tensors.items() if k.startswith(variant + "/")}
+            if got != want:
+                raise RuntimeError(f"the {variant!r} tensors do not fit the model (names or shapes)")
+
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
-    tensors, metrics, hit = artifacts.cached(step_cfg, "robust_table", ROBUST_FIELDS + ("prune_rate",), compute)
+    tensors, metrics, hit = artifacts.cached(step_cfg, "robust_table", ROBUST_FIELDS + ("prune_rate",), compute,
+                                             check=check)
     states: dict[str, dict] = {}
     for key, value in tensors.items():
         variant, name = key.split("/", 1)
@@ -320,7 +345,10 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
             rows.append(row)
         return None, {"rows": rows}
 
-    _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute)
+    check = artifacts.rows_with("label", "method", "rate", "shared", "accuracy", "robust_accuracy",
+                                "pca_boundary_length", "pca_confidence_tv", "pca_regions",
+                                "local_boundary_length", "local_confidence_tv")
+    _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute, check=check)
     return metrics["rows"], hit
 
 
@@ -355,7 +383,9 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                                  file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"]))
         return None, {"rows": rows}
 
-    _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute)
+    check = artifacts.rows_with("rate", "shared", "accuracy", "robust_accuracy", "dense_bytes", "approx_bytes",
+                                "file_bytes", "entropy_bytes")
+    _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute, check=check)
     return metrics["rows"], hit
 
 
@@ -402,5 +432,8 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
 
     names = ("conv_bits", "linear_bits")
     step_cfg = dataclasses.replace(cfg, prune_rates=tuple(rates))
-    _, metrics, hit = artifacts.cached(step_cfg, "vgg16_sizes", names + ("prune_rates",), compute)
+    check = artifacts.rows_with("rate", "nonzero", "dense_bytes", "approx_bytes", "shared_approx_bytes",
+                                "file_bytes", "entropy_bytes", "share_seconds", "encode_seconds",
+                                "decode_seconds", "exact")
+    _, metrics, hit = artifacts.cached(step_cfg, "vgg16_sizes", names + ("prune_rates",), compute, check=check)
     return metrics["rows"], hit
