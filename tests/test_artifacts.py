@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -305,10 +306,16 @@ def test_key_without_disk_content_is_the_config_digest(tmp_path):
     assert artifacts.location(cfg, "s", NAMES).name == f"s-{cfg.digest(NAMES)}"
 
 
+def _unchecked(**changes) -> config.Config:
+    """A smoke config pointing at files that only the key looks at: the content key does not
+    depend on whether those files would pass config's checks (rclib.checks, tested elsewhere)."""
+    return dataclasses.replace(config.load("smoke"), **changes)
+
+
 def test_weights_file_content_is_in_the_key(tmp_path):
     w = tmp_path / "w.safetensors"
     w.write_bytes(b"first content")
-    cfg = config.load("smoke", weights=str(w))
+    cfg = _unchecked(weights=str(w))
     names = NAMES + ("weights",)
     first = artifacts.location(cfg, "baseline", names)
     assert artifacts.location(cfg, "baseline", names) == first
@@ -333,7 +340,7 @@ def test_weights_file_content_is_in_the_key(tmp_path):
 def test_replaced_weights_are_not_served_the_old_result(tmp_path):
     w = tmp_path / "w.safetensors"
     w.write_bytes(b"old weights")
-    cfg = config.load("smoke", weights=str(w))
+    cfg = _unchecked(weights=str(w))
     names = NAMES + ("weights",)
     compute = Counter()
     artifacts.cached(cfg, "baseline", names, compute)
@@ -350,7 +357,7 @@ def test_replaced_weights_are_not_served_the_old_result(tmp_path):
 def test_weights_file_is_hashed_once_per_process(tmp_path, monkeypatch):
     w = tmp_path / "w.safetensors"
     w.write_bytes(b"x" * 1000)
-    cfg = config.load("smoke", weights=str(w))
+    cfg = _unchecked(weights=str(w))
     calls = []
     real = artifacts._sha256
     monkeypatch.setattr(artifacts, "_sha256", lambda p: calls.append(p) or real(p))
@@ -370,7 +377,7 @@ def _image_folder(root: Path) -> Path:
 @pytest.mark.parametrize("change", ["rename", "resize", "touch", "add", "remove"])
 def test_image_folder_fingerprint(tmp_path, change):
     folder = _image_folder(tmp_path / "images")
-    cfg = config.load("smoke", dataset="folder", data_dir=str(folder))
+    cfg = _unchecked(dataset="folder", data_dir=str(folder))
     names = ("dataset", "data_dir")
     before = artifacts.location(cfg, "baseline", names)
     assert artifacts.location(cfg, "baseline", names) == before
@@ -393,7 +400,7 @@ def test_image_folder_fingerprint(tmp_path, change):
 
 def test_image_folder_fingerprint_reads_no_bytes(tmp_path, monkeypatch):
     folder = _image_folder(tmp_path / "images")
-    cfg = config.load("smoke", dataset="folder", data_dir=str(folder))
+    cfg = _unchecked(dataset="folder", data_dir=str(folder))
     before = artifacts.location(cfg, "baseline", ("data_dir",))
     img = folder / "cat" / "0.png"
     st = img.stat()
@@ -406,7 +413,7 @@ def test_torchvision_download_folder_is_fingerprinted(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "train-images-idx3-ubyte").write_bytes(b"\0" * 16)
-    cfg = config.load("smoke", dataset="mnist", data_dir=str(tmp_path))
+    cfg = _unchecked(dataset="mnist", data_dir=str(tmp_path))
     names = ("dataset", "data_dir")
     before = artifacts.location(cfg, "baseline", names)
     (tmp_path / "unrelated.txt").write_text("other data in data_dir does not matter")
