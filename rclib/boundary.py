@@ -312,13 +312,18 @@ def roughness(m) -> dict[str, float]:
     return out
 
 
+RGB_FLOOR = 0.3  # least colour intensity of a decision map's region
+
+
 def rgb(m: DecisionMap, num_classes: int | None = None) -> np.ndarray:
     """An (r, r, 3) float image in [0, 1]: class colour blended with white by confidence.
 
     Colours come from matplotlib's ``tab10`` (``tab20`` beyond 10 classes, cycled beyond 20).
-    Intensity is ``t = (conf - 1/K) / (1 - 1/K)`` (0 at chance, 1 when certain) with ``K =
-    num_classes`` (``t = conf`` when not given), so confident regions are saturated and uncertain
-    ones pale, as in the paper's Fig 7. Draw with
+    Intensity is ``FLOOR + (1 - FLOOR) t`` with ``t = (conf - 1/K) / (1 - 1/K)`` (0 at chance, 1
+    when certain) and ``K = num_classes`` (``t = conf`` when not given), so confident regions are
+    saturated and uncertain ones pale, as in the paper's Fig 7; the floor keeps every region's
+    class visible (a collapsed model, near chance everywhere, would otherwise draw a white map).
+    Draw with
     ``plt.imshow(rgb(m, K), origin="lower", extent=m.extent)``.
 
     Used by :mod:`rclib.plots` for Fig 7 and Fig 8.
@@ -331,6 +336,7 @@ def rgb(m: DecisionMap, num_classes: int | None = None) -> np.ndarray:
     base = colours[np.asarray(m.pred) % len(colours)]
     floor = 1.0 / num_classes if num_classes and num_classes > 1 else 0.0
     t = np.clip((np.asarray(m.conf) - floor) / (1.0 - floor), 0.0, 1.0)[..., None]
+    t = RGB_FLOOR + (1.0 - RGB_FLOOR) * t
     return t * base + (1.0 - t) * np.ones_like(base)
 
 

@@ -95,16 +95,19 @@ def adversarial_examples(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, 
                          pred_adv: torch.Tensor, class_names: Sequence[str], eps: float, n: int = 6):
     """Rows: clean image, perturbation (x_adv - x), adversarial image, with predicted labels.
 
-    The perturbation is drawn on a diverging scale from -eps to +eps. Chapters 00 and 03 (viewer).
+    The perturbation is drawn on a diverging scale from -eps to +eps (at eps 0, where nothing
+    changes, on +/- one grey level of an 8-bit image, so the colourbar stays readable).
+    Chapters 00 and 03 (viewer).
     """
     n = min(n, len(x))
+    scale = max(float(eps), 1 / 255)
     fig, axes = plt.subplots(3, n, figsize=(1.5 * n, 4.6), squeeze=False)
     for i in range(n):
         _show_image(axes[0, i], x[i])
         ok = int(pred_clean[i]) == int(y[i])
         axes[0, i].set_title(f"pred {class_names[int(pred_clean[i])]}", fontsize=9, color="k" if ok else "r")
         delta = (x_adv[i] - x[i]).detach().cpu().mean(0)
-        axes[1, i].imshow(delta.numpy(), cmap="RdBu", vmin=-max(eps, 1e-9), vmax=max(eps, 1e-9))
+        axes[1, i].imshow(delta.numpy(), cmap="RdBu", vmin=-scale, vmax=scale)
         axes[1, i].set_xticks([])
         axes[1, i].set_yticks([])
         axes[1, i].grid(False)

@@ -59,7 +59,8 @@ def _describe(variant: Mapping[str, Any]) -> tuple[str, str, str]:
     line1 = f"{what}, weight sharing {ws}"
     line2 = (f"clean {_pct(variant['accuracy'])}, FGSM eps = {float(variant['eps']):g}: "
              f"{_pct(variant['robust_accuracy'])}")
-    line3 = f"boundary fraction {variant['boundary_fraction']:.3f}"
+    # boundary length is the roughness number chapter 03 defines and plots (boundary.roughness)
+    line3 = f"boundary length {variant['boundary_length']:.2f}"
     return line1, line2, line3
 
 
@@ -70,7 +71,7 @@ def explorer_figure(variant: Mapping[str, Any], dmap: boundary.DecisionMap, num_
 
     Args:
         variant: a dict with ``method``, ``rate`` (0 means unpruned), ``shared`` (bool), ``eps``,
-            ``accuracy`` and ``robust_accuracy`` (in [0, 1]) and ``boundary_fraction`` (from
+            ``accuracy`` and ``robust_accuracy`` (in [0, 1]) and ``boundary_length`` (from
             ``boundary.roughness``), e.g. :meth:`Variants.measure` or ``Explorer.last``.
         dmap: the variant's ``boundary.DecisionMap`` (e.g. :meth:`Variants.map`).
         num_classes: K, for the colours (``splits.num_classes``).
@@ -340,7 +341,8 @@ class Explorer(ipw.VBox):
         label = f"weight sharing ({widths} bit)"
         self.shared = ipw.Checkbox(value=bool(shared), description=label, indent=False)
         self.epsilon = ipw.FloatSlider(value=eps, min=0.0, max=MAX_EPS, step=0.01, description="FGSM eps",
-                                       readout_format=".2f", continuous_update=False)
+                                       readout_format=".2f", continuous_update=False,
+                                       style={"description_width": "initial"})
         self.status = ipw.HTML()
         self.output = ipw.Output()
         super().__init__(children=[ipw.HBox([self.method, self.shared]), ipw.HBox([self.rate, self.epsilon]),
@@ -406,7 +408,7 @@ class Explorer(ipw.VBox):
         rows = [("variant", line1),
                 ("clean accuracy", _pct(row["accuracy"])),
                 (f"FGSM robust accuracy (eps {row['eps']:g})", _pct(row["robust_accuracy"])),
-                ("boundary fraction (roughness)", f"{row['boundary_fraction']:.3f}"),
+                ("boundary length (roughness, chapter 03)", f"{row['boundary_length']:.2f}"),
                 ("non-zero weights", f"{row['nonzero']:,}"),
                 ("max distinct weights in a layer", f"{row['max_distinct']:,}"),
                 ("time", "cached" if row["cached"] else f"{row['seconds']:.2f} s")]
@@ -523,9 +525,12 @@ class AdversarialViewer(ipw.VBox):
         self.state: dict[str, Any] = {}
         self.figure: Figure | None = None
         self.epsilon = ipw.FloatSlider(value=eps, min=0.0, max=MAX_EPS, step=0.01, description="FGSM eps",
-                                       readout_format=".2f", continuous_update=False)
+                                       readout_format=".2f", continuous_update=False,
+                                       style={"description_width": "initial"})
+        # browsing needs more inputs than are shown at once: the chapter passes a pool of test inputs
         self.index = ipw.IntSlider(value=index, min=0, max=len(x) - self.n, description="first example",
-                                   continuous_update=False)
+                                   continuous_update=False, disabled=len(x) <= self.n,
+                                   style={"description_width": "initial"})
         self.status = ipw.HTML()
         self.output = ipw.Output()
         super().__init__(children=[ipw.HBox([self.epsilon, self.index]), self.status, self.output])

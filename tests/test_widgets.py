@@ -76,7 +76,7 @@ def test_explorer_defaults_controls_and_first_output(ex, trained):
     for key in ("accuracy", "robust_accuracy", "boundary_fraction", "nonzero", "max_distinct"):
         assert key in ex.state
     assert f"{100 * ex.state['accuracy']:.1f}%" in ex.status.value
-    assert f"{ex.state['boundary_fraction']:.3f}" in ex.status.value
+    assert f"{ex.state['boundary_length']:.2f}" in ex.status.value and "boundary length" in ex.status.value
 
 
 def test_pruning_changes_accuracy_map_and_figure(ex, trained):
@@ -187,7 +187,7 @@ def test_explorer_figure_title_carries_the_numbers(ex, trained):
     title = fig.axes[0].get_title()
     for text in ("channel, r = 0.5", "weight sharing off", "eps = 0.2",
                  f"clean {100 * row['accuracy']:.1f}%", f"{100 * row['robust_accuracy']:.1f}%",
-                 f"boundary fraction {row['boundary_fraction']:.3f}"):
+                 f"boundary length {row['boundary_length']:.2f}"):
         assert text in title
     plt.close(fig)
 
@@ -218,9 +218,13 @@ def test_adversarial_viewer_follows_epsilon_and_index(trained, pool):
     x, y = pool
     v = widgets.adversarial_viewer(base, x, y, splits.class_names, eps=0.0, n=6)
     assert isinstance(v, ipywidgets.Widget) and v.last is v.state
-    assert v.epsilon.continuous_update is False and v.index.max == len(x) - 6
+    assert v.epsilon.continuous_update is False and v.index.max == len(x) - 6 and not v.index.disabled
+    # labels are not cut ("first exam..."): the description keeps its natural width
+    assert v.index.style.description_width == "initial" == v.epsilon.style.description_width
     s0 = dict(v.state)
     assert s0["pred_adv"] == s0["pred_clean"] and s0["perturbation_max"] == 0.0
+    # at eps 0 the signed perturbation scale is one 8-bit grey level, not a degenerate 1e-9
+    np.testing.assert_allclose(v.figure.axes[-1].get_ylim(), (-1 / 255, 1 / 255))
     assert s0["labels"] == y[:6].tolist()
     png0 = _png(v.output)
     assert png0.startswith(PNG)
