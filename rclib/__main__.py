@@ -32,7 +32,7 @@ from .config import DEFAULT_PROFILE, PROFILES, project_root
 BUILD = "_build"
 STAGE = "src"  # _build/src: the book sources with executed notebooks
 BOOK_FILES = ("_config.yml", "_toc.yml")
-BOOK_DIRS = ("book",)
+BOOK_DIRS = ("book",)  # copied as they are; notebooks among them are executed over the copies
 
 
 class ChapterFailed(RuntimeError):
@@ -58,6 +58,12 @@ def toc_notebooks(root: Path) -> list[Path]:
 
     walk(toc)
     return found
+
+
+def execution_order(notebooks: list[Path]) -> list[Path]:
+    """Chapters (``notebooks/``) first, in toc order, then the pages under ``book/`` that gather
+    the chapters' results (the claims page, the introduction), wherever the toc places them."""
+    return sorted(notebooks, key=lambda nb: nb.parts[0] == "book")
 
 
 def parse_value(text: str) -> Any:
@@ -217,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{notebook} ran in {seconds:.1f} s -> {output}")
         return 0
 
-    notebooks = toc_notebooks(root)
+    notebooks = execution_order(toc_notebooks(root))
     src = stage(root, out)
+    os.environ["RCLIB_STAGE"] = str(src)  # where gathering pages find the executed chapters
     started = time.perf_counter()
     for i, nb in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {nb} (profile {args.profile})", flush=True)

@@ -16,6 +16,68 @@ def source(obj: Any):
     return Code(inspect.getsource(obj), language="python")
 
 
+CLAIM_COLUMNS = ("section", "quantity", "paper", "ours", "verdict")
+
+
+def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any) -> dict[str, Any]:
+    """One row of a chapter's "paper vs ours" table, and of the claims page that gathers them.
+
+    Args:
+        section: where the paper makes the claim and where we measure it, e.g.
+            ``"Sec. 3.1 · chapter 01"``.
+        quantity: what is compared, in words.
+        paper: the paper's number or statement (``None`` when it reports none).
+        ours: our number as text with its spread (``verdict.fmt``) or a number.
+        verdict: a ``rclib.verdict.Verdict`` or its text.
+    """
+    def plain(v: Any) -> Any:  # glue stores a repr that must read back: no nan, no numpy types
+        if isinstance(v, (float, int)) and not isinstance(v, bool):
+            return None if v != v else float(v)
+        return v if v is None or isinstance(v, (str, bool)) else str(v)
+
+    return dict(section=section, quantity=quantity, paper=plain(paper), ours=plain(ours), verdict=str(verdict))
+
+
+def stage_dir() -> "Path":
+    """Where the executed chapters are: ``$RCLIB_STAGE`` (set by ``python -m rclib book``), else
+    ``<project>/_build/src``."""
+    import os
+    from pathlib import Path
+
+    from .config import project_root
+
+    env = os.environ.get("RCLIB_STAGE")
+    return Path(env) if env else project_root() / "_build" / "src"
+
+
+def gather(chapters: Sequence[str], src=None):
+    """Every chapter's glued ``claims`` rows in one DataFrame, in chapter order.
+
+    Args:
+        chapters: notebook paths relative to the book root, e.g. ``"notebooks/01_pruning.ipynb"``.
+        src: the folder of executed copies; default :func:`stage_dir`.
+
+    Raises:
+        FileNotFoundError: naming the chapters not executed yet (run ``python -m rclib book``).
+
+    Used by the claims page and the introduction.
+    """
+    import pandas as pd
+
+    src = stage_dir() if src is None else src
+    missing = [c for c in chapters if not (src / c).exists()]
+    if missing:
+        raise FileNotFoundError(f"not executed yet under {src}: {', '.join(missing)}; "
+                                "run `python -m rclib book` (it executes the chapters first)")
+    rows = []
+    for c in chapters:
+        found = glued(src / c).get("claims")
+        if not isinstance(found, list):
+            raise ValueError(f"{c} glued no 'claims' list")
+        rows += [dict(r, chapter=c) for r in found]
+    return pd.DataFrame(rows)
+
+
 def comparison(rows: Sequence[dict[str, Any]]):
     """A "paper vs ours" table: one row per claim with ``quantity``, ``paper``, ``ours``,
     ``verdict`` (and any further columns given).

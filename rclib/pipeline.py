@@ -65,6 +65,23 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
     return built["model"].to(device).eval(), metrics, hit
 
 
+def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], list[dict[str, Any]]],
+               device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
+    """Run ``step(cfg_s, splits_s, base_s)`` once per seed of ``cfg.seeds``, each on that seed's
+    own data split and cached baseline (shared by every chapter), and return all rows, each
+    tagged with its ``seed``. This is how every headline number becomes a mean with spread.
+
+    Used by chapters 01-04.
+    """
+    rows: list[dict[str, Any]] = []
+    for s in tqdm(cfg.seeds, desc="seeds", disable=not progress):
+        cfg_s = dataclasses.replace(cfg, seed=s)
+        splits_s = data.load(cfg_s)
+        base_s, _, _ = baseline(cfg_s, splits_s, device, progress=False)
+        rows += [dict(r, seed=s) for r in step(cfg_s, splits_s, base_s)]
+    return rows
+
+
 RETRAIN_FIELDS = ("retrain_epochs", "retrain_optimizer", "retrain_lr", "retrain_momentum",
                   "retrain_weight_decay")
 SWEEP_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + ("prune_rates", "prune_step", "epsilon")

@@ -138,19 +138,40 @@ def _by_method(rows: Sequence[dict]) -> dict[str, list[dict]]:
     return {m: sorted(rs, key=lambda r: r["rate"]) for m, rs in out.items()}
 
 
+def seed_stats(rows: Sequence[dict], metric: str, scale: float = 1.0) -> tuple[np.ndarray, ...]:
+    """``(rates, mean, std, n)`` of ``metric`` per prune rate over the rows' seeds (sample std,
+    ddof 1; 0 where a rate has one row). Rows of one method; used to draw bands."""
+    by_rate: dict[float, list[float]] = {}
+    for r in rows:
+        by_rate.setdefault(float(r["rate"]), []).append(scale * float(r[metric]))
+    rates = np.array(sorted(by_rate))
+    vals = [np.asarray(by_rate[k]) for k in rates]
+    mean = np.array([v.mean() for v in vals])
+    std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+    return rates, mean, std, np.array([len(v) for v in vals])
+
+
 def metric_vs_rate(rows: Sequence[dict], metric: str, ylabel: str, title: str,
-                   baseline: float | None = None, percent: bool = True, ax=None):
+                   baseline: float | Sequence[float] | None = None, percent: bool = True, ax=None):
     """One line per pruning method: ``metric`` against prune rate (Figure 1 and its FGSM twin;
-    Figure 3 with ``metric="approx_mb"``). ``baseline`` draws the unpruned value. Chapter 01."""
+    Figure 3 with ``metric="approx_mb"``). Rows from several seeds give the mean with a band of
+    +/- one standard deviation. ``baseline`` (one value, or one per seed) draws the unpruned
+    value, with its band. Chapter 01."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.8, 3.6))
     scale = 100 if percent else 1
+    seeds = {r.get("seed") for r in rows}
     for method, rs in _by_method(rows).items():
-        ax.plot([r["rate"] for r in rs], [scale * r[metric] for r in rs], label=method,
-                **METHOD_STYLE.get(method, {}))
+        rates, mean, std, _ = seed_stats(rs, metric, scale)
+        line, = ax.plot(rates, mean, label=method, **METHOD_STYLE.get(method, {}))
+        if std.any():
+            ax.fill_between(rates, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
     if baseline is not None:
-        ax.axhline(scale * baseline, color="grey", linestyle=":", label="unpruned")
+        b = scale * np.atleast_1d(np.asarray(baseline, dtype=float))
+        ax.axhline(b.mean(), color="grey", linestyle=":", label="unpruned")
+        if len(b) > 1:
+            ax.axhspan(b.mean() - b.std(ddof=1), b.mean() + b.std(ddof=1), color="grey", alpha=0.1, linewidth=0)
     ax.set_xlabel("prune rate r")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + (f"\nmean ± std over {len(seeds)} seeds" if len(seeds) > 1 else ""))
     if percent:
         ax.set_ylim(0, 100)
     ax.set_title(title)
