@@ -50,6 +50,9 @@ from typing import Sequence, Union
 import numpy as np
 from scipy import stats
 
+__all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "OUTCOMES", "Stat", "Verdict", "spread", "fmt",
+           "threshold", "paired", "correlation", "wilson", "share", "direction", "against_paper"]
+
 HOLDS = "holds"
 FAILS = "does not hold"
 INCONCLUSIVE = "inconclusive"
@@ -96,7 +99,7 @@ class Verdict:
         n: seeds or models the verdict rests on.
         detail: a short reason, e.g. ``"3 of 3 seeds agree"`` or ``"only 2 models"``.
         sentence: a ready-to-glue clause starting with the outcome and stating why.
-        claim: the claim tested, e.g. ``"a - b > 0"``.
+        claim: the claim tested, in unscaled units, e.g. ``"mean difference > 0"``.
         scale, unit, digits, signed, label: how ``estimate`` is shown (``label`` prefixes it,
             e.g. ``"r = "``).
 

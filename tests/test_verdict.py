@@ -51,7 +51,7 @@ def test_paired_clear_yes():
     assert v.outcome == HOLDS and v.holds
     assert v.n == 3 and v.estimate == pytest.approx(d.mean())
     assert 0 < v.low < v.estimate < v.high
-    assert v.detail == "3 of 3 seeds agree"
+    assert v.detail == "3 of 3 seeds agree" and v.claim == "mean difference > 0"
     assert v.sentence.startswith("holds: all 3 seeds")
 
 
