@@ -1,0 +1,431 @@
+"""Verdicts computed from numbers with spread: "holds", "does not hold" or "inconclusive".
+
+The book never types the outcome of one of our runs. A chapter passes its per-seed (or
+per-model) numbers to one of the functions below and glues the returned :class:`Verdict`
+(``str(v)``, ``v.sentence``, or a word from :func:`direction`) into its prose. The rules:
+
+**Spread** (:func:`spread`, :func:`fmt`). A number about our runs is the mean over the seeds with
+the sample standard deviation (``ddof=1``), written ``97.2 ± 1.1``; a single seed shows without
+``±``. The 95% interval of the mean is Student's ``mean ± t(0.975, n-1) * std / sqrt(n)``.
+
+**Paired comparison** (:func:`paired`). ``a`` and ``b`` come from the same seeds; the claim is
+about ``d = a - b`` against ``margin`` (e.g. ``paired(a, b, ">")``: "a beats b"). It *holds* iff
+every seed's ``d`` is on the claimed side of ``margin`` **and** the t-interval of the mean ``d``
+lies on that side too. It *does not hold* iff every seed's ``d`` is on the other side (ties with
+``margin`` count there: no difference is not "a beats b") **and** the interval lies there too.
+Anything else is *inconclusive*: one disagreeing seed is enough, because another draw of seeds
+could then flip the answer. With fewer than two seeds it is always inconclusive (one seed is an
+anecdote). With two seeds ``t(0.975, 1)`` is 12.7, so only a very large, steady difference can
+hold; that is the honest price of the ``smoke`` profile.
+
+**One quantity against a bound** (:func:`threshold`, e.g. "the gain is at least 2x"): the same
+all-seeds-and-interval rule on the values themselves.
+
+**Correlation** (:func:`correlation`, over models): Pearson's r or Spearman's rho with a
+percentile bootstrap interval (pairs resampled with a seeded ``numpy`` generator, so the same
+seed gives the same interval; resamples in which x or y is constant are skipped). It *holds* iff
+the interval lies strictly on the claimed side of 0, *does not hold* iff it lies entirely on the
+other side (0 included), else *inconclusive*. Fewer than ``min_n`` models, a constant input, or
+more skipped resamples than one tail of the interval holds (2.5% at 95%: an undefined resample
+could lie in either tail, and a trend carried by a single model shows up exactly so) are
+inconclusive, with the reason.
+
+**Share** (:func:`share`, e.g. "most compressed models are rougher than the baseline"): the
+proportion of true flags with a Wilson score interval; it holds iff the interval lies on the
+claimed side of ``bound``, does not hold iff it lies on the other side, else inconclusive. The
+flags should be independent units (one per model, not one per model and seed).
+
+Wording for prose comes from :func:`direction` and :func:`against_paper`, so that a sentence
+such as "Alg 7 {raises} robust accuracy" cannot contradict the numbers beside it.
+
+Used by chapters 01-05 and book/claims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "OUTCOMES", "Stat", "Verdict", "spread", "fmt",
+           "threshold", "paired", "correlation", "wilson", "share", "direction", "against_paper"]
+
+HOLDS = "holds"
+FAILS = "does not hold"
+INCONCLUSIVE = "inconclusive"
+OUTCOMES = (HOLDS, FAILS, INCONCLUSIVE)
+
+Values = Union[Sequence[float], np.ndarray]
+
+# Each claim names the side it asserts and, implicitly, its complement (where "does not hold"
+# lives): ties with the bound belong to whichever of the two contains them.
+_SIDES = {">": (np.greater, "above"), ">=": (np.greater_equal, "at or above"),
+          "<": (np.less, "below"), "<=": (np.less_equal, "at or below")}
+_OTHER = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean with spread: sample std (ddof=1) and a Student-t interval of the mean.
+
+    ``std``, ``low`` and ``high`` are NaN when ``n == 1`` (one value has no spread).
+    Used by chapters 01-05 and book/claims.
+    """
+
+    mean: float
+    std: float
+    n: int
+    low: float
+    high: float
+    level: float = 0.95
+
+    def format(self, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+        """``"97.2 ± 1.1"`` (mean ± sample std, times ``scale``); one value shows without ±."""
+        m = _num(self.mean, scale, digits, signed)
+        return m if self.n < 2 else f"{m} ± {self.std * scale:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one claim tested on our numbers, with what it rests on.
+
+    Attributes:
+        outcome: ``HOLDS``, ``FAILS`` or ``INCONCLUSIVE``.
+        estimate: the point estimate (mean difference, mean, r, share), unscaled.
+        low, high: its interval at ``level`` (NaN when none can be computed).
+        n: seeds or models the verdict rests on.
+        detail: a short reason, e.g. ``"3 of 3 seeds agree"`` or ``"only 2 models"``.
+        sentence: a ready-to-glue clause starting with the outcome and stating why.
+        claim: the claim tested, in unscaled units, e.g. ``"mean difference > 0"``.
+        scale, unit, digits, signed, label: how ``estimate`` is shown (``label`` prefixes it,
+            e.g. ``"r = "``).
+
+    Used by chapters 01-05 and book/claims.
+    """
+
+    outcome: str
+    estimate: float
+    low: float
+    high: float
+    n: int
+    detail: str
+    sentence: str
+    claim: str = ""
+    level: float = 0.95
+    scale: float = 1.0
+    unit: str = ""
+    digits: int = 2
+    signed: bool = True
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+
+    @property
+    def holds(self) -> bool:
+        return self.outcome == HOLDS
+
+    @property
+    def fails(self) -> bool:
+        return self.outcome == FAILS
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.outcome == INCONCLUSIVE
+
+    def numbers(self) -> str:
+        """``"+23.4 pp, 95% CI +12.0 to +34.8"`` (or ``", no interval"`` when there is none)."""
+        est = f"{self.label}{_num(self.estimate, self.scale, self.digits, self.signed)}"
+        est = _with_unit(est, self.unit)
+        if math.isnan(self.low) or math.isnan(self.high):
+            return f"{est}, no interval"
+        lo = _num(self.low, self.scale, self.digits, self.signed)
+        hi = _num(self.high, self.scale, self.digits, self.signed)
+        return f"{est}, {_pct(self.level)} CI {lo} to {hi}"
+
+    def __str__(self) -> str:
+        return f"{self.outcome} ({self.detail}; {self.numbers()})"
+
+
+def _num(x: float, scale: float, digits: int, signed: bool) -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
+    v = x * scale
+    if round(v, digits) == 0:
+        v = 0.0  # avoid "-0.0" and "+-0.0"
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+
+def _with_unit(text: str, unit: str) -> str:
+    return f"{text}{unit}" if unit in ("", "%", "x") else f"{text} {unit}"
+
+
+def _pct(level: float) -> str:
+    return f"{100 * level:g}%"
+
+
+def _vector(values: Values, name: str) -> np.ndarray:
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or infinite values: {x.tolist()}")
+    return x
+
+
+def spread(values: Values, level: float = 0.95) -> Stat:
+    """Mean, sample std (ddof=1), n and the Student-t interval of the mean at ``level``.
+
+    Rule: ``mean ± t((1 + level) / 2, n - 1) * std / sqrt(n)``; std and interval are NaN for one
+    value. Empty or non-finite input raises ``ValueError``.
+    Used by chapters 01-05 and book/claims.
+    """
+    x = _vector(values, "values")
+    n = x.size
+    if n == 0:
+        raise ValueError("spread of no values")
+    mean = float(x.mean())
+    if n < 2:
+        return Stat(mean, math.nan, 1, math.nan, math.nan, level)
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
+    return Stat(mean, std, n, mean - half, mean + half, level)
+
+
+def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """Table cell for per-seed values: ``"97.2 ± 1.1"`` (mean ± sample std, times ``scale``).
+
+    A single value shows without ``±``. Used by chapters 01-05 and book/claims.
+    """
+    return spread(values).format(scale, digits, signed)
+
+
+def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
+              items: str = "seeds", scale: float = 1.0, unit: str = "", digits: int = 2,
+              signed: bool = False, label: str = "", what: str = "mean") -> Verdict:
+    """Does a per-seed quantity lie on the ``claim`` side (``>``, ``>=``, ``<``, ``<=``) of a bound?
+
+    Rule: HOLDS iff every value is on the claimed side of ``bound`` and so is the whole
+    t-interval of the mean; FAILS iff every value and the whole interval are on the other side
+    (the complement: ``>`` against ``<=`` and so on); otherwise INCONCLUSIVE, and always
+    INCONCLUSIVE with fewer than two values. Used by chapters 01-05 and book/claims.
+    """
+    if claim not in _SIDES:
+        raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
+    x = _vector(values, "values")
+    if x.size == 0:
+        raise ValueError("no values: a verdict needs at least one seed")
+    s = spread(x, level)
+    n = s.n
+    show = dict(level=level, scale=scale, unit=unit, digits=digits, signed=signed, label=label,
+                claim=f"{what} {claim} {bound:g}")
+    on_side, side = _SIDES[claim]
+    other_side = _SIDES[_OTHER[claim]][1]
+    b = _with_unit(_num(bound, scale, digits, False), unit)
+    one = items[:-1] if items.endswith("s") else items
+    if n < 2:
+        return Verdict(INCONCLUSIVE, s.mean, s.low, s.high, n, f"one {one} is an anecdote",
+                       f"{INCONCLUSIVE}: one {one} is an anecdote, and the {what} has no "
+                       f"interval to compare with {b}", **show)
+    k = int(on_side(x, bound).sum())
+    lo_hi = _with_unit(f"{_num(s.low, scale, digits, signed)} to "
+                       f"{_num(s.high, scale, digits, signed)}", unit)
+    interval = f"the {_pct(level)} interval of the {what} ({lo_hi})"
+    if k == n and on_side(s.low, bound) and on_side(s.high, bound):
+        return Verdict(HOLDS, s.mean, s.low, s.high, n, f"{n} of {n} {items} agree",
+                       f"{HOLDS}: all {n} {items} and {interval} lie {side} {b}", **show)
+    if k == 0 and not on_side(s.low, bound) and not on_side(s.high, bound):
+        return Verdict(FAILS, s.mean, s.low, s.high, n, f"0 of {n} {items} agree",
+                       f"{FAILS}: all {n} {items} and {interval} lie {other_side} {b}", **show)
+    if k in (0, n):
+        # every seed agrees, but the interval says a new draw of seeds could disagree
+        return Verdict(INCONCLUSIVE, s.mean, s.low, s.high, n,
+                       f"{k} of {n} {items} agree, but the {_pct(level)} interval spans {b}",
+                       f"{INCONCLUSIVE}: all {n} {items} lie {side if k else other_side} {b}, "
+                       f"but {interval} spans it", **show)
+    return Verdict(INCONCLUSIVE, s.mean, s.low, s.high, n, f"{k} of {n} {items} agree",
+                   f"{INCONCLUSIVE}: {k} of {n} {items} lie {side} {b} and {n - k} "
+                   f"{'does' if n - k == 1 else 'do'} not ({_pct(level)} interval of the "
+                   f"{what}: {lo_hi})", **show)
+
+
+def paired(a: Values, b: Values, claim: str = ">", margin: float = 0.0, *, level: float = 0.95,
+           items: str = "seeds", scale: float = 100.0, unit: str = "pp",
+           digits: int = 1) -> Verdict:
+    """Is ``a - b`` (per seed, same seeds in the same order) on the ``claim`` side of ``margin``?
+
+    ``paired(a, b, ">")`` reads "a beats b"; ``paired(a, b, "<", margin=-0.02)`` reads "a is more
+    than 2 points below b". The rule is :func:`threshold`'s on the differences: HOLDS iff every
+    seed's difference and the t-interval of the mean difference lie on the claimed side of
+    ``margin``; FAILS iff all of them lie on the other side (ties included); else INCONCLUSIVE;
+    fewer than two seeds is always INCONCLUSIVE. Defaults show accuracies in [0, 1] as
+    percentage points. Used by chapters 01-05 and book/claims.
+    """
+    x, y = _vector(a, "a"), _vector(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired values need the same seeds: a has {x.size}, b has {y.size}")
+    return threshold(x - y, claim, margin, level=level, items=items, scale=scale, unit=unit,
+                     digits=digits, signed=True, what="mean difference")
+
+
+def _pearson_rows(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    xc = xs - xs.mean(axis=-1, keepdims=True)
+    yc = ys - ys.mean(axis=-1, keepdims=True)
+    r = (xc * yc).sum(-1) / np.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
+    return np.clip(r, -1.0, 1.0)
+
+
+def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pearson", *,
+                n_boot: int = 2000, seed: int = 0, min_n: int = 5, level: float = 0.95,
+                items: str = "models") -> Verdict:
+    """Is the correlation of ``x`` and ``y`` (one pair per model) ``"negative"`` or ``"positive"``?
+
+    Rule: estimate Pearson's r or Spearman's rho; resample the pairs ``n_boot`` times with
+    ``numpy.random.default_rng(seed)``, skipping resamples in which x or y is constant, and take
+    the percentile interval at ``level``. HOLDS iff the interval lies strictly on the claimed
+    side of 0; FAILS iff it lies entirely on the other side (0 included); else INCONCLUSIVE.
+    Also INCONCLUSIVE, with the reason: fewer than ``min_n`` pairs, a constant x or y, or more
+    than ``n_boot * (1 - level) / 2`` resamples skipped. Deterministic for a given ``seed``.
+    Used by chapters 01-05 and book/claims.
+    """
+    if claim not in ("negative", "positive"):
+        raise ValueError(f"claim must be 'negative' or 'positive', got {claim!r}")
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    if min_n < 3 or n_boot < 100:
+        raise ValueError(f"need min_n >= 3 and n_boot >= 100, got {min_n} and {n_boot}")
+    xv, yv = _vector(x, "x"), _vector(y, "y")
+    if xv.shape != yv.shape:
+        raise ValueError(f"x and y must pair up: {xv.size} vs {yv.size} values")
+    n = xv.size
+    name = "r" if method == "pearson" else "rho"
+    what = "Pearson r" if method == "pearson" else "Spearman rho"
+    show = dict(level=level, scale=1.0, unit="", digits=2, signed=True, label=f"{name} = ",
+                claim=f"{what} {'<' if claim == 'negative' else '>'} 0")
+
+    def inconclusive(estimate: float, detail: str, why: str, low=math.nan, high=math.nan):
+        return Verdict(INCONCLUSIVE, estimate, low, high, n, detail,
+                       f"{INCONCLUSIVE}: {why}", **show)
+
+    if n < min_n:
+        return inconclusive(math.nan, f"only {n} {items}",
+                            f"only {n} {items}; a correlation needs at least {min_n}")
+    for label, v in (("x", xv), ("y", yv)):
+        if np.ptp(v) == 0:  # ptp, not std: float rounding can leave a tiny std on equal values
+            return inconclusive(math.nan, f"{label} is constant",
+                                f"{label} takes one value over the {n} {items}, so no "
+                                f"correlation is defined")
+    rank = (lambda v: stats.rankdata(v, axis=-1)) if method == "spearman" else (lambda v: v)
+    estimate = float(_pearson_rows(rank(xv), rank(yv)))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    xs, ys = xv[idx], yv[idx]
+    ok = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0)
+    bad = n_boot - int(ok.sum())
+    if bad > n_boot * (1 - level) / 2:
+        # An undefined resample could sit in either tail, so once they outnumber one tail's
+        # mass the percentile bound is unknown. Typically one model carries the whole trend
+        # (the resamples that miss it are flat): that is not evidence of a correlation.
+        return inconclusive(estimate, "too many tied resamples",
+                            f"{bad} of {n_boot} bootstrap resamples have a constant x or y "
+                            f"(ties among the {n} {items}), more than the interval's tail")
+    boot = _pearson_rows(rank(xs[ok]), rank(ys[ok]))
+    low, high = (float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
+    interval = (f"the {_pct(level)} bootstrap interval of {what} over {n} {items} "
+                f"({low:+.2f} to {high:+.2f})")
+    neg = claim == "negative"
+    if (high < 0) if neg else (low > 0):
+        return Verdict(HOLDS, estimate, low, high, n, f"{n} {items}",
+                       f"{HOLDS}: {interval} lies {'below' if neg else 'above'} 0", **show)
+    if (low >= 0) if neg else (high <= 0):
+        return Verdict(FAILS, estimate, low, high, n, f"{n} {items}",
+                       f"{FAILS}: {interval} lies {'at or above' if neg else 'at or below'} 0",
+                       **show)
+    return inconclusive(estimate, f"{n} {items}, interval spans 0", f"{interval} spans 0",
+                        low, high)
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (stays inside [0, 1], fine at k = 0 or n).
+
+    Used by chapters 01-05 and book/claims.
+    """
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    z = float(stats.norm.ppf((1 + level) / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # at k = 0 or k = n one bound is exactly 0 or 1; rounding would leave 0.9999999999999999
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
+
+
+def share(flags: Sequence[bool], claim: str = ">", bound: float = 0.5, *, level: float = 0.95,
+          items: str = "models") -> Verdict:
+    """Is the share of true ``flags`` on the ``claim`` side of ``bound`` ("most models ...")?
+
+    Rule: the proportion with its Wilson score interval; HOLDS iff the whole interval lies on the
+    claimed side of ``bound``, FAILS iff the whole interval lies on the other side, else
+    INCONCLUSIVE (also with no flags at all). Flags must be independent units, one per model.
+    Used by chapters 01-05 and book/claims.
+    """
+    if claim not in _SIDES:
+        raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
+    f = np.asarray(flags)
+    if f.ndim != 1 or (f.size and not np.isin(f, (0, 1)).all()):
+        raise ValueError(f"flags must be a 1-D sequence of booleans, got {flags!r}")
+    n, k = f.size, int(f.astype(bool).sum())
+    show = dict(level=level, scale=100.0, unit="%", digits=0, signed=False,
+                claim=f"share {claim} {bound:g}")
+    if n == 0:
+        return Verdict(INCONCLUSIVE, math.nan, math.nan, math.nan, 0, f"no {items}",
+                       f"{INCONCLUSIVE}: there are no {items} to count", **show)
+    low, high = wilson(k, n, level)
+    on_side, side = _SIDES[claim]
+    other_side = _SIDES[_OTHER[claim]][1]
+    what = (f"the share of {items}, {k} of {n} ({100 * k / n:.0f}%; Wilson {_pct(level)} "
+            f"interval {100 * low:.0f}% to {100 * high:.0f}%),")
+    b = f"{100 * bound:g}%"
+    if on_side(low, bound) and on_side(high, bound):
+        outcome, why = HOLDS, f"{what} lies {side} {b}"
+    elif not on_side(low, bound) and not on_side(high, bound):
+        outcome, why = FAILS, f"{what} lies {other_side} {b}"
+    else:
+        outcome, why = INCONCLUSIVE, f"{what} spans {b}"
+    return Verdict(outcome, k / n, low, high, n, f"{k} of {n} {items}", f"{outcome}: {why}",
+                   **show)
+
+
+_NEGATIONS = (("does not ", ""), ("do not ", ""), ("is not ", "be "), ("are not ", "be "))
+
+
+def direction(v: Verdict, yes: str, no: str, unsure: str | None = None) -> str:
+    """The verb phrase for prose: ``yes`` if ``v`` holds, ``no`` if it fails, else ``unsure``.
+
+    ``unsure`` defaults to "may or may not X (inconclusive)" derived from a ``no`` of the form
+    "does not X" / "do not X" / "is not X" / "are not X"; any other ``no`` needs an explicit
+    ``unsure`` (checked on every call, so a wording gap shows up before a run is inconclusive).
+    Used by chapters 01-05 and book/claims.
+    """
+    if unsure is None:
+        for neg, verb in _NEGATIONS:
+            if no.startswith(neg):
+                unsure = f"may or may not {verb}{no[len(neg):]} (inconclusive)"
+                break
+        else:
+            raise ValueError(f"cannot derive the inconclusive wording from no={no!r}; "
+                             f"pass unsure=")
+    return {HOLDS: yes, FAILS: no, INCONCLUSIVE: unsure}[v.outcome]
+
+
+def against_paper(v: Verdict) -> str:
+    """Plain words for how our run stands to the paper's claim that ``v`` tested.
+
+    HOLDS -> "agrees with the paper"; FAILS -> "disagrees with the paper"; INCONCLUSIVE ->
+    "neither confirms nor contradicts the paper". Used by chapters 01-05 and book/claims.
+    """
+    return {HOLDS: "agrees with the paper", FAILS: "disagrees with the paper",
+            INCONCLUSIVE: "neither confirms nor contradicts the paper"}[v.outcome]

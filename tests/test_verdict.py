@@ -1,0 +1,261 @@
+"""rclib.verdict on synthetic numbers: each rule's clear yes, clear no and inconclusive cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from rclib import verdict as V
+from rclib.verdict import FAILS, HOLDS, INCONCLUSIVE
+
+
+# ---- spread and fmt -------------------------------------------------------------------------
+
+def test_spread_is_mean_sample_std_and_student_t_interval():
+    x = np.array([0.91, 0.95, 0.88, 0.97])
+    s = V.spread(x)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert s.n == 4
+    assert s.mean == pytest.approx(x.mean())
+    assert s.std == pytest.approx(np.std(x, ddof=1))
+    assert (s.low, s.high) == pytest.approx((lo, hi))
+
+
+def test_spread_of_one_value_has_no_spread_and_empty_or_nan_is_refused():
+    s = V.spread([0.5])
+    assert s.n == 1 and s.mean == 0.5
+    assert math.isnan(s.std) and math.isnan(s.low) and math.isnan(s.high)
+    with pytest.raises(ValueError):
+        V.spread([])
+    with pytest.raises(ValueError, match="NaN"):
+        V.spread([0.5, float("nan")])
+
+
+def test_fmt_mean_pm_sample_std_and_single_value_without_pm():
+    assert V.fmt([0.972, 0.961, 0.983]) == "97.2 ± 1.1"  # mean 0.972, sample std 0.011
+    assert V.fmt([0.972]) == "97.2"
+    assert V.fmt([2.0, 4.0], scale=1, digits=2) == f"3.00 ± {math.sqrt(2):.2f}"
+    assert V.fmt([-0.02, -0.04], signed=True) == "-3.0 ± 1.4"
+    assert V.fmt([0.0004, -0.0004], signed=True).startswith("+0.0 ±")  # never "-0.0"
+
+
+# ---- paired comparisons ---------------------------------------------------------------------
+
+def test_paired_clear_yes():
+    a, b = [0.90, 0.85, 0.88], [0.70, 0.60, 0.65]
+    v = V.paired(a, b, ">")
+    d = np.subtract(a, b)
+    assert v.outcome == HOLDS and v.holds
+    assert v.n == 3 and v.estimate == pytest.approx(d.mean())
+    assert 0 < v.low < v.estimate < v.high
+    assert v.detail == "3 of 3 seeds agree" and v.claim == "mean difference > 0"
+    assert v.sentence.startswith("holds: all 3 seeds")
+
+
+def test_paired_clear_no():
+    v = V.paired([0.60, 0.62, 0.58], [0.80, 0.79, 0.83], ">")
+    assert v.outcome == FAILS and v.fails
+    assert v.high < 0 and v.detail == "0 of 3 seeds agree"
+    assert v.sentence.startswith("does not hold:")
+
+
+def test_paired_all_seeds_agree_but_interval_spans_zero_is_inconclusive():
+    # every seed has a > b, but so noisily that another draw of seeds could reverse the mean
+    v = V.paired([0.81, 1.00, 0.82], [0.80, 0.80, 0.80], ">")
+    assert v.low < 0 < v.high
+    assert v.outcome == INCONCLUSIVE and v.inconclusive
+    assert "interval spans" in v.detail
+
+
+def test_one_disagreeing_seed_is_inconclusive_even_if_the_interval_excludes_zero():
+    d = np.r_[np.full(19, 0.10), -0.01]  # 19 seeds clearly up, one slightly down
+    v = V.paired(d, np.zeros_like(d), ">")
+    assert v.low > 0, "the interval alone would say holds; the all-seeds rule must overrule it"
+    assert v.outcome == INCONCLUSIVE
+    assert v.detail == "19 of 20 seeds agree"
+    assert "1 does not" in v.sentence
+
+
+def test_one_seed_is_always_inconclusive():
+    v = V.paired([0.99], [0.10], ">")
+    assert v.outcome == INCONCLUSIVE and v.n == 1
+    assert "anecdote" in v.detail
+    assert math.isnan(v.low) and math.isnan(v.high)
+    assert str(v).endswith("no interval)")
+
+
+def test_pairing_sees_a_steady_gain_that_unpaired_spreads_would_hide():
+    # seeds differ a lot from each other, but within each seed a beats b by 1-2 points
+    b = np.array([0.60, 0.75, 0.90, 0.68])
+    a = b + np.array([0.012, 0.015, 0.011, 0.018])
+    sa, sb = V.spread(a), V.spread(b)
+    assert sa.low < sb.high  # the two means' intervals overlap ...
+    assert V.paired(a, b, ">").outcome == HOLDS  # ... yet every paired difference is positive
+
+
+def test_ties_do_not_support_a_strict_claim_in_either_direction():
+    a = [0.7, 0.8, 0.9]
+    assert V.paired(a, a, ">").outcome == FAILS
+    assert V.paired(a, a, "<").outcome == FAILS
+
+
+def test_margin_shifts_the_bound():
+    a, b = [0.90, 0.91, 0.92], [0.80, 0.80, 0.80]  # a beats b by 10-12 points
+    assert V.paired(a, b, ">", margin=0.05).outcome == HOLDS
+    assert V.paired(a, b, ">", margin=0.15).outcome == FAILS
+    # "a is more than 5 points below b" does not hold
+    assert V.paired(a, b, "<", margin=-0.05).outcome == FAILS
+
+
+def test_swapping_a_and_b_flips_holds_and_fails():
+    rng = np.random.default_rng(11)
+    seen = {HOLDS: 0, FAILS: 0, INCONCLUSIVE: 0}
+    for _ in range(300):
+        n = int(rng.integers(2, 7))
+        a = rng.normal(0.8, 0.05, n)
+        b = a + rng.normal(rng.normal(0, 0.05), 0.03, n)  # continuous: no ties with 0
+        v, w = V.paired(a, b, ">"), V.paired(b, a, ">")
+        flip = {HOLDS: FAILS, FAILS: HOLDS, INCONCLUSIVE: INCONCLUSIVE}
+        assert w.outcome == flip[v.outcome]
+        assert V.paired(a, b, "<").outcome == w.outcome  # "a < b" is "b > a"
+        assert w.estimate == pytest.approx(-v.estimate)
+        seen[v.outcome] += 1
+    assert all(seen.values()), f"the random cases must reach every outcome: {seen}"
+
+
+def test_paired_refuses_unpaired_or_bad_input():
+    with pytest.raises(ValueError, match="same seeds"):
+        V.paired([0.1, 0.2], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="claim"):
+        V.paired([0.1, 0.2], [0.1, 0.2], "!=")
+    with pytest.raises(ValueError):
+        V.paired([], [])
+
+
+# ---- one quantity against a bound -----------------------------------------------------------
+
+def test_threshold_yes_no_inconclusive_and_ties():
+    assert V.threshold([2.6, 2.8, 2.7], ">=", 2.0).outcome == HOLDS
+    assert V.threshold([1.2, 1.4, 1.3], ">=", 2.0).outcome == FAILS
+    assert V.threshold([1.9, 2.8, 2.4], ">=", 2.0).outcome == INCONCLUSIVE
+    assert V.threshold([2.0, 2.0, 2.0], ">=", 2.0).outcome == HOLDS  # exactly 2x is "at least 2x"
+    assert V.threshold([2.0, 2.0, 2.0], ">", 2.0).outcome == FAILS
+    assert V.threshold([0.1, 0.2, 0.15], "<", 0.5).outcome == HOLDS
+
+
+# ---- correlations ---------------------------------------------------------------------------
+
+def _line(slope: float, noise: float, n: int = 12, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, n)
+    return x, slope * x + rng.normal(0, noise, n)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_correlation_clear_yes_and_clear_no(method):
+    x, y = _line(-1.0, 0.05)
+    v = V.correlation(x, y, "negative", method)
+    assert v.outcome == HOLDS and v.high < 0 and v.n == 12
+    assert V.correlation(x, y, "positive", method).outcome == FAILS
+    ref = stats.pearsonr(x, y)[0] if method == "pearson" else stats.spearmanr(x, y)[0]
+    assert v.estimate == pytest.approx(ref)
+
+
+def test_correlation_of_noise_is_inconclusive():
+    x, y = _line(0.0, 1.0)
+    v = V.correlation(x, y, "negative")
+    assert v.low < 0 < v.high
+    assert v.outcome == INCONCLUSIVE and "spans 0" in v.sentence
+
+
+def test_correlation_with_too_few_models_is_inconclusive():
+    x, y = _line(-1.0, 0.0, n=4)  # a perfect line, but only 4 points
+    v = V.correlation(x, y, "negative", min_n=5)
+    assert v.outcome == INCONCLUSIVE and v.detail == "only 4 models"
+    assert V.correlation(x, y, "negative", min_n=4).outcome == HOLDS
+
+
+def test_correlation_of_constant_input_is_inconclusive_with_reason():
+    v = V.correlation(np.full(8, 0.3), np.arange(8.0), "negative")
+    assert v.outcome == INCONCLUSIVE and v.detail == "x is constant"
+    assert math.isnan(v.estimate)
+    assert V.correlation(np.arange(8.0), np.full(8, 0.1)).detail == "y is constant"
+
+
+def test_correlation_bootstrap_is_deterministic_per_seed():
+    x, y = _line(-0.5, 0.3)
+    v1, v2 = V.correlation(x, y, seed=7), V.correlation(x, y, seed=7)
+    assert (v1.low, v1.high) == (v2.low, v2.high)
+    v3 = V.correlation(x, y, seed=8)
+    assert (v3.low, v3.high) != (v1.low, v1.high)
+    assert v3.estimate == v1.estimate  # the seed moves only the interval
+
+
+def test_a_trend_carried_by_one_model_is_inconclusive():
+    # r = -1 exactly, but only because one model differs: about a third of the resamples miss
+    # it and are flat, far more than the 2.5% tail the interval's lower bound rests on
+    x = np.r_[np.zeros(9), 1.0]
+    v = V.correlation(x, -x, "negative")
+    assert v.estimate == pytest.approx(-1.0)
+    assert v.outcome == INCONCLUSIVE and "tied" in v.detail
+
+
+# ---- shares ---------------------------------------------------------------------------------
+
+def test_share_yes_no_inconclusive_and_empty():
+    assert V.share([True] * 12, ">", 0.5).outcome == HOLDS
+    assert V.share([False] * 12, ">", 0.5).outcome == FAILS
+    v = V.share([True, True, False], ">", 0.5)  # most, but three models cannot show it
+    assert v.outcome == INCONCLUSIVE and v.low < 0.5 < v.high
+    assert v.estimate == pytest.approx(2 / 3) and v.detail == "2 of 3 models"
+    assert V.share([], ">", 0.5).outcome == INCONCLUSIVE
+    with pytest.raises(ValueError):
+        V.share([0.3, 0.9])
+
+
+def test_wilson_matches_its_formula_at_the_edges():
+    lo, hi = V.wilson(10, 10)
+    z = stats.norm.ppf(0.975)
+    assert hi == 1.0 and lo == pytest.approx(10 / (10 + z * z))
+    lo0, hi0 = V.wilson(0, 10)
+    assert lo0 == 0.0 and hi0 == pytest.approx(1 - lo)
+
+
+# ---- the Verdict object and the words for prose ---------------------------------------------
+
+def test_verdict_string_form():
+    v = V.Verdict(HOLDS, 0.234, 0.120, 0.348, 3, "3 of 3 seeds", "holds: ...",
+                  scale=100, unit="pp", digits=1)
+    assert str(v) == "holds (3 of 3 seeds; +23.4 pp, 95% CI +12.0 to +34.8)"
+    r = V.correlation(*_line(-1.0, 0.05))
+    assert str(r).startswith("holds (12 models; r = -")
+    with pytest.raises(ValueError):
+        V.Verdict("probably", 0.0, 0.0, 0.0, 3, "", "")
+
+
+def test_paired_string_matches_its_numbers():
+    a, b = [0.90, 0.85, 0.88], [0.70, 0.60, 0.65]
+    v = V.paired(a, b, ">")
+    s = V.spread(np.subtract(a, b))
+    assert str(v) == (f"holds (3 of 3 seeds agree; {100 * s.mean:+.1f} pp, "
+                      f"95% CI {100 * s.low:+.1f} to {100 * s.high:+.1f})")
+
+
+def test_direction_and_against_paper():
+    yes = V.paired([0.9, 0.8, 0.85], [0.5, 0.4, 0.45])
+    no = V.paired([0.5, 0.4, 0.45], [0.9, 0.8, 0.85])
+    unsure = V.paired([0.9], [0.5])
+    assert V.direction(yes, "raises", "does not raise") == "raises"
+    assert V.direction(no, "raises", "does not raise") == "does not raise"
+    assert V.direction(unsure, "raises", "does not raise") == "may or may not raise (inconclusive)"
+    assert V.direction(unsure, "is rougher", "is not rougher") == \
+        "may or may not be rougher (inconclusive)"
+    with pytest.raises(ValueError, match="unsure"):
+        V.direction(yes, "rougher", "smoother")  # refused even when the verdict is clear
+    assert V.direction(unsure, "rougher", "smoother", unsure="either") == "either"
+    assert V.against_paper(yes) == "agrees with the paper"
+    assert V.against_paper(no) == "disagrees with the paper"
+    assert "neither" in V.against_paper(unsure)
