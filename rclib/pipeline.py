@@ -177,6 +177,32 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     return metrics["rows"], hit
 
 
+def recalibration_rows(cfg: Config, splits: data.Splits, base: nn.Module) -> list[dict[str, Any]]:
+    """One-shot channel pruning at every rate of ``cfg.prune_rates``, clean test accuracy before
+    and after re-estimating BatchNorm statistics (``train.recalibrate_batchnorm``, seeded with
+    ``cfg.seed``), no weight changed. Cheap, so not cached. Used by chapter 01."""
+    rows = []
+    for r in sorted(cfg.prune_rates):
+        m = pruned(base, "channel", r)
+        before = train.evaluate(m, splits.test)
+        train.recalibrate_batchnorm(m, splits.train, seed=cfg.seed)
+        rows.append(dict(rate=r, one_shot=before, recalibrated=train.evaluate(m, splits.test)))
+    return rows
+
+
+def hardening_speed(cfg: Config, splits: data.Splits, base: nn.Module, batches=(1, 256),
+                    repeats: int = 30) -> list[dict[str, Any]]:
+    """Figure 4 data: median forward latency of the unpruned model, the channel-pruned masked
+    model (``cfg.prune_rate``) and its hardened copy at each batch size (``timing.latency``).
+    Wall-clock on this machine: never cached. Used by chapter 01."""
+    from . import timing
+
+    masked = pruned(base, "channel", cfg.prune_rate)
+    variants = {"unpruned": base, f"masked (r={cfg.prune_rate:g})": masked, "hardened": prune.harden(masked)}
+    return [dict(model=name, batch=b, seconds=timing.latency(m, splits.input_shape, batch=b, repeats=repeats))
+            for name, m in variants.items() for b in batches]
+
+
 ROBUST_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
     "epsilon", "adv_epsilon", "margin_weight", "margin_on", "adv_epochs", "conv_bits", "linear_bits")
 
@@ -404,6 +430,38 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                                 "file_bytes", "entropy_bytes")
     _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute, check=check)
     return metrics["rows"], hit
+
+
+def vgg16_formula(cfg: Config, rate: float = 0.5) -> list[dict[str, Any]]:
+    """The paper's size formula for torchvision's VGG16 (1000 classes) at each seed of
+    ``cfg.seeds``: unpruned (32-bit non-zeros, the Table 1 baseline's 534.3), and pruned globally
+    at ``rate`` then counted as weight-shared with ``share_bits(cfg)`` (Table 1's 45.5). Only
+    the non-zero counts matter, and they depend a little on the random initialisation (which
+    weights global pruning keeps), so no weights are shared and no file is written: a few
+    seconds per seed. Cached. Used by chapter 02.
+    """
+    import torchvision
+
+    from . import share
+
+    def compute():
+        rows = []
+        for s in cfg.seeds:
+            torch.manual_seed(s)
+            m = torchvision.models.vgg16().eval()
+            dense = storage.approx_size_mb(m, unit="MiB")
+            prune.global_unstructured(m, rate)
+            rows.append(dict(seed=s, rate=rate, dense_mib=dense,
+                             pruned_mib=storage.approx_size_mb(m, unit="MiB"),
+                             shared_mib=share.shared_size_mb(m, share_bits(cfg), unit="MiB")))
+            del m
+        return None, {"rows": rows}
+
+    names = ("seeds", "conv_bits", "linear_bits", "prune_rate")
+    step_cfg = dataclasses.replace(cfg, prune_rate=rate)
+    check = artifacts.rows_with("seed", "rate", "dense_mib", "pruned_mib", "shared_mib")
+    _, metrics, _ = artifacts.cached(step_cfg, "vgg16_formula", names, compute, check=check)
+    return metrics["rows"]
 
 
 def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple[list[dict[str, Any]], bool]:

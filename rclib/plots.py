@@ -181,13 +181,17 @@ def metric_vs_rate(rows: Sequence[dict], metric: str, ylabel: str, title: str,
 
 
 def layer_sparsity(tables: dict, rate: float):
-    """Figure 2: sparsity (%) of each prunable layer, one bar group per method. Chapter 01."""
-    names = next(iter(tables.values()))["layer"].tolist()
+    """Figure 2: sparsity (%) of each prunable layer, one bar group per method; tables holding
+    several seeds (a ``seed`` column, rows per layer and seed) give mean bars with +/- std error
+    bars. Chapter 01."""
+    names = list(dict.fromkeys(next(iter(tables.values()))["layer"].tolist()))
     x = np.arange(len(names))
     width = 0.8 / len(tables)
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for i, (label, table) in enumerate(tables.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, 100 * table["sparsity"], width, label=label)
+        g = table.groupby("layer", sort=False)["sparsity"]
+        mean, std = g.mean().reindex(names), g.std(ddof=1).reindex(names).fillna(0.0)
+        ax.bar(x + i * width - 0.4 + width / 2, 100 * mean, width, yerr=100 * std, capsize=2, label=label)
     ax.axhline(100 * rate, color="grey", linestyle=":", label=f"target r = {rate:g}")
     ax.set_xticks(x, [n.replace("features.", "conv ").replace("classifier.", "fc ") for n in names],
                   rotation=60, fontsize=8)
@@ -209,8 +213,10 @@ def latency_bars(rows: Sequence[dict], flop_ratio: float):
     labels = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(batches), figsize=(3.4 * len(batches), 3.4), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        t = {r["model"]: 1e3 * r["seconds"] for r in rows if r["batch"] == b}
-        ax.bar(labels, [t[m] for m in labels], color=[f"C{i}" for i in range(len(labels))])
+        ms = {m: np.array([1e3 * r["seconds"] for r in rows if r["batch"] == b and r["model"] == m]) for m in labels}
+        t = {m: v.mean() for m, v in ms.items()}  # mean over seeds' models when several
+        err = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in ms.values()]
+        ax.bar(labels, [t[m] for m in labels], yerr=err, capsize=3, color=[f"C{i}" for i in range(len(labels))])
         ax.axhline(t[labels[0]] / flop_ratio, color="k", linestyle="--",
                    label=f"unpruned / FLOP ratio ({flop_ratio:.1f}x)")
         ax.set_title(f"batch {b}")
@@ -229,9 +235,11 @@ def compression_vs_rate(rows: Sequence[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, key, scale, title in ((axes[0], "approx_mb", 1.0, "paper's approximate size"),
                                   (axes[1], "dense_bytes", 1e-6, "safetensors file")):
-        for method, rs in _by_method(rows).items():
-            ax.plot([r["rate"] for r in rs], [scale * r[key] for r in rs], label=method,
-                    **METHOD_STYLE.get(method, {}))
+        for method, rs in _by_method(rows).items():  # mean over seeds (sizes barely vary)
+            rates, mean, std, _ = seed_stats(rs, key, scale)
+            line, = ax.plot(rates, mean, label=method, **METHOD_STYLE.get(method, {}))
+            if std.any():
+                ax.fill_between(rates, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_yscale("log")
         ax.set_xlabel("prune rate r")
         ax.set_title(title)

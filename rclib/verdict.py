@@ -51,7 +51,8 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "OUTCOMES", "Stat", "Verdict", "spread", "fmt",
-           "threshold", "paired", "correlation", "wilson", "share", "direction", "against_paper"]
+           "threshold", "paired", "correlation", "seeded_correlation", "wilson", "share", "direction",
+           "against_paper"]
 
 HOLDS = "holds"
 FAILS = "does not hold"
@@ -346,6 +347,44 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
                        **show)
     return inconclusive(estimate, f"{n} {items}, interval spans 0", f"{interval} spans 0",
                         low, high)
+
+
+def seeded_correlation(x: Values, y: Values, seeds: Values, claim: str = "negative",
+                       method: str = "pearson", *, n_boot: int = 2000, seed: int = 0,
+                       min_n: int = 5, level: float = 0.95) -> Verdict:
+    """A correlation over models pooled from several seeds (one pair per model and seed).
+
+    Rule: :func:`correlation` on the pooled pairs gives the estimate and its bootstrap
+    interval; each seed's own models give its own estimate. HOLDS iff the pooled verdict holds
+    **and** every seed's estimate lies on the claimed side of 0; FAILS iff the pooled verdict
+    fails **and** every seed's estimate lies on the other side; else INCONCLUSIVE. Pooling alone
+    would let one seed's many models decide; the per-seed check is what "could flip with the
+    choice of seeds" means here. Fewer than two seeds is INCONCLUSIVE. The detail names how many
+    seeds agree. Used by chapter 03 and book/claims.
+    """
+    xv, yv, sv = _vector(x, "x"), _vector(y, "y"), np.asarray(seeds)
+    if not xv.shape == yv.shape == sv.shape:
+        raise ValueError(f"x, y and seeds must pair up: {xv.size}, {yv.size}, {sv.size} values")
+    pooled = correlation(xv, yv, claim, method, n_boot=n_boot, seed=seed, min_n=min_n, level=level)
+    rank = (lambda v: stats.rankdata(v)) if method == "spearman" else (lambda v: v)
+    per_seed = []
+    for s in np.unique(sv):
+        a, b = xv[sv == s], yv[sv == s]
+        if a.size >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0:
+            per_seed.append(float(_pearson_rows(rank(a), rank(b))))
+    k = sum((r < 0) if claim == "negative" else (r > 0) for r in per_seed)
+    agree = f"{k} of {len(per_seed)} seeds on the claimed side"
+    if len(per_seed) < 2:
+        outcome, why = INCONCLUSIVE, f"fewer than two seeds have a defined correlation ({agree})"
+    elif pooled.outcome == HOLDS and k == len(per_seed):
+        outcome, why = HOLDS, f"{pooled.sentence.split(': ', 1)[1]}, and {agree}"
+    elif pooled.outcome == FAILS and k == 0:
+        outcome, why = FAILS, f"{pooled.sentence.split(': ', 1)[1]}, and {agree}"
+    else:
+        outcome, why = INCONCLUSIVE, f"pooled: {pooled.sentence}; {agree}"
+    return Verdict(outcome, pooled.estimate, pooled.low, pooled.high, pooled.n,
+                   f"{pooled.detail}; {agree}", f"{outcome}: {why}", claim=pooled.claim,
+                   level=level, scale=1.0, unit="", digits=2, signed=True, label=pooled.label)
 
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

@@ -259,3 +259,19 @@ def test_direction_and_against_paper():
     assert V.against_paper(yes) == "agrees with the paper"
     assert V.against_paper(no) == "disagrees with the paper"
     assert "neither" in V.against_paper(unsure)
+
+
+def test_seeded_correlation_needs_every_seed_to_agree():
+    rng = np.random.default_rng(0)
+    seeds = np.repeat([0, 1, 2], 8)
+    x = rng.normal(size=24)
+    y = -x + 0.1 * rng.normal(size=24)  # every seed strongly negative
+    v = V.seeded_correlation(x, y, seeds, "negative")
+    assert v.holds and "3 of 3 seeds" in v.detail
+    assert V.seeded_correlation(x, -y, seeds, "negative").fails
+    flipped = y.copy()
+    flipped[seeds == 2] *= -1  # one seed's models point the other way
+    mixed = V.seeded_correlation(x, flipped, seeds, "negative")
+    assert mixed.inconclusive and "2 of 3 seeds" in mixed.detail
+    single = V.seeded_correlation(x[:8], y[:8], seeds[:8], "negative")
+    assert single.inconclusive  # one seed is an anecdote, however many models it has
