@@ -46,8 +46,10 @@ def toc_notebooks(root: Path) -> list[Path]:
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if "file" in node:
-                path = Path(str(node["file"]))
+            for key in ("root", "file"):  # the root page is a document too
+                if key not in node:
+                    continue
+                path = Path(str(node[key]))
                 if path.suffix == ".ipynb" or (not path.suffix and (root / path.with_suffix(".ipynb")).exists()):
                     found.append(path.with_suffix(".ipynb"))
             for value in node.values():

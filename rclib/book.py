@@ -32,7 +32,7 @@ def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any) -> d
     """
     def plain(v: Any) -> Any:  # glue stores a repr that must read back: no nan, no numpy types
         if isinstance(v, (float, int)) and not isinstance(v, bool):
-            return None if v != v else float(v)
+            return None if v != v else float(f"{v:.6g}")  # 6 significant digits: no 14.799999999999997
         return v if v is None or isinstance(v, (str, bool)) else str(v)
 
     return dict(section=section, quantity=quantity, paper=plain(paper), ours=plain(ours), verdict=str(verdict))
@@ -76,6 +76,39 @@ def gather(chapters: Sequence[str], src=None):
             raise ValueError(f"{c} glued no 'claims' list")
         rows += [dict(r, chapter=c) for r in found]
     return pd.DataFrame(rows)
+
+
+def outcome(verdict_text: str) -> str:
+    """The outcome word of a verdict's text ("holds (3 of 3 seeds agree; ...)" -> "holds")."""
+    return str(verdict_text).split(" (")[0].split(":")[0]
+
+
+def verdict_counts(claims):
+    """Claims per chapter and outcome (holds / does not hold / inconclusive), with totals."""
+    import pandas as pd
+
+    from .verdict import OUTCOMES
+
+    t = claims.assign(outcome=claims.verdict.map(outcome))
+    counts = pd.crosstab(t.chapter, t.outcome).reindex(columns=list(OUTCOMES), fill_value=0)
+    counts.loc["all chapters"] = counts.sum()
+    return counts
+
+
+def claims_markdown(claims) -> str:
+    """The gathered claims as one Markdown table, each row linking to the chapter that measures
+    it (links point at the rendered HTML pages). Used by the claims page."""
+    def cell(v: Any) -> str:
+        missing = v is None or v == "" or (isinstance(v, float) and v != v)  # pandas turns None into nan
+        text = "—" if missing else (f"{v:g}" if isinstance(v, float) else str(v))
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| where | claim | paper | ours (mean ± sd over seeds) | verdict |", "|---|---|---|---|---|"]
+    for r in claims.itertuples():
+        page = "../" + str(r.chapter).removesuffix(".ipynb") + ".html"
+        lines.append(f"| [{cell(r.section)}]({page}) | {cell(r.quantity)} | {cell(r.paper)} | {cell(r.ours)} | "
+                     f"**{outcome(r.verdict)}**{cell(r.verdict)[len(outcome(r.verdict)):]} |")
+    return "\n".join(lines)
 
 
 def comparison(rows: Sequence[dict[str, Any]]):

@@ -51,16 +51,29 @@ def samples(x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str], n: int
     return fig
 
 
-def training_curve(history: Sequence[dict], title: str = "Baseline training"):
-    """Training loss (left axis) and training accuracy in % (right axis) per epoch. Chapter 00."""
-    epochs = [h["epoch"] for h in history]
+def _band(ax, x, runs: np.ndarray, scale: float = 1.0, **style):
+    """Mean line of ``runs`` (one row per seed) with a +/- one standard deviation band."""
+    runs = scale * np.atleast_2d(np.asarray(runs, dtype=float))
+    mean = runs.mean(0)
+    line, = ax.plot(x, mean, **style)
+    if len(runs) > 1:
+        std = runs.std(0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
+    return line
+
+
+def training_curve(history: Sequence[dict] | Sequence[Sequence[dict]], title: str = "Baseline training"):
+    """Training loss (left axis) and training accuracy in % (right axis) per epoch; several
+    histories (one per seed) give means with +/- std bands. Chapter 00."""
+    runs = [history] if history and isinstance(history[0], dict) else list(history)
+    epochs = [h["epoch"] for h in runs[0]]
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.plot(epochs, [h["loss"] for h in history], "o-", color="C0", label="loss")
-    ax.set_xlabel("epoch")
+    _band(ax, epochs, [[h["loss"] for h in r] for r in runs], marker="o", color="C0", label="loss")
+    ax.set_xlabel("epoch" + (f" (mean ± std over {len(runs)} seeds)" if len(runs) > 1 else ""))
     ax.set_ylabel("cross-entropy loss", color="C0")
-    if all("accuracy" in h for h in history):
+    if all("accuracy" in h for r in runs for h in r):
         ax2 = ax.twinx()
-        ax2.plot(epochs, [100 * h["accuracy"] for h in history], "s-", color="C1", label="accuracy")
+        _band(ax2, epochs, [[h["accuracy"] for h in r] for r in runs], 100, marker="s", color="C1", label="accuracy")
         ax2.set_ylabel("training accuracy (%)", color="C1")
         ax2.set_ylim(0, 100)
         ax2.grid(False)
@@ -72,14 +85,15 @@ def training_curve(history: Sequence[dict], title: str = "Baseline training"):
 def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
                   paper: dict[str, tuple[float, float]] | None = None,
                   title: str = "FGSM robust accuracy", attack: str = "FGSM"):
-    """Robust accuracy (%) against epsilon for one or more models.
+    """Robust accuracy (%) against epsilon for one or more models; a model's curve may be one
+    list or one list per seed (then its mean with a +/- std band).
 
     ``paper`` marks points reported by the paper: ``{label: (epsilon, accuracy in [0, 1])}``.
     Chapters 00, 01, 02 and 04.
     """
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for i, (label, acc) in enumerate(curves.items()):
-        ax.plot(epsilons, [100 * a for a in acc], "o-", color=f"C{i}", label=label)
+        _band(ax, epsilons, acc, 100, marker="o", color=f"C{i}", label=label)
     for label, (eps, acc) in (paper or {}).items():
         ax.plot([eps], [100 * acc], "*", markersize=12, color="k", label=label)
     ax.set_xlabel(r"$\epsilon$ (L$\infty$ step, pixels in [0, 1])")

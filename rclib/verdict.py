@@ -51,7 +51,8 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "OUTCOMES", "Stat", "Verdict", "spread", "fmt",
-           "threshold", "paired", "correlation", "seeded_correlation", "wilson", "share", "direction",
+           "threshold", "paired", "correlation", "seeded_correlation", "arithmetic", "wilson", "share",
+           "direction",
            "against_paper"]
 
 HOLDS = "holds"
@@ -385,6 +386,26 @@ def seeded_correlation(x: Values, y: Values, seeds: Values, claim: str = "negati
     return Verdict(outcome, pooled.estimate, pooled.low, pooled.high, pooled.n,
                    f"{pooled.detail}; {agree}", f"{outcome}: {why}", claim=pooled.claim,
                    level=level, scale=1.0, unit="", digits=2, signed=True, label=pooled.label)
+
+
+def arithmetic(value: float, target: float, tolerance: float, *, unit: str = "", digits: int = 2) -> Verdict:
+    """For a number that no seed can change (a formula applied to fixed shapes, e.g. the paper's
+    size formula on VGG16's layer sizes): HOLDS iff ``|value - target| <= tolerance``, else FAILS.
+    Never INCONCLUSIVE: there is no spread to be unsure about, only the stated tolerance (e.g.
+    the rounding of the paper's printed number). Used by chapter 00 and book/claims.
+    """
+    v, t = float(value), float(target)
+    if not (math.isfinite(v) and math.isfinite(t) and tolerance >= 0):
+        raise ValueError(f"value={value!r}, target={target!r}, tolerance={tolerance!r}: finite numbers, tolerance >= 0")
+    diff = v - t
+    ok = abs(diff) <= tolerance
+    outcome = HOLDS if ok else FAILS
+    tol = _with_unit(_num(tolerance, 1.0, digits, False), unit)
+    detail = f"exact arithmetic, within {tol}" if ok else f"exact arithmetic, off by more than {tol}"
+    return Verdict(outcome, v, math.nan, math.nan, 1, detail,
+                   f"{outcome}: {_num(v, 1.0, digits, False)} against {_num(t, 1.0, digits, False)} "
+                   f"({'within' if ok else 'outside'} {tol})", claim=f"|value - {t:g}| <= {tolerance:g}",
+                   scale=1.0, unit=unit, digits=digits, signed=False)
 
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

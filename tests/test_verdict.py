@@ -275,3 +275,12 @@ def test_seeded_correlation_needs_every_seed_to_agree():
     assert mixed.inconclusive and "2 of 3 seeds" in mixed.detail
     single = V.seeded_correlation(x[:8], y[:8], seeds[:8], "negative")
     assert single.inconclusive  # one seed is an anecdote, however many models it has
+
+
+def test_arithmetic_is_exact_within_its_tolerance():
+    ok = V.arithmetic(263.87, 263.9, 0.05, unit="MiB")
+    assert ok.holds and "within 0.05 MiB" in ok.detail and "263.87 against 263.90" in ok.sentence
+    off = V.arithmetic(527.74, 534.3, 0.05, unit="MiB")
+    assert off.fails and "off by more than" in off.detail
+    with pytest.raises(ValueError):
+        V.arithmetic(float("nan"), 1.0, 0.1)
