@@ -63,8 +63,9 @@ def _centre_tap(c_in: int, c_out: int) -> nn.Conv2d:
     PyTorch's default init of a 1x1 kernel draws from a range 3x wider (fan_in C, not 9C), so
     those layers would end up with larger weights than a 3x3 layer trained the same way, and
     global magnitude pruning would then cut everywhere else first. Taking the centre tap keeps
-    the 3x3 scale and consumes the same random numbers, so a seeded model starts (and, since
-    the dropped taps never learned, trains) as the 3x3 model did.
+    the 3x3 scale and consumes the same random numbers, so a seeded model starts as the 3x3
+    model did (the same logits to float precision; training then drifts apart, since Adam
+    amplifies the different summation order).
 
     Used by chapter 00 through ``build``.
     """
