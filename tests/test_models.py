@@ -224,3 +224,22 @@ def test_one_by_one_conv_is_the_centre_tap_of_a_3x3():
         assert torch.allclose(conv1(x), conv3(x), atol=1e-6)  # same function on a 1x1 map
     bound = 1 / (16 * 9) ** 0.5  # kaiming_uniform(a=sqrt(5)) of a 3x3 layer
     assert conv1.weight.abs().max() <= bound
+
+
+def test_never_learning_weights_finds_taps_that_only_see_padding():
+    # The check above has teeth: the former layout (3x3 kernels on blocks 4-5's 1x1 maps, rebuilt
+    # through an explicit layer list) leaves most weights without any gradient.
+    from rclib import data
+
+    cfg = config.load("smoke", seed=0, train_size=128)
+    splits = data.load(cfg)
+    model = models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std)
+    s = models.describe(model)
+    s["layers"]["features"] = [["conv", e[1], e[2], 3, 1, 1] if e[0] == "conv" else e
+                               for e in s["layers"]["features"]]
+    torch.manual_seed(0)
+    padded = models.from_spec(s)
+    counts = never_learning_weights(padded, splits.train, cfg.lr)
+    convs = [m for _, m in models.prunable_layers(padded)][7:13]
+    off_centre = sum(m.weight.numel() * 8 / 9 for m in convs) / counts["weights"]
+    assert counts["never"] >= off_centre - 0.01, (counts, off_centre)
