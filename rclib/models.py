@@ -54,19 +54,44 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
+def _centre_tap(c_in: int, c_out: int) -> nn.Conv2d:
+    """A 1x1 convolution holding the centre tap of a default-initialised 3x3 one.
+
+    On a 1x1 map a padded 3x3 kernel only ever multiplies its centre tap with real input; the
+    other 8 taps see zero padding, get no gradient and keep their initial values, yet global
+    magnitude pruning counts them. A 1x1 kernel computes the same function without them.
+    PyTorch's default init of a 1x1 kernel draws from a range 3x wider (fan_in C, not 9C), so
+    those layers would end up with larger weights than a 3x3 layer trained the same way, and
+    global magnitude pruning would then cut everywhere else first. Taking the centre tap keeps
+    the 3x3 scale and consumes the same random numbers, so a seeded model starts as the 3x3
+    model did (the same logits to float precision; training then drifts apart, since Adam
+    amplifies the different summation order).
+
+    Used by chapter 00 through ``build``.
+    """
+    conv3 = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+    # built on "meta" so that it draws no random numbers; both parameters are replaced
+    conv = nn.Conv2d(c_in, c_out, kernel_size=1, padding=0, device="meta")
+    conv.weight = nn.Parameter(conv3.weight.detach()[:, :, 1:2, 1:2].clone())
+    conv.bias = nn.Parameter(conv3.bias.detach().clone())
+    return conv
+
+
 def _small_features(in_channels: int, image_size: int, width: int, batch_norm: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     c_in, size = in_channels, image_size
     for block in VGG16_BLOCKS:
         for c in block:
             c_out = max(1, c * width // 64)
-            layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+            # an 8x8 input has room for only 3 of VGG16's 5 pools, so blocks 4-5 see 1x1 maps
+            if size == 1:
+                layers.append(_centre_tap(c_in, c_out))
+            else:
+                layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(c_out))
             layers.append(nn.ReLU(inplace=True))
             c_in = c_out
-        # VGG16 pools after each of its 5 blocks; an 8x8 input only has room for 3 halvings,
-        # so later blocks keep their 1x1 maps (their convs still act, on the centre tap).
         if size >= 2:
             layers.append(nn.MaxPool2d(2))
             size //= 2

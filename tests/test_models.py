@@ -141,3 +141,105 @@ def test_summary_and_count(tiny_model):
     assert table["parameters"].sum() == sum(
         p.numel() for _, m in models.prunable_layers(tiny_model) for p in m.parameters())
     assert models.count_parameters(tiny_model) > table["parameters"].sum()  # + BatchNorm
+
+
+def never_learning_weights(model: nn.Module, loader, lr: float) -> dict[str, float]:
+    """Train ``model`` one epoch (Adam, ``lr``) and count prunable weights whose gradient is
+    identically zero on every batch.
+
+    A weight whose input or output unit is a dead ReLU (zero on every example and position of
+    the epoch) is counted apart: that is a training outcome, not a flaw of the architecture.
+    Relies on the VGG layout: prunable layer i is followed by ReLU i (all but the last) and fed
+    by ReLU i-1 (all but the first, which reads pixels).
+
+    Returns:
+        ``{"never": share of all prunable weights with zero gradient, dead units aside,
+        "dead_unit": share touching a dead ReLU unit, "weights": their number}``.
+    """
+    layers = [m for _, m in models.prunable_layers(model)]
+    relus = [m for m in list(model.features) + list(model.classifier) if isinstance(m, nn.ReLU)]
+    assert len(relus) == len(layers) - 1
+    alive = [None] * len(relus)
+
+    def hook(i):
+        def record(_m, _inp, out):
+            fired = (out > 0).any(0)
+            fired = fired.flatten(1).any(1) if fired.dim() > 1 else fired  # per channel / unit
+            alive[i] = fired if alive[i] is None else alive[i] | fired
+        return record
+
+    hooks = [r.register_forward_hook(hook(i)) for i, r in enumerate(relus)]
+    grads = [torch.zeros_like(m.weight) for m in layers]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    try:
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            for g, m in zip(grads, layers):
+                g += m.weight.grad.abs()
+            opt.step()
+    finally:
+        for h in hooks:
+            h.remove()
+    never = dead = total = 0
+    for i, (g, m) in enumerate(zip(grads, layers)):
+        out_dead = ~alive[i] if i < len(relus) else torch.zeros(g.shape[0], dtype=torch.bool)
+        in_dead = ~alive[i - 1] if i > 0 else torch.zeros(g.shape[1], dtype=torch.bool)
+        touches = out_dead.view(-1, 1) | in_dead.view(1, -1)
+        touches = touches.view(*touches.shape, *([1] * (g.dim() - 2))).expand_as(g)
+        never += int(((g == 0) & ~touches).sum())
+        dead += int(touches.sum())
+        total += g.numel()
+    return {"never": never / total, "dead_unit": dead / total, "weights": total}
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu"])
+def test_every_prunable_weight_of_the_small_model_learns(profile):
+    # VGG16's 5 blocks at 8x8: blocks 4-5 run on 1x1 maps, where 3x3 kernels would hold taps that
+    # only multiply padding (70% of the weights once); they must not exist.
+    from rclib import data
+
+    cfg = config.load(profile, seed=0)
+    splits = data.load(cfg)
+    model = models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std)
+    convs = [m for _, m in models.prunable_layers(model)][:13]
+    assert [c.kernel_size for c in convs] == [(3, 3)] * 7 + [(1, 1)] * 6
+    counts = never_learning_weights(model, splits.train, cfg.lr)
+    assert counts["never"] < 0.02, counts
+    assert counts["dead_unit"] < 0.2, counts  # a few dead units are normal; most must fire
+
+
+def test_one_by_one_conv_is_the_centre_tap_of_a_3x3():
+    # The same seed gives the 1x1 layer exactly the centre tap a 3x3 layer would have drawn, so
+    # pruning sees the 3x3 scale (fan_in 9C), not PyTorch's 3x larger 1x1 default.
+    torch.manual_seed(5)
+    conv3 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+    torch.manual_seed(5)
+    conv1 = models._centre_tap(16, 32)
+    assert conv1.kernel_size == (1, 1) and conv1.padding == (0, 0)
+    assert torch.equal(conv1.weight, conv3.weight[:, :, 1:2, 1:2]) and torch.equal(conv1.bias, conv3.bias)
+    x = torch.randn(4, 16, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(conv1(x), conv3(x), atol=1e-6)  # same function on a 1x1 map
+    bound = 1 / (16 * 9) ** 0.5  # kaiming_uniform(a=sqrt(5)) of a 3x3 layer
+    assert conv1.weight.abs().max() <= bound
+
+
+def test_never_learning_weights_finds_taps_that_only_see_padding():
+    # The check above has teeth: the former layout (3x3 kernels on blocks 4-5's 1x1 maps, rebuilt
+    # through an explicit layer list) leaves most weights without any gradient.
+    from rclib import data
+
+    cfg = config.load("smoke", seed=0, train_size=128)
+    splits = data.load(cfg)
+    model = models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std)
+    s = models.describe(model)
+    s["layers"]["features"] = [["conv", e[1], e[2], 3, 1, 1] if e[0] == "conv" else e
+                               for e in s["layers"]["features"]]
+    torch.manual_seed(0)
+    padded = models.from_spec(s)
+    counts = never_learning_weights(padded, splits.train, cfg.lr)
+    convs = [m for _, m in models.prunable_layers(padded)][7:13]
+    off_centre = sum(m.weight.numel() * 8 / 9 for m in convs) / counts["weights"]
+    assert counts["never"] >= off_centre - 0.01, (counts, off_centre)
