@@ -130,7 +130,8 @@ def main() -> None:
     if not args.no_vgg16:
         rows += bench(*vgg16_model(), max(args.batch // 4, 1), args.steps, max(args.repeats // 3, 3), args.eps)
     head = ("model", "attack", "library", "examples/s", "time / rclib's", "max |x_adv - rclib's|")
-    table = [head] + [(m, a, lib, f"{r:,.0f}" if r >= 100 else f"{r:.2f}", f"{q:.2f}x", f"{d:.1e}") for m, a, lib, r, q, d in rows]
+    table = [head] + [(m, a, lib, f"{r:,.0f}" if r >= 100 else f"{r:.2f}", f"{q:.2f}x", f"{d:.1e}")
+                      for m, a, lib, r, q, d in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for i, r in enumerate(table):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

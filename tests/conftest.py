@@ -63,7 +63,7 @@ def smoke_book(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained():
+def trained_toy():
     """A tiny VGG trained for a few seconds on 256 digits (about 50% test accuracy), with its
     splits; shared by the attack tests (training it once keeps them fast)."""
     from rclib import data, train

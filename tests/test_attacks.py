@@ -106,8 +106,8 @@ def test_fgsm_gradient_is_taken_in_eval_mode():
     assert model.training is False
 
 
-def test_robust_accuracy_at_zero_is_clean_accuracy(trained):
-    model, s = trained
+def test_robust_accuracy_at_zero_is_clean_accuracy(trained_toy):
+    model, s = trained_toy
     model.train()
     clean = train.evaluate(model, s.test)
     assert attacks.robust_accuracy(model, s.test, attacks.fgsm, 0.0) == clean
@@ -115,8 +115,8 @@ def test_robust_accuracy_at_zero_is_clean_accuracy(trained):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_robust_accuracy_falls_with_eps(trained):
-    model, s = trained
+def test_robust_accuracy_falls_with_eps(trained_toy):
+    model, s = trained_toy
     model.eval()
     curve = attacks.robust_curve(model, s.test, [0.0, 0.1, 0.3])
     assert all(0.0 <= a <= 1.0 for a in curve)
@@ -143,7 +143,8 @@ def test_robust_accuracy_counts_every_example():
 # --- PGD -------------------------------------------------------------------------------------
 
 
-def _art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+def _art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+             steps: int) -> torch.Tensor:
     """ART's ProjectedGradientDescent (norm inf, no random start) on every example, the same model."""
     import numpy as np
     from art.attacks.evasion import ProjectedGradientDescent
@@ -161,8 +162,8 @@ def _art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
 
 
 @pytest.mark.parametrize("eps,alpha,steps", [(0.05, 0.01, 10), (0.2, 0.05, 7), (0.3, 0.5, 3)])
-def test_pgd_without_random_start_matches_art(trained, eps, alpha, steps):
-    model, s = trained
+def test_pgd_without_random_start_matches_art(trained_toy, eps, alpha, steps):
+    model, s = trained_toy
     x, y = next(iter(s.test))
     ours = attacks.pgd(model, x, y, eps, alpha=alpha, steps=steps, random_start=False)
     assert all(p.grad is None for p in model.parameters())
@@ -216,12 +217,12 @@ def test_pgd_restores_mode_and_leaves_no_parameter_grads(tiny_model, mode):
     assert torch.equal(tiny_model.features[1].running_mean, running)  # eval mode inside
 
 
-def test_pgd_restarts_are_never_worse_per_example(trained):
+def test_pgd_restarts_are_never_worse_per_example(trained_toy):
     import copy
 
     # float64, so that a batch of 4x the size cannot flip a gradient sign through rounding
-    model = copy.deepcopy(trained[0]).double().eval()
-    x, y = next(iter(trained[1].test))
+    model = copy.deepcopy(trained_toy[0]).double().eval()
+    x, y = next(iter(trained_toy[1].test))
     x = x.double()
     one = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=5, generator=torch.Generator().manual_seed(7))
     four = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=5, restarts=4,
@@ -236,8 +237,8 @@ def test_pgd_restarts_are_never_worse_per_example(trained):
     assert wrong4.sum() >= wrong1.sum()
 
 
-def test_pgd_is_at_least_as_strong_as_fgsm(trained):
-    model, s = trained
+def test_pgd_is_at_least_as_strong_as_fgsm(trained_toy):
+    model, s = trained_toy
     for eps in (0.05, 0.1, 0.2):
         f = attacks.robust_accuracy(model, s.test, attacks.fgsm, eps)
         p = attacks.robust_accuracy(model, s.test, attacks.pgd, eps, steps=10, restarts=2)
@@ -245,10 +246,10 @@ def test_pgd_is_at_least_as_strong_as_fgsm(trained):
     assert attacks.robust_accuracy(model, s.test, attacks.pgd, 0.5, steps=20) == 0.0  # no masking
 
 
-def test_robust_correct_is_per_example_and_passes_keywords(trained):
+def test_robust_correct_is_per_example_and_passes_keywords(trained_toy):
     import functools
 
-    model, s = trained
+    model, s = trained_toy
     kw = dict(alpha=0.02, steps=5, random_start=False)
     mask = attacks.robust_correct(model, s.test, attacks.pgd, 0.1, **kw)
     n = len(s.test.dataset)
