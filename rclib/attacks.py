@@ -148,6 +148,24 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     return adv
 
 
+def transfer(source: nn.Module, attack: Attack = pgd, **attack_kwargs: Any) -> Attack:
+    """A transfer attack: the returned ``attack(model, x, y, eps)`` crafts its examples on
+    ``source`` (a surrogate) with ``attack`` and ignores the model it is given, which is then only
+    evaluated on them. White-box robust accuracy should be at most the transfer one; if it is
+    higher, the gradients of the attacked model are masked.
+
+    Example:
+        >>> robust_correct(pruned, loader, transfer(baseline, pgd, steps=10), eps=0.1)
+
+    Used by chapter 05 (gradient-masking checks).
+    """
+
+    def crafted_on_source(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        return attack(source, x, y, eps, **attack_kwargs)
+
+    return crafted_on_source
+
+
 @torch.no_grad()
 def _still_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1) == y

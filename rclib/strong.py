@@ -109,8 +109,10 @@ def classifier(model: nn.Module, input_shape: tuple[int, ...], nb_classes: int):
 
 def _tensors(data: DataLoader | tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(data, DataLoader):
-        xs, ys = zip(*[(x.detach().cpu(), y.detach().cpu()) for x, y in data]) if len(data) else ((), ())
-        x, y = (torch.cat(xs), torch.cat(ys)) if xs else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        batches = [(x.detach().cpu(), y.detach().cpu()) for x, y in data]
+        if not batches:
+            raise ValueError("the data loader yielded no batches")
+        x, y = (torch.cat(t) for t in zip(*batches))
     else:
         x, y = (t.detach().cpu() for t in data)
     return x.numpy().astype(np.float32), y.numpy().astype(np.int64)

@@ -260,3 +260,20 @@ def test_robust_correct_is_per_example_and_passes_keywords(trained_toy):
     clean = attacks.robust_correct(model, s.test, attacks.fgsm, 0.0)
     assert bool((clean | ~mask).all())
     assert attacks.robust_curve(model, s.test, [0.0, 0.1], attacks.pgd, **kw)[1] == int(mask.sum()) / n
+
+
+def test_transfer_crafts_on_the_source_and_evaluates_the_target(trained_toy):
+    from toys import tiny_vgg
+
+    model, s = trained_toy
+    kw = dict(alpha=0.02, steps=5, random_start=False)
+    direct = attacks.robust_correct(model, s.test, attacks.pgd, 0.1, **kw)
+    x, y = next(iter(s.test))
+    crafted = attacks.transfer(model, attacks.pgd, **kw)(tiny_vgg(5), x, y, 0.1)  # the target is ignored
+    assert torch.equal(crafted, attacks.pgd(model, x, y, 0.1, **kw))
+    # crafted on the model itself, a transfer attack is the white-box attack
+    assert torch.equal(attacks.robust_correct(model, s.test, attacks.transfer(model, attacks.pgd, **kw), 0.1), direct)
+    # crafted on an untrained surrogate, it is weaker than white-box on this model
+    weak = attacks.robust_correct(model, s.test, attacks.transfer(tiny_vgg(5), attacks.pgd, **kw), 0.1)
+    assert weak.sum() >= direct.sum()
+    assert all(p.grad is None for p in model.parameters())
