@@ -20,9 +20,9 @@ Attacks (``name``; all L-infinity, pixels in [0, 1]):
 - ``"square"``: Square Attack (Andriushchenko et al., 2020), black-box, margin loss, at most
   ``square_queries`` iterations (one model query per still-robust example each) per restart,
   ``restarts`` restarts. The query budget is the caller's: measured on one CPU thread, 1000
-  queries on 500 digits cost 80 s for the ``cpu`` profile's vgg_small (random weights) when no example breaks
-  (the worst case: broken examples stop being queried); there APGD-CE's 100 steps cost 8 s and
-  APGD-T's 9 targets 75 s.
+  queries on 500 digits cost 80 s for the ``cpu`` profile's vgg_small (random weights) when no
+  example breaks (the worst case: broken examples stop being queried); there APGD-CE's 100 steps
+  cost 8 s and APGD-T's 9 targets 75 s.
 - ``"autoattack"``: AutoAttack's standard ensemble without FAB-T: apgd-ce, then apgd-t, then
   square, each on the examples the previous ones did not break. ART's own ``AutoAttack`` class
   is not used: it imports ``multiprocess`` (not an ART dependency) and runs a different list
