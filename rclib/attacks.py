@@ -89,8 +89,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
         x: clean inputs (B, C, H, W) in [0, 1], on the model's device.
         y: true labels (B,).
         eps: L-infinity radius in pixel units (>= 0); 0 returns a copy of ``x``.
-        alpha: step size; default ``2.5 * eps / steps`` (Madry et al.'s ratio, so the steps can
-            cross the ball from a random start).
+        alpha: step size; default ``2.5 * eps / steps``: together the steps can travel 2.5 eps,
+            enough to cross the ball from a random start, with room to turn.
         steps: gradient steps (>= 1).
         random_start: start each restart from a uniform point in the eps-ball (clamped to [0, 1]);
             without it the start is ``x`` and the attack is deterministic.
