@@ -78,10 +78,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     projection onto their intersection. The loss is the per-example *sum* of cross-entropies, so an
     example's step does not depend on the batch it sits in (the sign is the same as for the mean).
 
-    Restarts run as one batch of ``restarts * B`` inputs (eval mode makes examples independent),
-    and each example keeps its worst restart: a misclassified one if any, else the one with the
+    Restarts run as one batch of ``restarts * B`` inputs (eval mode makes examples independent;
+    memory grows accordingly, so lower the batch size for many restarts of a large model), and
+    each example keeps its worst restart: a misclassified one if any, else the one with the
     highest loss. Restart 0 draws its random start exactly as ``restarts=1`` would from the same
-    generator state, so more restarts are never weaker per example.
+    generator state, so more restarts are never weaker per example (up to the rounding
+    differences a larger batch may bring, which can flip the sign of a near-zero gradient).
 
     Args:
         model: classifier mapping (B, C, H, W) pixels in [0, 1] to (B, K) logits; evaluated in
