@@ -1,23 +1,28 @@
-"""Adversarial attacks (paper Eq 3-5 and Eq 8) in pixel space, inputs in [0, 1].
+"""Adversarial attacks (paper Eq 3-5 and Eq 8, and PGD) in pixel space, inputs in [0, 1].
 
 Every attack takes the gradient with the model in eval mode (dropout off, BatchNorm using its
 running statistics: the model that is being attacked is the deployed one), restores the
 caller's train/eval mode afterwards, and uses ``torch.autograd.grad`` so no parameter gradient
 is accumulated as a side effect.
 
+The strongest evaluation (APGD, Square, AutoAttack) is not hand-written: :mod:`rclib.strong`
+runs it from the adversarial-robustness-toolbox and returns per-example outcomes in the same form
+as :func:`robust_correct`, so a chapter can take the worst case over all attacks per example.
+
 Used by chapter 00 (robust accuracy vs epsilon) and all later chapters.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# attack(model, x, y, eps, **kwargs) -> x_adv; extra keywords (PGD's alpha, steps, ...) pass through
+Attack = Callable[..., torch.Tensor]
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,12 +67,150 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     return (x.detach() + eps * grad.sign()).clamp(0.0, 1.0)
 
 
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+        steps: int = 10, random_start: bool = True, restarts: int = 1, *,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """L-infinity projected gradient descent (Madry et al., 2018), the iterated form of Eq 8:
+    ``x_{t+1} = clamp(proj_{|d| <= eps}(x_t + alpha * sign(grad_x CE(h(x_t), y)) - x), 0, 1)``.
+
+    Each step projects onto the eps-ball around ``x`` and then onto the pixel box; both are
+    per-pixel intervals that contain ``x``, so clamping to one and then the other is the exact
+    projection onto their intersection. The loss is the per-example *sum* of cross-entropies, so an
+    example's step does not depend on the batch it sits in (the sign is the same as for the mean).
+
+    Restarts run as one batch of ``restarts * B`` inputs (eval mode makes examples independent;
+    memory grows accordingly, so lower the batch size for many restarts of a large model), and
+    each example keeps its worst restart: a misclassified one if any, else the one with the
+    highest loss. Restart 0 draws its random start exactly as ``restarts=1`` would from the same
+    generator state, so more restarts are never weaker per example (up to the rounding
+    differences a larger batch may bring, which can flip the sign of a near-zero gradient).
+
+    Args:
+        model: classifier mapping (B, C, H, W) pixels in [0, 1] to (B, K) logits; evaluated in
+            eval mode, its train/eval mode restored afterwards; no parameter gradient is created.
+        x: clean inputs (B, C, H, W) in [0, 1], on the model's device.
+        y: true labels (B,).
+        eps: L-infinity radius in pixel units (>= 0); 0 returns a copy of ``x``.
+        alpha: step size; default ``2.5 * eps / steps``: together the steps can travel 2.5 eps,
+            enough to cross the ball from a random start, with room to turn.
+        steps: gradient steps (>= 1).
+        random_start: start each restart from a uniform point in the eps-ball (clamped to [0, 1]);
+            without it the start is ``x`` and the attack is deterministic.
+        restarts: independent random starts (>= 1); per-example worst case over them.
+        generator: the random source for the starts (default: torch's global one).
+
+    Returns:
+        Adversarial inputs (B, C, H, W), detached, within ``eps`` of ``x`` and in [0, 1].
+
+    Example:
+        >>> x_adv = pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, restarts=2)
+        >>> bool((x_adv - x).abs().max() <= 8 / 255)
+        True
+
+    Used by chapter 05 (PGD-10, PGD-50 with restarts) and by ``robust_accuracy`` callers that pass
+    ``functools.partial(pgd, alpha=..., steps=...)``.
+    """
+    if eps < 0:
+        raise ValueError(f"eps={eps!r} is not allowed: a PGD radius must be >= 0")
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps={steps!r}, restarts={restarts!r}: both must be >= 1")
+    x = x.detach()
+    if eps == 0:
+        return x.clone()
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    if not random_start:
+        restarts = 1  # every restart would be the same deterministic run
+    n = len(x)
+    x0 = x.repeat(restarts, *([1] * (x.dim() - 1))) if restarts > 1 else x
+    yy = y.repeat(restarts) if restarts > 1 else y
+    lo, hi = (x0 - eps).clamp_(min=0.0), (x0 + eps).clamp_(max=1.0)
+    if random_start:
+        noise = [torch.empty_like(x).uniform_(-eps, eps, generator=generator) for _ in range(restarts)]
+        adv = torch.maximum(torch.minimum(x0 + torch.cat(noise), hi), lo)
+    else:
+        adv = x0.clone()
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(adv), yy, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, adv)
+            adv = torch.maximum(torch.minimum(adv.detach().add_(grad.sign_(), alpha=alpha), hi), lo)
+        if restarts > 1:
+            with torch.no_grad():
+                logits = model(adv)
+            wrong = (logits.argmax(1) != yy).view(restarts, n)
+            score = F.cross_entropy(logits, yy, reduction="none").view(restarts, n)
+            best = torch.where(wrong, torch.inf, score).argmax(0)  # first fooling restart, else max loss
+            adv = adv.view(restarts, n, *x.shape[1:])[best, torch.arange(n, device=x.device)]
+    finally:
+        model.train(was_training)
+    return adv
+
+
+def transfer(source: nn.Module, attack: Attack = pgd, **attack_kwargs: Any) -> Attack:
+    """A transfer attack: the returned ``attack(model, x, y, eps)`` crafts its examples on
+    ``source`` (a surrogate) with ``attack`` and ignores the model it is given, which is then only
+    evaluated on them. White-box robust accuracy should be at most the transfer one; if it is
+    higher, the gradients of the attacked model are masked.
+
+    Example:
+        >>> robust_correct(pruned, loader, transfer(baseline, pgd, steps=10), eps=0.1)
+
+    Used by chapter 05 (gradient-masking checks).
+    """
+
+    def crafted_on_source(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        return attack(source, x, y, eps, **attack_kwargs)
+
+    return crafted_on_source
+
+
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    return (model(x).argmax(1) == y).sum().item()
+def _still_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
 
 
-def robust_accuracy(model: nn.Module, loader: DataLoader, attack: Attack = fgsm, eps: float = 0.1) -> float:
+def robust_correct(model: nn.Module, loader: DataLoader, attack: Attack = fgsm, eps: float = 0.1,
+                   **attack_kwargs: Any) -> torch.Tensor:
+    """Per-example outcome of an attack: a bool tensor (N,) in loader order, True where the model
+    still classifies the attacked example correctly.
+
+    The worst case over several attacks is the elementwise AND of their outcomes (an example is
+    robust only if every attack failed on it); :func:`rclib.strong.worst_case` computes it, and
+    ``outcome.float().mean()`` is the robust accuracy. The loader must not shuffle, or outcomes
+    of different attacks do not line up.
+
+    Args:
+        model: the classifier; evaluated in eval mode, its mode restored afterwards.
+        loader: yields ``(x, y)`` pixel batches, in a fixed order.
+        attack: ``attack(model, x, y, eps, **attack_kwargs) -> x_adv``; default :func:`fgsm`.
+        eps: the attack strength.
+        **attack_kwargs: passed to ``attack`` (e.g. ``alpha=0.01, steps=50, restarts=5`` for
+            :func:`pgd`).
+
+    Returns:
+        A bool tensor of shape (N,) on the CPU.
+
+    Used by chapter 05 (the per-example worst case over attacks).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outcomes = []
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            outcomes.append(_still_correct(model, attack(model, x, y, eps, **attack_kwargs), y).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outcomes) if outcomes else torch.zeros(0, dtype=torch.bool)
+
+
+def robust_accuracy(model: nn.Module, loader: DataLoader, attack: Attack = fgsm, eps: float = 0.1,
+                    **attack_kwargs: Any) -> float:
     """Robust accuracy, Eq 5: the fraction of examples still classified correctly after ``attack``.
 
     Every example is attacked, including those the model already gets wrong (they count as
@@ -76,28 +219,22 @@ def robust_accuracy(model: nn.Module, loader: DataLoader, attack: Attack = fgsm,
     Args:
         model: the classifier; evaluated in eval mode, its mode restored afterwards.
         loader: yields ``(x, y)`` pixel batches.
-        attack: ``attack(model, x, y, eps) -> x_adv``; default :func:`fgsm`.
+        attack: ``attack(model, x, y, eps, **attack_kwargs) -> x_adv``; default :func:`fgsm`.
         eps: the attack strength.
+        **attack_kwargs: passed to ``attack``, e.g. ``robust_accuracy(m, loader, pgd, 0.03,
+            steps=50, restarts=5)``.
 
     Returns:
         A float in [0, 1]; 1 - ASR of Eq 4.
 
-    Used by chapters 00-04.
+    Used by chapters 00-05.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            correct += _correct(model, attack(model, x, y, eps), y)
-            total += len(y)
-    finally:
-        model.train(was_training)
-    return correct / max(total, 1)
+    outcome = robust_correct(model, loader, attack, eps, **attack_kwargs)
+    return int(outcome.sum()) / max(len(outcome), 1)  # integer division: exactly clean accuracy at eps 0
 
 
-def robust_curve(model: nn.Module, loader: DataLoader, epsilons, attack: Attack = fgsm) -> list[float]:
-    """``robust_accuracy`` at each epsilon (a figure's y values). Used by chapters 00 and 01."""
-    return [robust_accuracy(model, loader, attack, float(e)) for e in epsilons]
+def robust_curve(model: nn.Module, loader: DataLoader, epsilons, attack: Attack = fgsm,
+                 **attack_kwargs: Any) -> list[float]:
+    """``robust_accuracy`` at each epsilon (a figure's y values); ``attack_kwargs`` go to the
+    attack. Used by chapters 00, 01 and 05."""
+    return [robust_accuracy(model, loader, attack, float(e), **attack_kwargs) for e in epsilons]

@@ -60,3 +60,17 @@ def smoke_book(tmp_path_factory):
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_toy():
+    """A tiny VGG trained for a few seconds on 256 digits (about 50% test accuracy), with its
+    splits; shared by the attack tests (training it once keeps them fast)."""
+    from rclib import data, train
+
+    s = data.load(config.load("smoke", train_size=256, test_size=64, batch_size=32))
+    cfg = config.load("smoke", width=8, hidden=32, dropout=0.0)
+    model = models.build(cfg, 10, s.input_shape, s.mean, s.std)
+    train.fit(model, s.train, epochs=10, lr=3e-3, progress=False)
+    model.zero_grad(set_to_none=True)  # fit leaves the last step's gradients behind
+    return model, s

@@ -1,4 +1,5 @@
-"""rclib.attacks: FGSM against an analytic reference, its contract, and robust accuracy."""
+"""rclib.attacks: FGSM against an analytic reference, PGD against ART's, their contract, and robust
+accuracy (overall and per example)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from rclib import attacks, config, data, models, train
+from rclib import attacks, train
 
 
 def _linear_softmax(seed: int = 0) -> nn.Sequential:
@@ -105,19 +106,8 @@ def test_fgsm_gradient_is_taken_in_eval_mode():
     assert model.training is False
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A tiny VGG trained for a few seconds on 256 digits (about 50% test accuracy)."""
-    s = data.load(config.load("smoke", train_size=256, test_size=64, batch_size=32))
-    cfg = config.load("smoke", width=8, hidden=32, dropout=0.0)
-    model = models.build(cfg, 10, s.input_shape, s.mean, s.std)
-    train.fit(model, s.train, epochs=10, lr=3e-3, progress=False)
-    model.zero_grad(set_to_none=True)  # fit leaves the last step's gradients behind
-    return model, s
-
-
-def test_robust_accuracy_at_zero_is_clean_accuracy(trained):
-    model, s = trained
+def test_robust_accuracy_at_zero_is_clean_accuracy(trained_toy):
+    model, s = trained_toy
     model.train()
     clean = train.evaluate(model, s.test)
     assert attacks.robust_accuracy(model, s.test, attacks.fgsm, 0.0) == clean
@@ -125,8 +115,8 @@ def test_robust_accuracy_at_zero_is_clean_accuracy(trained):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_robust_accuracy_falls_with_eps(trained):
-    model, s = trained
+def test_robust_accuracy_falls_with_eps(trained_toy):
+    model, s = trained_toy
     model.eval()
     curve = attacks.robust_curve(model, s.test, [0.0, 0.1, 0.3])
     assert all(0.0 <= a <= 1.0 for a in curve)
@@ -148,3 +138,142 @@ def test_robust_accuracy_counts_every_example():
     expected = (y == black).double().mean().item()
     got = attacks.robust_accuracy(model, loader, lambda m, a, b, e: torch.zeros_like(a), 0.1)
     assert got == pytest.approx(expected)
+
+
+# --- PGD -------------------------------------------------------------------------------------
+
+
+def _art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+             steps: int) -> torch.Tensor:
+    """ART's ProjectedGradientDescent (norm inf, no random start) on every example, the same model."""
+    import numpy as np
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    from rclib import strong
+
+    model.eval()
+    est = strong.classifier(model, tuple(x.shape[1:]), 10)
+    attack = ProjectedGradientDescent(est, norm=np.inf, eps=eps, eps_step=alpha, max_iter=steps,
+                                      num_random_init=0, batch_size=len(x), verbose=False)
+    try:
+        return torch.from_numpy(attack.generate(x.numpy(), y.numpy()))
+    finally:
+        model.zero_grad(set_to_none=True)  # ART's loss.backward() fills them; rclib.strong avoids that
+
+
+@pytest.mark.parametrize("eps,alpha,steps", [(0.05, 0.01, 10), (0.2, 0.05, 7), (0.3, 0.5, 3)])
+def test_pgd_without_random_start_matches_art(trained_toy, eps, alpha, steps):
+    model, s = trained_toy
+    x, y = next(iter(s.test))
+    ours = attacks.pgd(model, x, y, eps, alpha=alpha, steps=steps, random_start=False)
+    assert all(p.grad is None for p in model.parameters())
+    ref = _art_pgd(model, x, y, eps, alpha, steps)
+    assert (ours - ref).abs().max().item() <= 1e-6
+    assert (ours - x).abs().max().item() == pytest.approx(eps, abs=1e-6)  # it did move, to the ball's edge
+
+
+def test_pgd_without_random_start_matches_art_on_an_untrained_model():
+    from toys import tiny_vgg
+
+    model = tiny_vgg(3)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(24, 1, 8, 8, generator=g), torch.randint(0, 10, (24,), generator=g)
+    ours = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=10, random_start=False)
+    assert (ours - _art_pgd(model, x, y, 0.1, 0.02, 10)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("eps,restarts", [(0.03, 1), (0.1, 3), (0.5, 2)])
+def test_pgd_stays_in_the_ball_and_the_box(tiny_model, eps, restarts):
+    x = torch.rand(6, 1, 8, 8)
+    x[0] = 0.0
+    x[1] = 1.0  # on the bounds: the box must win over the ball
+    out = attacks.pgd(tiny_model, x, torch.arange(6), eps, alpha=eps / 3, steps=5, restarts=restarts)
+    assert out.shape == x.shape and out.dtype == x.dtype and not out.requires_grad
+    assert (out - x).abs().max().item() <= eps + 1e-7
+    assert out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, x)
+
+
+def test_pgd_default_step_and_eps_zero(tiny_model):
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    assert torch.equal(attacks.pgd(tiny_model, x, y, 0.0), x)
+    out = attacks.pgd(tiny_model, x, y, 0.1, steps=4, random_start=False)
+    # default alpha = 2.5 eps / steps: four steps can reach the edge of the ball
+    assert (out - x).abs().max().item() == pytest.approx(0.1, abs=1e-6)
+    with pytest.raises(ValueError, match="eps"):
+        attacks.pgd(tiny_model, x, y, -0.1)
+    with pytest.raises(ValueError, match="steps"):
+        attacks.pgd(tiny_model, x, y, 0.1, steps=0)
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_pgd_restores_mode_and_leaves_no_parameter_grads(tiny_model, mode):
+    tiny_model.train(mode)
+    running = tiny_model.features[1].running_mean.clone()
+    attacks.pgd(tiny_model, torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), 0.1, steps=3, restarts=2)
+    assert tiny_model.training is mode and all(m.training is mode for m in tiny_model.modules())
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    assert torch.equal(tiny_model.features[1].running_mean, running)  # eval mode inside
+
+
+def test_pgd_restarts_are_never_worse_per_example(trained_toy):
+    import copy
+
+    # float64, so that a batch of 4x the size cannot flip a gradient sign through rounding
+    model = copy.deepcopy(trained_toy[0]).double().eval()
+    x, y = next(iter(trained_toy[1].test))
+    x = x.double()
+    one = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=5, generator=torch.Generator().manual_seed(7))
+    four = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=5, restarts=4,
+                       generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        l1, l4 = model(one), model(four)
+    wrong1, wrong4 = l1.argmax(1) != y, l4.argmax(1) != y
+    assert bool((wrong4 | ~wrong1).all())  # fooled by one restart => fooled by four
+    ce = torch.nn.functional.cross_entropy
+    both_right = ~wrong1 & ~wrong4
+    assert bool((ce(l4, y, reduction="none") >= ce(l1, y, reduction="none") - 1e-9)[both_right].all())
+    assert wrong4.sum() >= wrong1.sum()
+
+
+def test_pgd_is_at_least_as_strong_as_fgsm(trained_toy):
+    model, s = trained_toy
+    for eps in (0.05, 0.1, 0.2):
+        f = attacks.robust_accuracy(model, s.test, attacks.fgsm, eps)
+        p = attacks.robust_accuracy(model, s.test, attacks.pgd, eps, steps=10, restarts=2)
+        assert p <= f, (eps, p, f)
+    assert attacks.robust_accuracy(model, s.test, attacks.pgd, 0.5, steps=20) == 0.0  # no masking
+
+
+def test_robust_correct_is_per_example_and_passes_keywords(trained_toy):
+    import functools
+
+    model, s = trained_toy
+    kw = dict(alpha=0.02, steps=5, random_start=False)
+    mask = attacks.robust_correct(model, s.test, attacks.pgd, 0.1, **kw)
+    n = len(s.test.dataset)
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    assert attacks.robust_accuracy(model, s.test, attacks.pgd, 0.1, **kw) == int(mask.sum()) / n
+    assert torch.equal(attacks.robust_correct(model, s.test, functools.partial(attacks.pgd, **kw), 0.1), mask)
+    # clean-correct is an upper bound per example: an attack never repairs a mistake here
+    clean = attacks.robust_correct(model, s.test, attacks.fgsm, 0.0)
+    assert bool((clean | ~mask).all())
+    assert attacks.robust_curve(model, s.test, [0.0, 0.1], attacks.pgd, **kw)[1] == int(mask.sum()) / n
+
+
+def test_transfer_crafts_on_the_source_and_evaluates_the_target(trained_toy):
+    from toys import tiny_vgg
+
+    model, s = trained_toy
+    kw = dict(alpha=0.02, steps=5, random_start=False)
+    direct = attacks.robust_correct(model, s.test, attacks.pgd, 0.1, **kw)
+    x, y = next(iter(s.test))
+    crafted = attacks.transfer(model, attacks.pgd, **kw)(tiny_vgg(5), x, y, 0.1)  # the target is ignored
+    assert torch.equal(crafted, attacks.pgd(model, x, y, 0.1, **kw))
+    # crafted on the model itself, a transfer attack is the white-box attack
+    assert torch.equal(attacks.robust_correct(model, s.test, attacks.transfer(model, attacks.pgd, **kw), 0.1), direct)
+    # crafted on an untrained surrogate, it is weaker than white-box on this model
+    weak = attacks.robust_correct(model, s.test, attacks.transfer(tiny_vgg(5), attacks.pgd, **kw), 0.1)
+    assert weak.sum() >= direct.sum()
+    assert all(p.grad is None for p in model.parameters())
