@@ -66,7 +66,7 @@ class Config:
     # pruning (Alg 1-5)
     prune_method: str = "global"  # global | layer | channel | iterative
     prune_rate: float = 0.5  # the single prune rate of Table 1 and Figures 2 and 4
-    prune_rates: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # prune rates of the sweeps
+    prune_rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # prune rates of the sweeps
     prune_step: float = 0.1  # r_inc of Alg 5, the increment of each iterative pruning step
     retrain_epochs: int = 2  # retraining epochs after each iterative pruning step
     # weight sharing (Alg 6, Table 2)
@@ -82,10 +82,10 @@ class Config:
     margin_on: str = "logits"  # logits | probs: where the margin is measured (see chapter 04)
     adv_epochs: int = 1  # epochs of Algorithm 7 (the paper: 1)
     # decision boundaries (Sec. 3.3)
-    map_rates: tuple[float, ...] = (0.3, 0.5, 0.7)  # chapter 03's prune rates for roughness vs robustness
+    map_rates: tuple[float, ...] = (0.2, 0.4, 0.5)  # chapter 03's prune rates for roughness vs robustness
     resolution: int = 100  # grid points per side of a PCA decision map
     local_examples: int = 20  # test inputs whose local maps are averaged
-    hurt_rate: float = 0.8  # chapter 04's second global prune rate, where pruning clearly hurts
+    hurt_rate: float = 0.7  # chapter 04's second global prune rate, where pruning clearly hurts
     seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the repeated runs (mean and spread)
 
     def digest(self, names: tuple[str, ...] | None = None) -> str:
