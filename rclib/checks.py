@@ -173,6 +173,8 @@ def memory_needed(cfg: Config, shape: DataShape) -> dict[str, float]:
     * ``training``: 4 bytes x (4 x parameters + outputs of every convolution and linear layer
       for one ``batch_size`` batch): weights, gradients and two Adam moments, and the
       activations the backward pass keeps.
+    * ``evaluation``: 4 bytes x (parameters + those outputs for one ``eval_batch_size`` batch),
+      what an attack's input gradient keeps.
     * ``decision map``: ``resolution``^2 grid points, each with two plane coordinates, a class, a
       confidence and an RGB colour (8 bytes each).
 
@@ -192,13 +194,16 @@ def memory_needed(cfg: Config, shape: DataShape) -> dict[str, float]:
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
-            model(torch.empty(cfg.batch_size, *shape.input_shape, device="meta"))
+            model.eval()(torch.empty(1, *shape.input_shape, device="meta"))  # eval: BatchNorm takes one example
     except RuntimeError as err:  # e.g. five max-pools on an 8x8 input leave nothing
         _fail("image_size", cfg.image_size, f"an input size model={cfg.model!r} can take ({err})")
     finally:
         for h in hooks:
             h.remove()
-    return {"training": 4.0 * (4 * params + acts), "decision map": 8.0 * 8 * cfg.resolution ** 2}
+    # activations are per example: one forward pass of shapes, scaled by each batch size
+    return {"training": 4.0 * (4 * params + acts * cfg.batch_size),
+            "evaluation": 4.0 * (params + acts * cfg.eval_batch_size),
+            "decision map": 8.0 * 8 * cfg.resolution ** 2}
 
 
 def machine_memory() -> int:
@@ -210,7 +215,9 @@ def check_memory(cfg: Config, shape: DataShape, defaults: Config | None = None) 
     """Refuse a configuration whose memory is obviously beyond the machine, naming the
     parameters that drive it (those changed from ``defaults``, the profile, first)."""
     total = machine_memory()
-    drivers = {"training": ("width", "hidden", "image_size", "batch_size", "model"), "decision map": ("resolution",)}
+    drivers = {"training": ("width", "hidden", "image_size", "batch_size", "model"),
+               "evaluation": ("width", "hidden", "image_size", "eval_batch_size", "model"),
+               "decision map": ("resolution",)}
     for what, need in memory_needed(cfg, shape).items():
         if need <= total:
             continue

@@ -58,7 +58,8 @@ class Config:
     lr: float = 1e-3  # learning rate of the baseline
     momentum: float = 0.9  # SGD momentum of the baseline
     weight_decay: float = 0.0  # weight decay of the baseline
-    batch_size: int = 64  # examples per batch, training and evaluation
+    batch_size: int = 64  # examples per training batch
+    eval_batch_size: int = 512  # examples per batch when evaluating and attacking (no parameter gradients)
     epochs: int = 30  # baseline training epochs
     # attacks (Eq 8)
     epsilon: float = 0.1  # FGSM strength in pixel units, pixels in [0, 1]
@@ -123,7 +124,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # the paper's setting on a GPU: ImageNet val 40k/10k, torchvision VGG16 with ImageNet weights
     "paper": dict(
         dataset="imagenet", data_dir="data/imagenet/val", image_size=224, model="vgg16",
-        weights="imagenet", batch_norm=False, epochs=0, batch_size=128, num_workers=4,
+        weights="imagenet", batch_norm=False, epochs=0, batch_size=128, eval_batch_size=128, num_workers=4,
         optimizer="sgd", lr=0.005, weight_decay=0.005, epsilon=0.03,
         epsilons=(0.0, 0.005, 0.01, 0.02, 0.03, 0.05), prune_rate=0.5,
         prune_rates=(0.1, 0.3, 0.5, 0.7, 0.9), retrain_epochs=1, adv_epsilon=0.03,
@@ -246,7 +247,7 @@ def validate(cfg: Config) -> Config:
     for name, choices in (("optimizer", OPTIMIZERS), ("retrain_optimizer", OPTIMIZERS),
                           ("prune_method", PRUNE_METHODS), ("margin_on", MARGIN_SPACES)):
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), f"one of {', '.join(choices)}")
-    for name in ("threads", "image_size", "width", "hidden", "batch_size", "local_examples"):
+    for name in ("threads", "image_size", "width", "hidden", "batch_size", "eval_batch_size", "local_examples"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a positive whole number")
     for name in ("train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "a whole number >= 0")

@@ -133,8 +133,8 @@ def load(cfg: Config) -> Splits:
 
     Args:
         cfg: a validated :class:`rclib.config.Config`; uses ``dataset``, ``data_dir``,
-            ``image_size``, ``train_size``, ``test_size``, ``test_fraction``, ``batch_size``,
-            ``num_workers`` and ``seed``.
+            ``image_size``, ``train_size``, ``test_size``, ``test_fraction``, ``batch_size``
+            (training), ``eval_batch_size`` (test), ``num_workers`` and ``seed``.
 
     Returns:
         :class:`Splits`; batches are ``(x, y)`` with ``x`` of shape (B, C, H, W) in [0, 1] and
@@ -158,10 +158,10 @@ def load(cfg: Config) -> Splits:
         raise ValueError(f"dataset={cfg.dataset!r} is not known")
     x0, _ = train[0]
     gen = torch.Generator().manual_seed(cfg.seed)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     return Splits(
-        train=DataLoader(train, shuffle=True, generator=gen, **common),
-        test=DataLoader(test, shuffle=False, **common),
+        train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=cfg.num_workers),
+        # evaluation and attacks keep no parameter gradients, so they afford larger batches
+        test=DataLoader(test, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers),
         num_classes=k,
         input_shape=tuple(x0.shape),
         mean=tuple(mean),

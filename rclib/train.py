@@ -131,7 +131,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader) -> float:
     """Top-1 accuracy in [0, 1] over ``loader``, in eval mode (the caller's mode is restored).
 

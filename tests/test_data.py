@@ -247,3 +247,9 @@ def test_cifar10_from_local_batches(tmp_path, monkeypatch, no_download):
     x, y = data.as_tensors(s.test.dataset)
     assert x.min() >= 0 and x.max() <= 1 and y.tolist() == [0, 1, 2, 9]
     assert len(s.mean) == 3 and all(v > 0 for v in s.std)
+
+
+def test_test_loader_uses_the_evaluation_batch_size():
+    s = data.load(config.load("smoke", train_size=64, test_size=40, batch_size=16, eval_batch_size=32))
+    assert s.train.batch_size == 16 and s.test.batch_size == 32
+    assert [len(y) for _, y in s.test] == [32, 8]
