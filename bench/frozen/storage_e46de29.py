@@ -686,7 +686,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise ValueError(f"{path}: file is corrupt (bad tensor record)")
     rebuilt = model is None
     if rebuilt:
-        from . import models
+        from rclib import models
 
         if not isinstance(header.get("spec"), dict):
             raise ValueError(f"{path}: the file records no rclib architecture; pass model= to fill")
