@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rclib import models, share, storage  # noqa: E402
+from rclib import codec, models, share, sizes  # noqa: E402
 
 MAX_ITER = 300
 BITS = {"conv": 8, "linear": 5}
@@ -126,15 +126,15 @@ def bench_file(model, rate: float, tmp: Path) -> list:
     t_share = time.perf_counter() - t0
     path = tmp / f"vgg16-{rate}.rclz"
     t0 = time.perf_counter()
-    nbytes = storage.save_compressed(model, path)
+    nbytes = codec.save_compressed(model, path)
     t_enc = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loaded = storage.load_compressed(path)
+    loaded = codec.load_compressed(path)
     t_dec = time.perf_counter() - t0
-    a, b = storage.effective_state(model), storage.effective_state(loaded)
+    a, b = sizes.effective_state(model), sizes.effective_state(loaded)
     exact = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     del loaded, b
-    rep = storage.size_report(model)
+    rep = sizes.size_report(model)
     assert rep["file_bytes"] == nbytes
     return [rate, t_share, t_enc, t_dec, exact, rep, share.shared_size_mb(model, BITS)]
 

@@ -338,7 +338,7 @@ def share_tensor(weight: np.ndarray, bits: int, iters: int = 300, refine: int = 
         >>> np.unique(book.dense()).size <= 2**5 + 1  # the centroids and 0
         True
 
-    Used by chapter 02 (weight sharing) and 04, and by ``storage.save_compressed(bits=...)``.
+    Used by chapter 02 (weight sharing) and 04, and by ``codec.save_compressed(bits=...)``.
     """
     _validate_bits(bits)
     w = np.asarray(weight, dtype=np.float32)
@@ -420,7 +420,7 @@ def compression_rate(bits: int, n_weights: int, weight_bits: int = 32) -> float:
     ``(2^n * weight_data_size + n * number_of_weights) / (number_of_weights * weight_data_size)
     = 2^n / number_of_weights + n / weight_data_size``: a ``2^n``-entry float lookup table plus
     an ``n``-bit index per weight, over ``number_of_weights`` floats. Like the paper, this counts
-    neither the positions of the non-zeros (COO) nor any entropy coding; ``storage`` measures a
+    neither the positions of the non-zeros (COO) nor any entropy coding; ``codec`` writes a
     real file.
 
     Args:
@@ -453,8 +453,8 @@ def shared_size_mb(model: nn.Module, bits: Bits = DEFAULT_BITS, unit: str = "MB"
     Sum over prunable layers of ``nnz * n`` (an n-bit index per non-zero weight, Eq 6) plus
     ``2^n * 32`` (the layer's float32 lookup table), plus every other parameter (biases,
     BatchNorm, layers that are not prunable) at 32 bits per non-zero value, as
-    ``storage.approx_size_mb`` counts them. Positions of the non-zeros are not counted (the
-    paper's formula does not); ``storage.save_compressed`` writes a real file that pays for them.
+    ``sizes.approx_size_mb`` counts them. Positions of the non-zeros are not counted (the
+    paper's formula does not); ``codec.save_compressed`` writes a real file that pays for them.
 
     Args:
         model: the pruned model (weight-shared or not: only its non-zero counts matter).

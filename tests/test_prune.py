@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from rclib import models, prune, storage, train
+from rclib import models, prune, sizes, train
 
 from toys import SPEC  # noqa: E402
 
@@ -122,8 +122,8 @@ def test_harden_is_equivalent_and_smaller(rate, batch_norm):
     with torch.no_grad():
         torch.testing.assert_close(hard(x), model(x), atol=1e-5, rtol=0)
     assert not prune.is_pruned(hard)
-    assert models.count_parameters(hard) < storage.nonzero_parameters(model) + 10 * 64
-    assert storage.dense_bytes(hard) < 0.7 * storage.dense_bytes(model)
+    assert models.count_parameters(hard) < sizes.nonzero_parameters(model) + 10 * 64
+    assert sizes.dense_bytes(hard) < 0.7 * sizes.dense_bytes(model)
     assert prune.flops(hard, (1, 8, 8)) < prune.flops(model, (1, 8, 8))
     # the hardened model can be rebuilt from its spec alone
     rebuilt = models.from_spec(hard.spec)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rclib import models, share, storage
+from rclib import codec, models, share, sizes
 
 SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
             input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
@@ -38,27 +38,27 @@ def _x():
 def saved(tmp_path):
     model = _model()
     path = tmp_path / "m.rclz"
-    n = storage.save_compressed(model, path)
+    n = codec.save_compressed(model, path)
     assert n == path.stat().st_size
     return model, path
 
 
 def test_round_trip_rebuilds_architecture_and_logits_are_equal(saved):
     model, path = saved
-    loaded = storage.load_compressed(path)  # no model=: rebuilt from the recorded spec
+    loaded = codec.load_compressed(path)  # no model=: rebuilt from the recorded spec
     assert isinstance(loaded, models.VGG) and not loaded.training
     assert models.describe(loaded) == models.describe(model)
     with torch.no_grad():
         assert torch.equal(loaded(_x()), model(_x()))
-    for name, t in storage.effective_state(model).items():
-        assert torch.equal(storage.effective_state(loaded)[name], t), name
+    for name, t in sizes.effective_state(model).items():
+        assert torch.equal(sizes.effective_state(loaded)[name], t), name
 
 
 def test_fill_given_models_plain_and_pruned(saved):
     model, path = saved
-    plain = storage.load_compressed(path, model=models.from_spec(SPEC)).eval()
+    plain = codec.load_compressed(path, model=models.from_spec(SPEC)).eval()
     masked = _model(rate=0.2, shared=False)  # another mask: the file's pattern replaces it
-    storage.load_compressed(path, model=masked)
+    codec.load_compressed(path, model=masked)
     with torch.no_grad():
         assert torch.equal(plain(_x()), model(_x()))
         assert torch.equal(masked(_x()), model(_x()))
@@ -66,9 +66,9 @@ def test_fill_given_models_plain_and_pruned(saved):
 
 def test_file_much_smaller_than_dense(saved):
     model, path = saved
-    dense = storage.dense_bytes(model)
+    dense = sizes.dense_bytes(model)
     assert path.stat().st_size < dense / 4
-    rep = storage.size_report(model)
+    rep = sizes.size_report(model)
     assert rep["file_bytes"] == path.stat().st_size and rep["dense_bytes"] == dense
     assert rep["entropy_bound_bytes"] <= rep["file_bytes"]
     assert rep["shared_approx_bytes"] < rep["approx_bytes"] < dense
@@ -77,20 +77,20 @@ def test_file_much_smaller_than_dense(saved):
 def test_pruned_not_shared_round_trip_exact(tmp_path):
     model = _model(shared=False)  # ~all distinct values: stored sparse with raw float32 values
     path = tmp_path / "p.rclz"
-    storage.save_compressed(model, path)
+    codec.save_compressed(model, path)
     with torch.no_grad():
-        assert torch.equal(storage.load_compressed(path)(_x()), model(_x()))
+        assert torch.equal(codec.load_compressed(path)(_x()), model(_x()))
 
 
 def test_bits_on_save_shares_while_writing_and_leaves_model(tmp_path):
     model = _model(shared=False)
-    before = {k: v.clone() for k, v in storage.effective_state(model).items()}
-    storage.save_compressed(model, tmp_path / "s.rclz", bits={"conv": 8, "linear": 5})
-    for k, v in storage.effective_state(model).items():
+    before = {k: v.clone() for k, v in sizes.effective_state(model).items()}
+    codec.save_compressed(model, tmp_path / "s.rclz", bits={"conv": 8, "linear": 5})
+    for k, v in sizes.effective_state(model).items():
         assert torch.equal(v, before[k])
     share.weight_share(model, {"conv": 8, "linear": 5})
     with torch.no_grad():
-        assert torch.equal(storage.load_compressed(tmp_path / "s.rclz")(_x()), model(_x()))
+        assert torch.equal(codec.load_compressed(tmp_path / "s.rclz")(_x()), model(_x()))
 
 
 def test_truncated_file_refused(saved):
@@ -99,7 +99,7 @@ def test_truncated_file_refused(saved):
     for cut in (len(data) - 1, len(data) // 2, 30, 3):
         path.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="corrupt|not an rclib"):
-            storage.load_compressed(path)
+            codec.load_compressed(path)
 
 
 @pytest.mark.parametrize("where", [0.01, 0.3, 0.6, 0.999])
@@ -110,7 +110,7 @@ def test_flipped_byte_refused(saved, where):
     data[i] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt"):
-        storage.load_compressed(path)
+        codec.load_compressed(path)
 
 
 def test_bad_magic_and_version_refused(saved, tmp_path):
@@ -119,16 +119,16 @@ def test_bad_magic_and_version_refused(saved, tmp_path):
     bad = tmp_path / "bad.rclz"
     bad.write_bytes(b"PK\x03\x04" + bytes(data[4:]))
     with pytest.raises(ValueError, match="magic"):
-        storage.load_compressed(bad)
+        codec.load_compressed(bad)
     data[8] = 99
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="version"):
-        storage.load_compressed(bad)
+        codec.load_compressed(bad)
 
 
 def test_atomic_write_leaves_no_temp_and_replaces(saved):
     model, path = saved
-    storage.save_compressed(model, path)
+    codec.save_compressed(model, path)
     assert os.listdir(path.parent) == [path.name]
 
 
@@ -137,27 +137,27 @@ def test_non_vgg_needs_model_and_mismatch_refused(tmp_path):
     seq = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
     share.weight_share(seq, bits=2)
     path = tmp_path / "seq.rclz"
-    storage.save_compressed(seq, path)
+    codec.save_compressed(seq, path)
     with pytest.raises(ValueError, match="model="):
-        storage.load_compressed(path)
+        codec.load_compressed(path)
     torch.manual_seed(1)
     other = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.rand(3, 6)
-    assert torch.equal(storage.load_compressed(path, model=other)(x), seq(x))
+    assert torch.equal(codec.load_compressed(path, model=other)(x), seq(x))
     with pytest.raises(ValueError, match="does not match"):
-        storage.load_compressed(path, model=nn.Sequential(nn.Linear(6, 4)))
+        codec.load_compressed(path, model=nn.Sequential(nn.Linear(6, 4)))
 
 
 def test_huffman_streams_round_trip_and_near_entropy():
     rng = np.random.default_rng(0)
     for n, alphabet in [(1, 4), (7, 256), (50_000, 32), (20_000, 5000)]:
         sym = np.minimum(rng.geometric(0.3, n) - 1, alphabet - 1).astype(np.uint8 if alphabet <= 256 else np.uint16)
-        out = storage._Payload()
-        meta = storage._encode_stream(sym, alphabet, out)
+        out = codec._Payload()
+        meta = codec._encode_stream(sym, alphabet, out)
         data = memoryview(b"".join(out.parts))
-        assert np.array_equal(storage._decode_stream(meta, data), sym)
+        assert np.array_equal(codec._decode_stream(meta, data), sym)
     # Huffman costs at most 1 bit per symbol over the entropy (plus tables and block offsets)
-    bound = storage._entropy_bits(np.bincount(sym[:50_000], minlength=alphabet)) / 8
+    bound = codec.entropy_bits(np.bincount(sym[:50_000], minlength=alphabet)) / 8
     assert out.size <= bound + sym.size / 8 + 5000 + 1024
 
 
@@ -172,7 +172,7 @@ def _resign(path, edit):
     header, payload = json.loads(data[60:60 + hlen]), data[60 + hlen:]
     edit(header)
     hb = json.dumps(header).encode()
-    prefix = struct.pack("<8sHHQQ", storage.MAGIC, storage.FORMAT_VERSION, 0, len(hb), len(payload))
+    prefix = struct.pack("<8sHHQQ", codec.MAGIC, codec.FORMAT_VERSION, 0, len(hb), len(payload))
     path.write_bytes(prefix + hashlib.sha256(prefix + hb + payload).digest() + hb + payload)
 
 
@@ -187,4 +187,48 @@ def test_lying_header_with_valid_checksum_refused(saved, edit, match):
     _, path = saved
     _resign(path, edit)
     with pytest.raises(ValueError, match=match):
-        storage.load_compressed(path)
+        codec.load_compressed(path)
+
+
+def _reference_models():
+    """Seeded models whose weights need no k-means (a 1/16 or 1/40 grid, one layer left raw) and
+    random masks, so the expected files below do not depend on weight sharing's algorithm."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    vgg = models.from_spec(SPEC)
+    with torch.no_grad():
+        for m in vgg.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+        for i, (_, m) in enumerate(models.prunable_layers(vgg)):
+            w = torch.randn(m.weight.shape, generator=g)
+            m.weight.copy_(w if i == 2 else torch.round(w * 16) / 16)  # layer 2: "sparse", raw values
+    for _, m in models.prunable_layers(vgg):
+        prune.custom_from_mask(m, "weight", torch.rand(m.weight.shape, generator=g) > 0.6)
+    g = torch.Generator().manual_seed(1)
+    seq = nn.Sequential(nn.Linear(1000, 500), nn.ReLU(), nn.Linear(500, 10))  # 247k non-zeros
+    with torch.no_grad():
+        for m in (seq[0], seq[2]):
+            m.weight.copy_(torch.round(torch.randn(m.weight.shape, generator=g) * 40) / 40)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    prune.custom_from_mask(seq[0], "weight", torch.rand(seq[0].weight.shape, generator=g) > 0.5)
+    return {"vgg": vgg.eval(), "seq": seq}
+
+
+# sha256 and length of the files rclib wrote before the codec was rewritten for speed (e46de29)
+EXPECTED = {"vgg": (142522, "215b7b585573686887b540d98642ae4e5bd7c1e2dbe9e160c93adfb3afbcb08e"),
+            "seq": (304806, "50f07d6da312d31aaa36c09c5114c6dd1a1d6e8402c2804e203aaee0c3e2011e")}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_files_are_byte_identical_to_the_format_version_1_writer(tmp_path, name):
+    import hashlib
+
+    model = _reference_models()[name]
+    path = tmp_path / f"{name}.rclz"
+    assert codec.save_compressed(model, path) == EXPECTED[name][0]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == EXPECTED[name][1]
+    back = codec.load_compressed(path, model=_reference_models()[name])
+    for k, v in sizes.effective_state(model).items():
+        assert torch.equal(sizes.effective_state(back)[k], v), k

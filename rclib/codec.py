@@ -1,11 +1,9 @@
-"""Model size (paper Eq 6-7, Sec. 4.1): the paper's formulas and a real compressed file.
+"""The compressed model file (paper Sec. 4.1's future work): format, Huffman coding, read, write.
 
-``approx_size_mb`` is the paper's formula: number of non-zero parameters times precision. It is
-a formula, not a file: the paper could not measure real compressed sizes (its Sec. 4.1, "Future
-work should leverage the weight shared model to reduce model persist size using Huffman
-encoding"). ``save_compressed`` / ``load_compressed`` write and read that file, so its bytes
-can be measured, and ``size_report`` puts the four numbers side by side: dense safetensors,
-the paper's approximate size, the real file, and the Shannon bound of what the file encodes.
+The paper sizes a weight-shared model by formula only (Eq 6-7; "Future work should leverage the
+weight shared model to reduce model persist size using Huffman encoding"). ``save_compressed``
+writes that file and ``load_compressed`` reads it back exactly; ``sizes`` holds the yardsticks
+(formula, dense bytes, entropy bound) the file is compared with.
 
 File format (version 1; all integers little-endian)::
 
@@ -58,7 +56,7 @@ at 50% global pruning the file is 62 MB (dense safetensors 553 MB; the paper's w
 formula 47 MB, which ignores the positions of the non-zeros) and within 1.2% of the entropy
 bound; writing takes about 10 s and reading, with rebuilding the architecture, about 5 s.
 
-Used by chapter 00 (baseline size) and the pruning, weight-sharing and robust chapters (01-04).
+Used by chapter 02 (weight sharing) and 04.
 """
 
 from __future__ import annotations
@@ -78,75 +76,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import effective
-
-UNITS = {"MB": 1e6, "MiB": 2**20}
-
-
-def nonzero_parameters(model: nn.Module) -> int:
-    """Non-zero entries over all parameters (pruned weights through torch masks count as zero;
-    their values are recomputed as ``orig * mask``, see ``models.effective``)."""
-    total = 0
-    for m in model.modules():
-        for name, p in m.named_parameters(recurse=False):
-            # a pruned weight lives as ``<name>_orig``; its effective value is the masked attribute
-            value = effective(m, name[: -len("_orig")]) if name.endswith("_orig") else p
-            total += int(torch.count_nonzero(value.detach()))
-    return total
-
-
-def approx_size_mb(model: nn.Module, bits: int = 32, unit: str = "MB") -> float:
-    """The paper's "Approximate Model Size" (Table 1): non-zero parameters x precision.
-
-    Args:
-        model: any module; masked (pruned) weights count as zero.
-        bits: precision per stored parameter, default 32 (float32).
-        unit: "MB" (10^6 bytes, default) or "MiB" (2^20 bytes). The paper does not say which it
-            used; chapter 00 shows both beside its numbers.
-
-    Returns:
-        The size in ``unit``.
-
-    Example:
-        >>> approx_size_mb(torchvision.models.vgg16(), unit="MiB")  # 138,357,544 parameters
-        527.79...
-
-    Used by chapters 00, 01, 02 and 04.
-    """
-    if unit not in UNITS:
-        raise ValueError(f"unit={unit!r} is not allowed: one of {', '.join(UNITS)}")
-    if not 1 <= bits <= 64:
-        raise ValueError(f"bits={bits!r} is not allowed: a precision from 1 to 64")
-    return nonzero_parameters(model) * bits / 8 / UNITS[unit]
-
-
-def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as the model computes with it: a pruned ``<name>_orig`` / ``<name>_mask``
-    pair becomes the single masked tensor ``<name>`` (what ``prune.make_permanent`` would leave)."""
-    state = {}
-    for mod_name, m in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if name.endswith("_mask") or name in m._non_persistent_buffers_set:
-                continue
-            if name.endswith("_orig"):
-                name = name[: -len("_orig")]
-                p = effective(m, name)
-            state[prefix + name] = p.detach().cpu().contiguous()
-    return state
-
-
-def dense_bytes(model: nn.Module) -> int:
-    """Bytes of the model's effective weights written as safetensors (dense float32, zeros kept).
-
-    This is what a pruned but not hardened model costs on disk: pruning by masks zeroes
-    weights but still stores every one of them.
-    Used by chapters 01 and 02.
-    """
-    from safetensors.torch import save
-
-    return len(save(effective_state(model)))
-
+from .sizes import effective_state
 
 # --------------------------------------------------------------------------------------------
 # The compressed file
@@ -292,7 +222,7 @@ def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return codes, table, maxlen
 
 
-def _entropy_bits(counts: np.ndarray) -> float:
+def entropy_bits(counts: np.ndarray) -> float:
     """Shannon bound in bits of a stream with these symbol counts (zeroth order)."""
     c = counts[counts > 0].astype(np.float64)
     if c.size <= 1:
@@ -459,14 +389,14 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
     found = _distinct(values) if values.size else None
     if found is not None:
         uniq, codes = found
-        shared_cost = uniq.size * 5 + _entropy_bits(np.bincount(codes, minlength=uniq.size)) / 8
+        shared_cost = uniq.size * 5 + entropy_bits(np.bincount(codes, minlength=uniq.size)) / 8
         if shared_cost < 4 * values.size:  # a codebook must pay for itself
             plan.update(encoding="shared", codebook=uniq.astype(np.float32), codes=codes)
             del plan["values"]
     return plan
 
 
-def _plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
+def plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
     from . import share
     from .models import prunable_layers
 
@@ -492,11 +422,11 @@ def _plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
     return entries
 
 
-def _encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> bytes:
+def encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> bytes:
     from . import models
 
     if entries is None:
-        entries = _plan(model, bits)
+        entries = plan(model, bits)
     spec = None
     if isinstance(model, models.VGG):
         try:
@@ -560,7 +490,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, bits: Bits = None
 
     Used by chapter 02 (weight sharing) and 04.
     """
-    data = _encode(model, bits)
+    data = encode(model, bits)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -726,86 +656,3 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 setattr(m, attr, orig * mask)  # the cached masked weight, without autograd history
             else:
                 getattr(m, attr).copy_(t)
-
-
-def entropy_bound_bytes(model: nn.Module, bits: Bits = None) -> float:
-    """The Shannon bound of what ``save_compressed`` encodes, in bytes.
-
-    Sum over the entropy-coded streams (gap symbols and codebook indices of each prunable layer)
-    of ``count * H`` (zeroth-order empirical entropy of the stream), plus the bytes stored as
-    they are (codebooks, overflow gaps, raw float32 values of ``sparse`` layers, raw tensors).
-    The header, the Huffman tables and the block offsets are not counted: the difference to the
-    real file is the price of Huffman coding (whole bits per symbol) and of the format.
-
-    Args:
-        model: as for :func:`save_compressed`.
-        bits: as for :func:`save_compressed` (weight sharing while encoding), default ``None``.
-
-    Example:
-        >>> entropy_bound_bytes(model) / 1e6  # MB
-
-    Used by chapter 02 (weight sharing) and 04.
-    """
-    return _entropy_bound(_plan(model, bits))
-
-
-def _entropy_bound(entries: list[dict[str, Any]]) -> float:
-    total_bits = 0.0
-    for e in entries:
-        if e["encoding"] == "raw":
-            total_bits += 8 * e["tensor"].numel() * e["tensor"].element_size()
-            continue
-        total_bits += _entropy_bits(np.bincount(e["gaps"], minlength=e["gap_alphabet"]))
-        total_bits += 8 * e["overflow"].nbytes
-        if e["encoding"] == "shared":
-            total_bits += _entropy_bits(np.bincount(e["codes"])) + 32 * e["codebook"].size
-        else:
-            total_bits += 32 * e["values"].size
-    return total_bits / 8
-
-
-def _formula_bytes(entries: list[dict[str, Any]]) -> float:
-    """Eq 6's count on what the file holds: per coded layer nnz x ceil(log2 k) index bits plus a
-    k-entry float32 table; values of other layers and parameters at 32 bits when non-zero."""
-    total_bits = 0
-    for e in entries:
-        if e["encoding"] == "raw":
-            if e["parameter"]:  # as approx_size_mb: parameters only, not BatchNorm statistics
-                total_bits += 32 * int(torch.count_nonzero(e["tensor"]))
-        elif e["encoding"] == "shared":
-            k = e["codebook"].size
-            total_bits += e["nnz"] * max(1, math.ceil(math.log2(k))) + 32 * k
-        else:
-            total_bits += 32 * e["nnz"]
-    return total_bits / 8
-
-
-def size_report(model: nn.Module, bits: Bits = None) -> dict[str, Any]:
-    """The model's size four ways, in bytes (divide by 1e6 for the paper's MB).
-
-    Returns:
-        ``dense_bytes``: safetensors of the dense effective weights (:func:`dense_bytes`);
-        ``approx_bytes``: the paper's Table 1 formula, non-zero parameters x 32 bits
-        (:func:`approx_size_mb`); ``shared_approx_bytes``: the paper's weight-shared count
-        (Eq 6, as ``share.shared_size_mb``) of what the file holds: each weight-shared layer at
-        ``ceil(log2 k)`` bits per non-zero weight plus a k-entry float32 table (k = its number
-        of distinct non-zero values), any other layer at 32 bits per non-zero; ``file_bytes``:
-        the real :func:`save_compressed` file; ``entropy_bound_bytes``: the Shannon bound of
-        what that file encodes (:func:`entropy_bound_bytes`). Buffers (BatchNorm statistics)
-        count in the file and the bound only, as in the paper's formula.
-
-    Args:
-        model: as for :func:`save_compressed`.
-        bits: as for :func:`save_compressed`: ``None`` (default) measures the model as it is;
-            an int or dict measures it weight-shared while writing (``dense_bytes`` and
-            ``approx_bytes`` stay those of ``model``).
-
-    Example:
-        >>> {k: v / 1e6 for k, v in size_report(model).items()}  # MB
-
-    Used by chapter 02 (weight sharing) and 04.
-    """
-    entries = _plan(model, bits)
-    return dict(dense_bytes=dense_bytes(model), approx_bytes=approx_size_mb(model) * 1e6,
-                shared_approx_bytes=_formula_bytes(entries), file_bytes=len(_encode(model, bits, entries)),
-                entropy_bound_bytes=_entropy_bound(entries))
