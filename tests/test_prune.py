@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -227,3 +228,48 @@ def test_works_on_any_model():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     prune.global_unstructured(net, 0.6)
     assert prune.sparsity(net)["zeros"].sum() == round(0.6 * (64 * 32 + 32 * 10))
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.6])
+def test_global_ties_follow_the_concatenated_keep_mask(rate):
+    model = tiny()
+    with torch.no_grad():  # a coarse grid: many weights tie with the threshold
+        for _, m in models.prunable_layers(model):
+            m.weight.copy_(torch.round(m.weight * 20) / 20)
+    scores = np.concatenate([m.weight.detach().abs().numpy().ravel() for _, m in models.prunable_layers(model)])
+    expected = prune._keep_mask(scores, round(rate * scores.size))
+    prune.global_unstructured(model, rate)
+    got = np.concatenate([m.weight_mask.numpy().ravel() for _, m in models.prunable_layers(model)])
+    assert np.array_equal(got.astype(bool), expected)
+
+
+def test_fast_mask_is_torchs_reparametrisation():
+    ours, theirs = tiny(), tiny()
+    prune.global_unstructured(ours, 0.5)
+    for (_, a), (_, b) in zip(models.prunable_layers(ours), models.prunable_layers(theirs)):
+        torch_prune.custom_from_mask(b, "weight", a.weight_mask)
+        assert torch_prune.is_pruned(a)
+        assert [type(h) for h in a._forward_pre_hooks.values()] == [type(h) for h in b._forward_pre_hooks.values()]
+        assert sorted(n for n, _ in a.named_parameters()) == sorted(n for n, _ in b.named_parameters())
+        assert sorted(n for n, _ in a.named_buffers()) == sorted(n for n, _ in b.named_buffers())
+        assert torch.equal(a.weight, b.weight) and a.weight_mask.dtype == b.weight_mask.dtype
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(ours(x), theirs(x))
+    prune.global_unstructured(ours, 0.8)  # a second mask combines with the first
+    assert isinstance(next(iter(models.prunable_layers(ours)[0][1]._forward_pre_hooks.values())),
+                      torch_prune.PruningContainer)
+    for _, m in models.prunable_layers(ours):
+        torch_prune.remove(m, "weight")
+    assert not any(torch_prune.is_pruned(m) for m in ours.modules())
+
+
+@pytest.mark.parametrize("grid", [0, 2000])
+def test_global_masks_from_a_sampled_bracket_equal_the_full_partition(grid):
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(s).astype(np.float32) for s in ((1500, 1000), (300,), (7, 9, 5))]
+    if grid:  # heavy ties at any threshold
+        weights = [np.round(w * grid) / grid for w in weights]
+    scores = np.concatenate([np.abs(w).ravel() for w in weights])
+    for k in (1, 12345, scores.size // 2, scores.size - 1):
+        got = np.concatenate([m.ravel() for m in prune._global_masks(weights, k)])
+        assert np.array_equal(got.astype(bool), prune._keep_mask(scores, k)), k
