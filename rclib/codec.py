@@ -66,6 +66,7 @@ import heapq
 import json
 import math
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -76,7 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .sizes import effective_state
+from .sizes import effective_state, state_shapes
 
 # --------------------------------------------------------------------------------------------
 # The compressed file
@@ -86,6 +87,11 @@ MAGIC = b"\x89RCLZ\r\n\x1a"  # PNG-style: a non-ASCII byte, then CR LF and ^Z ca
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sHHQQ32s")  # magic, version, flags, header bytes, payload bytes, sha256
 MAX_CODEBOOK = 2**16  # at most this many distinct non-zero values make a "shared" (coded) layer
+# a rebuilt architecture may hold at most max(MIN_ALLOWANCE, ALLOWANCE_PER_BYTE x payload) bytes
+# of tensors: save_compressed's files stay far below (VGG16: 9x at 50% pruning, about 1000x at
+# 99.9%), while a re-signed header cannot make the reader allocate gigabytes for a tiny payload
+MIN_ALLOWANCE = 2**26
+ALLOWANCE_PER_BYTE = 2**12
 HUFFMAN_LIMIT = 20  # longest Huffman code, so a decoding table has at most 2^20 entries
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -250,6 +256,45 @@ class _Payload:
         return ref
 
 
+_STEP = 1 << 18  # symbols per step of the chunked passes: temporaries stay in cache
+
+
+def _pack_stream(sym: np.ndarray, codes: np.ndarray, lengths: np.ndarray,
+                 block: int) -> tuple[bytes, int, np.ndarray]:
+    """Huffman-code ``sym`` MSB-first; also the bit offset where each block of ``block``
+    symbols after the first starts.
+
+    Same bits as ``_pack_bits(codes[sym], lengths[sym])``, faster: the codeword table is
+    left-aligned in 64 bits once, so a symbol's window is ``table[s] >> (start % 32)``; symbols
+    starting in the same 32-bit word are contiguous, so the words are ``np.add.reduceat`` sums
+    of their parts (= ORs: the fields are disjoint) in exact integers, a chunk at a time.
+    """
+    ln = lengths.astype(np.uint64)
+    left = np.where(lengths > 0, codes << (np.uint64(64) - ln), np.uint64(0)).astype(np.uint64)
+    nbits = int((np.bincount(sym, minlength=lengths.size) * lengths.astype(np.int64)).sum())
+    words = np.zeros(nbits // 32 + 2, dtype=np.uint64)
+    marks = np.arange(block - 1, (sym.size - 1) // block * block, block)  # last symbol of a block
+    block_ends = np.empty(marks.size, dtype=np.uint64)
+    offset, low = np.uint64(0), np.uint64(0xFFFFFFFF)
+    for s in range(0, sym.size, _STEP):
+        c = sym[s:s + _STEP]
+        width = ln[c]
+        ends = np.cumsum(width, dtype=np.uint64)
+        ends += offset
+        start = ends - width
+        v = left[c] >> (start & np.uint64(31))
+        w = start >> np.uint64(5)
+        first = np.flatnonzero(w[1:] != w[:-1]) + 1
+        first = np.concatenate([[0], first])
+        at = w[first]
+        words[at] |= np.add.reduceat(v >> np.uint64(32), first)
+        words[at + np.uint64(1)] |= np.add.reduceat(v & low, first)
+        here = (marks >= s) & (marks < s + c.size)
+        block_ends[here] = ends[marks[here] - s]
+        offset = ends[-1]
+    return words.astype(">u4").tobytes()[: (nbits + 7) // 8], nbits, block_ends
+
+
 def _encode_stream(sym: np.ndarray, alphabet: int, out: _Payload) -> dict[str, Any]:
     n = int(sym.size)
     meta: dict[str, Any] = {"n": n, "alphabet": alphabet}
@@ -262,12 +307,10 @@ def _encode_stream(sym: np.ndarray, alphabet: int, out: _Payload) -> dict[str, A
         return meta
     lengths = _huffman_lengths(counts)
     codes, _, maxlen = _canonical(lengths)
-    bits, nbits = _pack_bits(codes[sym], lengths[sym])
     block = _block_len(n)
+    bits, nbits, block_ends = _pack_stream(sym, codes, lengths, block)
     # starting bit of each block after the first, stored as fixed-width residual lengths
-    ends = np.cumsum(lengths[sym[: (n - 1) // block * block]], dtype=np.int64)
-    starts = np.concatenate([[0], ends[block - 1::block]]) if ends.size else np.zeros(1, np.int64)
-    blen = np.diff(starts)
+    blen = np.diff(np.concatenate([[0], block_ends.astype(np.int64)]))
     lo = int(blen.min()) if blen.size else 0
     width = int(blen.max() - lo).bit_length() if blen.size else 0
     res, _ = _pack_bits((blen - lo).astype(np.uint64), np.full(blen.size, width, np.int64))
@@ -292,6 +335,7 @@ def _decode_stream(meta: dict[str, Any], payload: memoryview) -> np.ndarray:
     if lengths.size != alphabet or lengths.max() > HUFFMAN_LIMIT or np.count_nonzero(lengths) < 2:
         raise _Corrupt("bad Huffman table")
     _, table, maxlen = _canonical(lengths)
+    symbol_of, length_of = (table >> 5).astype(dtype), (table & 31).astype(np.uint64)
     block, nbits = _int(meta, "block"), _int(meta, "nbits")
     bits = _seg(payload, meta["bits"])
     if not 1 <= block <= 2**16 or nbits > 8 * len(bits):
@@ -309,21 +353,23 @@ def _decode_stream(meta: dict[str, Any], payload: memoryview) -> np.ndarray:
     out = np.empty((block, nb), dtype=dtype)
     idx = np.empty(nb, np.uint64)
     sh = np.empty(nb, np.uint64)
-    e = np.empty(nb, np.uint32)
-    top, mask, five = np.uint64(64 - maxlen), np.uint64((1 << maxlen) - 1), np.uint64(5)
+    peek = np.empty(nb, np.uint64)
+    top, five, low5 = np.uint64(64 - maxlen), np.uint64(5), np.uint64(31)
     for t in range(block):  # all blocks advance together: one numpy step per symbol of a block
         np.right_shift(pos, five, out=idx)
-        np.bitwise_and(pos, np.uint64(31), out=sh)
-        np.subtract(top, sh, out=sh)
-        peek = np.right_shift(win[idx], sh)
-        np.bitwise_and(peek, mask, out=peek)
-        np.take(table, peek, out=e)
-        np.right_shift(e, np.uint32(5), out=out[t], casting="unsafe")
-        np.bitwise_and(e, np.uint32(31), out=e)
-        pos += e
+        np.bitwise_and(pos, low5, out=sh)
+        np.take(win, idx, out=peek)
+        np.left_shift(peek, sh, out=peek)  # the next maxlen bits, left-aligned ...
+        np.right_shift(peek, top, out=peek)  # ... then right-aligned: the table index
+        np.take(symbol_of, peek, out=out[t])
+        np.take(length_of, peek, out=idx)
+        pos += idx
     if nb > 1 and not np.array_equal(pos[:-1], starts[1:]):
         raise _Corrupt("a coded block does not end where the next begins")
-    sym = out.T.reshape(-1)[:n]
+    sym = np.empty((nb, block), dtype=dtype)
+    for j in range(0, nb, 256):  # transposed in tiles that stay in cache
+        sym[j:j + 256] = out[:, j:j + 256].T
+    sym = sym.reshape(-1)[:n]
     if int(sym.max()) >= alphabet:
         raise _Corrupt("decoded symbol out of range")
     return sym
@@ -356,6 +402,53 @@ def _gap_alphabet(nnz: int, numel: int) -> int:
     return int(min(2**16, max(256, min(wanted, cap))))
 
 
+def _factorize_small(values: np.ndarray, limit: int = 512) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(sorted distinct values, code of each)`` for float32 values with at most ``limit``
+    distinct ones (a weight-shared layer), else None.
+
+    Why not ``pd.factorize``: a perfect hash of the float bits (multiply-shift into a table of
+    2^18 slots, multiplier drawn until the keys do not collide) codes a chunk in a few cheap
+    passes; a chunk with unseen values adds them and is coded again. Codes are insertion ids
+    until one small lookup turns them into sorted ranks.
+    """
+    keys = values.view(np.uint32)
+    rng = np.random.default_rng(0)
+    seen = np.zeros(0, dtype=np.uint32)
+    ids = np.empty(values.size, dtype=np.uint16)
+    table = slot_key = mult = None
+    s = 0
+    while s < values.size:
+        if table is None:
+            for _ in range(64):
+                mult = np.uint32(rng.integers(1, 2**32) | 1)
+                h = (seen * mult) >> np.uint32(14)
+                if np.unique(h).size == seen.size:
+                    break
+            else:
+                return None
+            table = np.zeros(2**18, dtype=np.uint16)
+            slot_key = np.full(2**18, 0, dtype=np.uint32)  # key 0 (+0.0) never occurs: non-zeros
+            table[h] = np.arange(seen.size, dtype=np.uint16)
+            slot_key[h] = seen
+        k = keys[s:s + _STEP]
+        h = (k * mult) >> np.uint32(14)
+        hit = slot_key[h] == k
+        if not hit.all():
+            new = np.unique(k[~hit])
+            if seen.size + new.size > limit:
+                return None
+            seen = np.concatenate([seen, new])
+            table = None
+            continue
+        ids[s:s + k.size] = table[h]
+        s += k.size
+    uniq = seen.view(np.float32)
+    order = np.argsort(uniq)
+    rank = np.empty(seen.size, dtype=np.uint16)
+    rank[order] = np.arange(seen.size, dtype=np.uint16)
+    return uniq[order], rank.astype(np.uint8 if seen.size <= 256 else np.uint16)[ids]
+
+
 def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """``(sorted distinct values, code of each value)`` if there are at most MAX_CODEBOOK
     distinct values and all are finite; else None."""
@@ -363,6 +456,9 @@ def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None  # early out: a sample already has too many distinct values
     if not np.isfinite(values).all():
         return None
+    found = _factorize_small(values) if values.size > 200_000 and values.dtype == np.float32 else None
+    if found is not None:
+        return found
     if values.size > 200_000:
         import pandas as pd  # hash-based: one O(N) pass, no sort of 50M values
 
@@ -376,15 +472,33 @@ def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _plan_weight(w: np.ndarray) -> dict[str, Any]:
-    """Decide a prunable layer weight's encoding and compute its symbol streams."""
+    """Decide a prunable layer weight's encoding and compute its symbol streams.
+
+    The positions are walked a chunk at a time: on VGG16 whole-layer int64 positions and
+    gaps were 400 MB temporaries each.
+    """
     flat = w.reshape(-1)
-    pos = np.flatnonzero(flat)
-    values = flat[pos]
-    gaps = np.diff(pos, prepend=-1)
-    ga = _gap_alphabet(pos.size, flat.size)
-    gsym = (np.minimum(gaps, ga) - 1).astype(np.uint8 if ga <= 256 else np.uint16)
-    overflow = gaps[gaps >= ga].astype(np.uint32 if flat.size < 2**32 else np.uint64)
-    plan = dict(nnz=int(pos.size), gap_alphabet=ga, gaps=gsym, overflow=overflow, encoding="sparse",
+    nnz = int(np.count_nonzero(flat))
+    ga = _gap_alphabet(nnz, flat.size)
+    gsym = np.empty(nnz, dtype=np.uint8 if ga <= 256 else np.uint16)
+    values = np.empty(nnz, dtype=flat.dtype)
+    overflow, last, i = [], -1, 0
+    for s in range(0, flat.size, _STEP):
+        c = flat[s:s + _STEP]
+        pos = np.flatnonzero(c)
+        if not pos.size:
+            continue
+        values[i:i + pos.size] = c[pos]
+        pos += s
+        gaps = np.diff(pos, prepend=last)
+        np.minimum(gaps, ga, out=gaps)
+        gsym[i:i + pos.size] = gaps - 1
+        if gaps.max() >= ga:
+            overflow.append(np.diff(pos, prepend=last)[gaps >= ga])
+        last, i = int(pos[-1]), i + pos.size
+    overflow = (np.concatenate(overflow) if overflow else np.zeros(0, np.int64)).astype(
+        np.uint32 if flat.size < 2**32 else np.uint64)
+    plan = dict(nnz=nnz, gap_alphabet=ga, gaps=gsym, overflow=overflow, encoding="sparse",
                 values=values)
     found = _distinct(values) if values.size else None
     if found is not None:
@@ -507,29 +621,49 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, bits: Bits = None
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:
-    data = Path(path).read_bytes()
-    if len(data) < _PREFIX.size:
-        raise ValueError(f"{path}: not an rclib compressed model (only {len(data)} bytes)")
-    magic, version, _flags, hlen, plen, digest = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise ValueError(f"{path}: not an rclib compressed model (bad magic bytes {magic!r})")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {version} is not supported (this rclib reads {FORMAT_VERSION})")
-    if len(data) != _PREFIX.size + hlen + plen:
-        what = "truncated" if len(data) < _PREFIX.size + hlen + plen else "has trailing bytes"
-        raise ValueError(f"{path}: file is corrupt ({what}: {len(data)} bytes, the header says "
-                         f"{_PREFIX.size + hlen + plen})")
-    h = hashlib.sha256(data[:28])
-    h.update(memoryview(data)[_PREFIX.size:])
+    """The header and payload of a file, checked before anything large is read: a regular file,
+    magic, version, flags and the lengths in the prefix against the file's size; then the
+    checksum, and a JSON header of the right format and version."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file (a device, pipe or folder cannot be an rclib compressed model)")
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise ValueError(f"{path}: not an rclib compressed model (only {len(prefix)} bytes)")
+        magic, version, flags, hlen, plen, digest = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise ValueError(f"{path}: not an rclib compressed model (bad magic bytes {magic!r})")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: format version {version} is not supported (this rclib reads {FORMAT_VERSION})")
+        if flags != 0:
+            raise ValueError(f"{path}: file is corrupt (flags {flags:#06x}; version {FORMAT_VERSION} defines none)")
+        if info.st_size != _PREFIX.size + hlen + plen:
+            what = "truncated" if info.st_size < _PREFIX.size + hlen + plen else "has trailing bytes"
+            raise ValueError(f"{path}: file is corrupt ({what}: {info.st_size} bytes, the header says "
+                             f"{_PREFIX.size + hlen + plen})")
+        data = bytearray(hlen + plen)
+        if f.readinto(data) != len(data) or f.read(1):
+            raise ValueError(f"{path}: file is corrupt (its size changed while reading)")
+    h = hashlib.sha256(prefix[:28])
+    h.update(data)
     if h.digest() != digest:
         raise ValueError(f"{path}: file is corrupt (sha256 checksum mismatch)")
     try:
-        header = json.loads(data[_PREFIX.size:_PREFIX.size + hlen].decode("utf-8"))
+        header = json.loads(data[:hlen].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: file is corrupt (unreadable header: {err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: file is corrupt (header JSON nested too deeply)") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise ValueError(f"{path}: file is corrupt (header without a tensor list)")
-    return header, memoryview(data)[_PREFIX.size + hlen:]
+    if header.get("format") != "rclib.compressed" or header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: file is corrupt (header format {header.get('format')!r} version "
+                         f"{header.get('version')!r}, expected 'rclib.compressed' {FORMAT_VERSION})")
+    return header, memoryview(data)[hlen:]
 
 
 def _decode_tensor(rec: dict[str, Any], payload: memoryview) -> torch.Tensor:
@@ -556,31 +690,38 @@ def _decode_tensor(rec: dict[str, Any], payload: memoryview) -> torch.Tensor:
     if enc == "shared" and _int(rec["codes"], "n") != nnz:
         raise _Corrupt("code stream does not match nnz")
     gsym = _decode_stream(rec["gaps"], payload)
-    gaps = gsym.astype(np.int64) + 1
     if rec["overflow_dtype"] not in ("<u4", "<u8"):
         raise _Corrupt("bad overflow dtype")
     over = np.frombuffer(_seg(payload, rec["overflow"]), dtype=rec["overflow_dtype"])
-    esc = gsym == ga - 1
-    if int(esc.sum()) != over.size:
-        raise _Corrupt("escape count does not match the overflow gaps")
-    gaps[esc] = over
-    if nnz and ((gaps < 1).any() or (gaps > numel).any()):
-        raise _Corrupt("non-zero positions outside the tensor")
-    pos = np.cumsum(gaps) - 1
-    if nnz and pos[-1] >= numel:
+    if over.size and (int(over.min()) < 1 or int(over.max()) > numel):
         raise _Corrupt("non-zero positions outside the tensor")
     if enc == "shared":
         book = np.frombuffer(_seg(payload, rec["codebook"]), dtype="<f4")
         codes = _decode_stream(rec["codes"], payload)
         if codes.size != nnz or rec["codes"]["alphabet"] != book.size:
             raise _Corrupt("code stream does not match the codebook")
-        values = book[codes]
     else:
         values = np.frombuffer(_seg(payload, rec["values"]), dtype="<f4")
         if values.size != nnz:
             raise _Corrupt("value count does not match nnz")
     w = np.zeros(numel, dtype=np.float32)
-    w[pos] = values
+    last, used = -1, 0  # position of the previous non-zero; overflow gaps consumed
+    for s in range(0, nnz, _STEP):  # a chunk at a time: no 400 MB int64 temporaries on VGG16
+        g = gsym[s:s + _STEP].astype(np.int64)
+        g += 1
+        esc = np.flatnonzero(g == ga)
+        if used + esc.size > over.size:
+            raise _Corrupt("escape count does not match the overflow gaps")
+        g[esc] = over[used:used + esc.size]
+        used += esc.size
+        pos = np.cumsum(g)
+        pos += last
+        if pos[-1] >= numel:
+            raise _Corrupt("non-zero positions outside the tensor")
+        w[pos] = book[codes[s:s + _STEP]] if enc == "shared" else values[s:s + _STEP]
+        last = int(pos[-1])
+    if used != over.size:
+        raise _Corrupt("escape count does not match the overflow gaps")
     return torch.from_numpy(w).reshape(shape)
 
 
@@ -614,17 +755,10 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise ValueError(f"{path}: file is corrupt (bad tensor record)")
     rebuilt = model is None
     if rebuilt:
-        from . import models
-
-        if not isinstance(header.get("spec"), dict):
-            raise ValueError(f"{path}: the file records no rclib architecture; pass model= to fill")
-        try:
-            model = models.from_spec(header["spec"])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, MemoryError) as err:
-            raise ValueError(f"{path}: cannot rebuild the recorded architecture ({type(err).__name__}: {err})") from None
+        model = _skeleton(path, header.get("spec"))
     # names and shapes are checked against the model before decoding, so a header that lies
     # about sizes cannot make us allocate more than the model itself holds
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in effective_state(model).items()}
+    expected = state_shapes(model)
     found = {rec["name"]: (tuple(rec["shape"]), _DTYPES[rec["dtype"]]) for rec in records}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra or len(found) != len(records):
@@ -634,6 +768,14 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         if expected[name] != (shape, dtype):
             raise ValueError(f"{path}: {name} is {shape} {dtype} in the file but "
                              f"{expected[name][0]} {expected[name][1]} in the model")
+    if rebuilt:
+        holds = sum(math.prod(s) * d.itemsize for s, d in expected.values())
+        allowed = max(MIN_ALLOWANCE, ALLOWANCE_PER_BYTE * len(payload))
+        if holds > allowed:
+            raise ValueError(f"{path}: file is corrupt (its architecture holds {holds:,} bytes of "
+                             f"tensors, more than {allowed:,} that a {len(payload):,}-byte payload "
+                             f"can describe)")
+        model = _materialise(model, header["spec"])
     try:
         state = {rec["name"]: _decode_tensor(rec, payload) for rec in records}
     except _Corrupt as err:
@@ -642,6 +784,32 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         raise ValueError(f"{path}: file is corrupt ({type(err).__name__}: {err})") from None
     _fill(model, state)
     return model.eval() if rebuilt else model
+
+
+def _skeleton(path: str | os.PathLike, spec: Any) -> nn.Module:
+    """The recorded architecture on the ``meta`` device: shapes without memory, so a spec of
+    any size costs nothing until it has been checked against the file."""
+    from . import models
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: the file records no rclib architecture; pass model= to fill")
+    try:
+        with torch.device("meta"):
+            return models.from_spec(spec)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, MemoryError, RecursionError) as err:
+        raise ValueError(f"{path}: cannot rebuild the recorded architecture ({type(err).__name__}: {err})") from None
+
+
+def _materialise(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Real (uninitialised) memory for a skeleton: every persistent tensor is then filled from
+    the file, so the random initialisation is skipped (seconds on VGG16); the non-persistent
+    normalisation buffers are rebuilt from the spec."""
+    from . import models
+
+    model = model.to_empty(device="cpu")
+    if isinstance(model, models.VGG):
+        model.normalize = models.Normalize(tuple(spec["mean"]), tuple(spec["std"]))
+    return model
 
 
 def _fill(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

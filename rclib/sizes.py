@@ -108,6 +108,19 @@ def safetensors_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) ->
     return 8 + header + (-header) % 8 + offset
 
 
+def state_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each entry of :func:`effective_state`, without touching any data
+    (so it works on a model on the ``meta`` device)."""
+    shapes = {}
+    for mod_name, m in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if name.endswith("_mask") or name in m._non_persistent_buffers_set:
+                continue
+            shapes[prefix + name.removesuffix("_orig")] = (tuple(p.shape), p.dtype)
+    return shapes
+
+
 def dense_bytes(model: nn.Module) -> int:
     """Bytes of the model's effective weights written as safetensors (dense, zeros kept).
 
@@ -117,13 +130,7 @@ def dense_bytes(model: nn.Module) -> int:
     ``len(safetensors.torch.save(effective_state(model)))``.
     Used by chapters 01 and 02.
     """
-    shapes = {}
-    for mod_name, m in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if name.endswith("_mask") or name in m._non_persistent_buffers_set:
-                continue
-            shapes[prefix + name.removesuffix("_orig")] = (tuple(p.shape), p.dtype)
+    shapes = state_shapes(model)
     return safetensors_bytes(shapes)
 
 

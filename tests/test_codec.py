@@ -161,8 +161,9 @@ def test_huffman_streams_round_trip_and_near_entropy():
     assert out.size <= bound + sym.size / 8 + 5000 + 1024
 
 
-def _resign(path, edit):
-    """Rewrite the header with ``edit`` and a valid checksum: a file that lies consistently."""
+def _resign(path, edit, raw=None, flags=0):
+    """Rewrite the header with ``edit`` (then ``raw`` on its bytes) and a valid checksum: a file
+    that lies consistently."""
     import hashlib
     import json
     import struct
@@ -172,7 +173,9 @@ def _resign(path, edit):
     header, payload = json.loads(data[60:60 + hlen]), data[60 + hlen:]
     edit(header)
     hb = json.dumps(header).encode()
-    prefix = struct.pack("<8sHHQQ", codec.MAGIC, codec.FORMAT_VERSION, 0, len(hb), len(payload))
+    if raw is not None:
+        hb = raw(hb)
+    prefix = struct.pack("<8sHHQQ", codec.MAGIC, codec.FORMAT_VERSION, flags, len(hb), len(payload))
     path.write_bytes(prefix + hashlib.sha256(prefix + hb + payload).digest() + hb + payload)
 
 
@@ -232,3 +235,78 @@ def test_files_are_byte_identical_to_the_format_version_1_writer(tmp_path, name)
     back = codec.load_compressed(path, model=_reference_models()[name])
     for k, v in sizes.effective_state(model).items():
         assert torch.equal(sizes.effective_state(back)[k], v), k
+
+
+def test_spec_bigger_than_its_records_refused_without_allocating(saved, monkeypatch):
+    _, path = saved
+
+    def one_huge_linear(h):  # a 30000x30000 layer in the spec, the tensor records unchanged
+        h["spec"]["layers"]["classifier"].insert(0, ["linear", 30000, 30000])
+
+    _resign(path, one_huge_linear)
+    monkeypatch.setattr(nn.Module, "to_empty", lambda *a, **k: pytest.fail("materialised the spec"))
+    with pytest.raises(ValueError, match="does not match the file"):
+        codec.load_compressed(path)
+
+
+def test_spec_and_records_too_big_for_the_payload_refused_without_allocating(saved, monkeypatch):
+    _, path = saved
+
+    def wide(h):  # spec and records agree on a 30000-unit hidden layer; the payload is ~100 kB
+        cls = h["spec"]["layers"]["classifier"]
+        lin = [e for e in cls if e[0] == "linear"]
+        lin[0][2] = lin[1][1] = lin[1][2] = lin[2][1] = 30000
+        shapes = {"classifier.0.weight": [30000, lin[0][1]], "classifier.0.bias": [30000],
+                  "classifier.3.weight": [30000, 30000], "classifier.3.bias": [30000],
+                  "classifier.6.weight": [lin[2][2], 30000]}
+        for t in h["tensors"]:
+            t["shape"] = shapes.get(t["name"], t["shape"])
+
+    _resign(path, wide)
+    monkeypatch.setattr(nn.Module, "to_empty", lambda *a, **k: pytest.fail("materialised the spec"))
+    with pytest.raises(ValueError, match="architecture holds 3,6.* bytes of tensors, more than"):
+        codec.load_compressed(path)
+
+
+def test_non_regular_files_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a regular file"):
+        codec.load_compressed("/dev/zero")
+    with pytest.raises(ValueError, match="not a regular file"):
+        codec.load_compressed(tmp_path)
+
+
+def test_prefix_lengths_checked_against_the_file_size_before_reading(saved):
+    import struct
+
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<Q", data, 20, 2**60)  # a payload of an exabyte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated"):
+        codec.load_compressed(path)
+
+
+def test_deeply_nested_header_refused(saved):
+    _, path = saved
+    _resign(path, lambda h: h.__setitem__("spec", None), raw=lambda hb: hb[:-1] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        codec.load_compressed(path)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.__setitem__("format", "zip"), "header format 'zip'"),
+    (lambda h: h.__setitem__("version", 2), "version 2"),
+    (lambda h: h.pop("version"), "version None"),
+])
+def test_header_format_and_version_checked(saved, edit, match):
+    _, path = saved
+    _resign(path, edit)
+    with pytest.raises(ValueError, match=match):
+        codec.load_compressed(path)
+
+
+def test_flags_checked(saved):
+    _, path = saved
+    _resign(path, lambda h: None, flags=1)
+    with pytest.raises(ValueError, match="flags 0x0001"):
+        codec.load_compressed(path)
