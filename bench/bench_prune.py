@@ -1,8 +1,9 @@
 """Benchmark: pruning torchvision VGG16 (138M weights, random init) on this machine.
 
-1. Global unstructured pruning (Alg 1): ``rclib.prune.global_unstructured`` against
+1. Global unstructured pruning (Alg 1): ``rclib.prune.global_unstructured`` against rclib's
+   before issue 15 (e46de29, frozen in ``bench/frozen/``) and
    ``torch.nn.utils.prune.global_unstructured(L1Unstructured)``, same model, same rate, in one
-   run; the masks are checked to be identical.
+   run; the masks are checked to be identical (with torch: except at ties with the threshold).
 2. Channel pruning + hardening (Alg 3 + 4): forward latency of the masked model against the
    hardened one, next to the FLOP ratio that bounds the speed-up.
 
@@ -22,6 +23,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.nn.utils import prune as torch_prune  # noqa: E402
 
+from frozen import prune_e46de29 as old_prune  # noqa: E402
 from rclib import models, prune, timing  # noqa: E402
 
 
@@ -42,13 +44,20 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, rate {args.rate}")
 
     rows = []
-    ours, theirs = vgg16(), vgg16()
+    ours, theirs, before = vgg16(), vgg16(), vgg16()
     theirs.load_state_dict(ours.state_dict())
+    before.load_state_dict(ours.state_dict())
     n = sum(m.weight.numel() for _, m in models.prunable_layers(ours))
 
     t = time.perf_counter()
     prune.global_unstructured(ours, args.rate)
     t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    old_prune.global_unstructured(before, args.rate)
+    t_old = time.perf_counter() - t
+    same_as_old = all(torch.equal(a.weight_mask, b.weight_mask) for (_, a), (_, b)
+                      in zip(models.prunable_layers(ours), models.prunable_layers(before)))
+    del before
     t = time.perf_counter()
     torch_prune.global_unstructured([(m, "weight") for _, m in models.prunable_layers(theirs)],
                                     pruning_method=torch_prune.L1Unstructured, amount=args.rate)
@@ -62,10 +71,13 @@ def main() -> None:
     threshold = max(float(a.weight_orig.detach().abs()[~a.weight_mask.bool()].max()) for (_, a), _ in pairs)
     ties = all(bool((a.weight_orig.detach().abs()[a.weight_mask != b.weight_mask] == threshold).all())
                for (_, a), (_, b) in pairs)
+    rows.append(("Alg 1 global pruning, s", f"{t_ours:.2f}", f"{t_old:.2f} (rclib e46de29)",
+                 f"{t_old / t_ours:.1f}x faster", f"same masks as before: {same_as_old}"))
     rows.append(("Alg 1 global pruning, s", f"{t_ours:.2f}", f"{t_torch:.2f} (torch.nn.utils.prune)",
                  f"{t_torch / t_ours:.1f}x faster",
                  f"zeros {zeros_ours:,} vs {zeros_torch:,}; masks differ at {differ:,} entries, "
-                 f"all of them ties at the threshold: {ties}"))
+                 f"all of them ties at the threshold: {ties}; target <= 1 s and >= 20x torch: "
+                 f"{'met' if t_ours <= 1 and t_torch / t_ours >= 20 else 'NOT met'}"))
     del theirs
 
     masked = vgg16()

@@ -167,6 +167,7 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 300, init: np.ndarray | N
 _BIN_SHIFT = 12  # a bin is 2^12 consecutive float32 values: 2^-11 of a value's magnitude wide
 _POLISH = 10  # Lloyd steps that judge a split-merge move
 _CHUNK = 1 << 22
+_SMALL = 1 << 16  # fewer values than this: no 2^20-bin tables
 
 
 def _ordered(x32: np.ndarray) -> np.ndarray:
@@ -190,6 +191,10 @@ def _histogram(x32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     Lloyd and the moves compare clusterings exactly; bins are far narrower (2^-11 of the
     value) than any gap between centroids.
     """
+    if x32.size < _SMALL:  # a sort of the few bin ids beats 2^20-bin tables
+        ids, inv = np.unique(_ordered(x32) >> np.uint32(_BIN_SHIFT), return_inverse=True)
+        counts, sums = np.bincount(inv), np.bincount(inv, weights=x32)
+        return ids, sums / counts, counts, sums
     nb = 1 << (32 - _BIN_SHIFT)
     counts = np.zeros(nb, dtype=np.int64)
     sums = np.zeros(nb, dtype=np.float64)
@@ -208,6 +213,8 @@ def _nearest(x32: np.ndarray, c32: np.ndarray, ids: np.ndarray, dtype: np.dtype)
     ``np.searchsorted(midpoints, x, side="right")``: looked up per bin, and searched per value
     only in the few bins a midpoint cuts."""
     mids = (c32[:-1].astype(np.float64) + c32[1:]) / 2
+    if x32.size < _SMALL:
+        return np.searchsorted(mids, x32, side="right").astype(dtype)
     first = _from_ordered(ids << _BIN_SHIFT).astype(np.float64)
     last = _from_ordered((ids << _BIN_SHIFT) | ((1 << _BIN_SHIFT) - 1)).astype(np.float64)
     nb = 1 << (32 - _BIN_SHIFT)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .huffman import entropy_bits
 from .models import effective
 
 UNITS = {"MB": 1e6, "MiB": 2**20}
@@ -158,8 +159,6 @@ def entropy_bound_bytes(model: nn.Module, bits: Bits = None) -> float:
 
 
 def _entropy_bound(entries: list[dict[str, Any]]) -> float:
-    from .codec import entropy_bits
-
     total_bits = 0.0
     for e in entries:
         if e["encoding"] == "raw":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rclib import codec, models, share, sizes
+from rclib import codec, huffman, models, share, sizes
 
 SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
             input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
@@ -152,12 +152,12 @@ def test_huffman_streams_round_trip_and_near_entropy():
     rng = np.random.default_rng(0)
     for n, alphabet in [(1, 4), (7, 256), (50_000, 32), (20_000, 5000)]:
         sym = np.minimum(rng.geometric(0.3, n) - 1, alphabet - 1).astype(np.uint8 if alphabet <= 256 else np.uint16)
-        out = codec._Payload()
-        meta = codec._encode_stream(sym, alphabet, out)
+        out = huffman.Payload()
+        meta = huffman.encode_stream(sym, alphabet, out)
         data = memoryview(b"".join(out.parts))
-        assert np.array_equal(codec._decode_stream(meta, data), sym)
+        assert np.array_equal(huffman.decode_stream(meta, data), sym)
     # Huffman costs at most 1 bit per symbol over the entropy (plus tables and block offsets)
-    bound = codec.entropy_bits(np.bincount(sym[:50_000], minlength=alphabet)) / 8
+    bound = huffman.entropy_bits(np.bincount(sym[:50_000], minlength=alphabet)) / 8
     assert out.size <= bound + sym.size / 8 + 5000 + 1024
 
 
