@@ -230,6 +230,9 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
 
 
 def plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
+    """Per entry of the effective state: its encoding and symbol streams (weight-shared while
+    planning when ``bits`` is given), before any bit is written; ``encode`` writes them and
+    ``sizes`` measures them. Used by chapter 02 and 04."""
     from . import share
     from .models import prunable_layers
 
@@ -256,6 +259,8 @@ def plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
 
 
 def encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> bytes:
+    """The bytes of the compressed file of ``model`` (``entries`` from :func:`plan` if already
+    planned). Used by chapter 02 and 04, through ``save_compressed`` and ``sizes.size_report``."""
     from . import models
 
     if entries is None:

@@ -27,10 +27,12 @@ HUFFMAN_LIMIT = 20  # longest Huffman code, so a decoding table has at most 2^20
 
 
 class Corrupt(ValueError):
-    pass
+    """A stream or segment that contradicts its header; ``codec`` reports it as a corrupt file.
+    Used by chapter 02 and 04, through ``codec``."""
 
 
 def field_int(d: Mapping[str, Any], key: str) -> int:
+    """Header field ``key`` of ``d``, which must be a non-negative int (not a bool)."""
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise Corrupt(f"header field {key!r} is not a non-negative integer")
@@ -38,6 +40,7 @@ def field_int(d: Mapping[str, Any], key: str) -> int:
 
 
 def segment(payload: memoryview, ref: Any) -> memoryview:
+    """The bytes ``[offset, length]`` of the payload that ``ref`` points at, checked."""
     if (not isinstance(ref, list) or len(ref) != 2 or
             not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ref) or
             ref[0] + ref[1] > len(payload)):
@@ -165,7 +168,8 @@ def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def entropy_bits(counts: np.ndarray) -> float:
-    """Shannon bound in bits of a stream with these symbol counts (zeroth order)."""
+    """Shannon bound in bits of a stream with these symbol counts (zeroth order).
+    Used by chapter 02 and 04, through ``sizes.entropy_bound_bytes``."""
     c = counts[counts > 0].astype(np.float64)
     if c.size <= 1:
         return 0.0
@@ -179,7 +183,8 @@ def _block_len(n: int) -> int:
 
 
 class Payload:
-    """Collects binary segments; the header refers to them as [offset, length]."""
+    """Collects binary segments; the header refers to them as [offset, length].
+    Used by chapter 02 and 04, through ``codec``."""
 
     def __init__(self):
         self.parts: list[bytes] = []
@@ -232,6 +237,8 @@ def _pack_stream(sym: np.ndarray, counts: np.ndarray, codes: np.ndarray, lengths
 
 
 def encode_stream(sym: np.ndarray, alphabet: int, out: Payload) -> dict[str, Any]:
+    """Huffman-code the symbols ``sym`` (< ``alphabet``) into segments of ``out``; returns the
+    stream's header record (see ``codec``'s format). Used by chapter 02 and 04, through ``codec``."""
     n = int(sym.size)
     meta: dict[str, Any] = {"n": n, "alphabet": alphabet}
     if n == 0:
@@ -256,6 +263,9 @@ def encode_stream(sym: np.ndarray, alphabet: int, out: Payload) -> dict[str, Any
 
 
 def decode_stream(meta: dict[str, Any], payload: memoryview) -> np.ndarray:
+    """The symbols of the stream whose header record is ``meta`` (uint8, or uint16 for an
+    alphabet over 256); ``Corrupt`` if the record and the bits disagree.
+    Used by chapter 02 and 04, through ``codec``."""
     n, alphabet = field_int(meta, "n"), field_int(meta, "alphabet")
     if not 1 <= alphabet <= 2**16:
         raise Corrupt(f"stream alphabet {alphabet} out of range")

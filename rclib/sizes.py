@@ -38,7 +38,8 @@ _ST_RANK = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32"
 
 def nonzero_parameters(model: nn.Module) -> int:
     """Non-zero entries over all parameters (pruned weights through torch masks count as zero;
-    their values are recomputed as ``orig * mask``, see ``models.effective``)."""
+    their values are recomputed as ``orig * mask``, see ``models.effective``).
+    Used by chapters 01-04."""
     total = 0
     for m in model.modules():
         for name, p in m.named_parameters(recurse=False):
@@ -75,7 +76,8 @@ def approx_size_mb(model: nn.Module, bits: int = 32, unit: str = "MB") -> float:
 
 def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as the model computes with it: a pruned ``<name>_orig`` / ``<name>_mask``
-    pair becomes the single masked tensor ``<name>`` (what ``prune.make_permanent`` would leave)."""
+    pair becomes the single masked tensor ``<name>`` (what ``prune.make_permanent`` would leave).
+    Used by chapters 02-04."""
     state = {}
     for mod_name, m in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -95,7 +97,7 @@ def safetensors_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) ->
     The format is an 8-byte header length, a JSON header padded with spaces to a multiple of 8,
     then the raw data. The header lists each tensor's dtype, shape and byte offsets in the
     file's order (see ``_ST_RANK``), so its length follows from shapes and dtypes alone; the
-    tests check it against ``safetensors.torch.save``.
+    tests check it against ``safetensors.torch.save``. Used by chapters 01 and 02.
     """
     order = sorted(shapes.items(), key=lambda kv: (-_ST_RANK.index(_ST_NAMES[kv[1][1]]), kv[0]))
     offset, header = 0, 2  # the braces
@@ -111,7 +113,7 @@ def safetensors_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) ->
 
 def state_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of each entry of :func:`effective_state`, without touching any data
-    (so it works on a model on the ``meta`` device)."""
+    (so it works on a model on the ``meta`` device). Used by chapters 01, 02 and 04."""
     shapes = {}
     for mod_name, m in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
