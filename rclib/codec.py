@@ -80,7 +80,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .huffman import Corrupt, Payload, decode_stream, encode_stream, entropy_bits, field_int, segment
+from .huffman import Corrupt, Payload, counts_of, decode_stream, encode_stream, entropy_bits, field_int, segment
 from .sizes import effective_state, state_shapes
 
 # --------------------------------------------------------------------------------------------
@@ -207,13 +207,15 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
         pos = np.flatnonzero(c)
         if not pos.size:
             continue
-        values[i:i + pos.size] = c[pos]
+        np.take(c, pos, out=values[i:i + pos.size])
         pos += s
-        gaps = np.diff(pos, prepend=last)
-        np.minimum(gaps, ga, out=gaps)
-        gsym[i:i + pos.size] = gaps - 1
+        gaps = np.empty_like(pos)
+        gaps[0] = pos[0] - last
+        np.subtract(pos[1:], pos[:-1], out=gaps[1:])
         if gaps.max() >= ga:
-            overflow.append(np.diff(pos, prepend=last)[gaps >= ga])
+            overflow.append(gaps[gaps >= ga])
+            np.minimum(gaps, ga, out=gaps)
+        np.subtract(gaps, 1, out=gsym[i:i + pos.size], casting="unsafe")
         last, i = int(pos[-1]), i + pos.size
     overflow = (np.concatenate(overflow) if overflow else np.zeros(0, np.int64)).astype(
         np.uint32 if flat.size < 2**32 else np.uint64)
@@ -222,7 +224,7 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
     found = _distinct(values) if values.size else None
     if found is not None:
         uniq, codes = found
-        shared_cost = uniq.size * 5 + entropy_bits(np.bincount(codes, minlength=uniq.size)) / 8
+        shared_cost = uniq.size * 5 + entropy_bits(counts_of(codes, uniq.size)) / 8
         if shared_cost < 4 * values.size:  # a codebook must pay for itself
             plan.update(encoding="shared", codebook=uniq.astype(np.float32), codes=codes)
             del plan["values"]

@@ -227,13 +227,28 @@ def _pack_stream(sym: np.ndarray, counts: np.ndarray, codes: np.ndarray, lengths
         w = start >> np.uint64(5)
         first = np.flatnonzero(w[1:] != w[:-1]) + 1
         first = np.concatenate([[0], first])
-        at = w[first]
-        words[at] |= np.add.reduceat(v >> np.uint64(32), first)
-        words[at + np.uint64(1)] |= np.add.reduceat(v & low, first)
-        here = (marks >= s) & (marks < s + c.size)
-        block_ends[here] = ends[marks[here] - s]
+        a, z = int(w[0]), int(w[-1]) + 1
+        hi, lo = np.add.reduceat(v >> np.uint64(32), first), np.add.reduceat(v & low, first)
+        if first.size == z - a:  # codes under 32 bits: every word holds a start, a plain slice
+            words[a:z] |= hi
+            words[a + 1:z + 1] |= lo
+        else:
+            at = w[first]
+            words[at] |= hi
+            words[at + np.uint64(1)] |= lo
+        m0, m1 = np.searchsorted(marks, [s, s + c.size])
+        block_ends[m0:m1] = ends[marks[m0:m1] - s]
         offset = ends[-1]
     return words.astype(">u4").tobytes()[: (nbits + 7) // 8], nbits, block_ends
+
+
+def counts_of(sym: np.ndarray, alphabet: int) -> np.ndarray:
+    """``np.bincount(sym, minlength=alphabet)`` a chunk at a time: bincount casts uint8/uint16
+    symbols to int64, a 400 MB temporary for VGG16's biggest layer."""
+    counts = np.zeros(alphabet, dtype=np.int64)
+    for s in range(0, sym.size, _STEP * 4):
+        counts += np.bincount(sym[s:s + _STEP * 4], minlength=alphabet)[:alphabet]
+    return counts
 
 
 def encode_stream(sym: np.ndarray, alphabet: int, out: Payload) -> dict[str, Any]:
@@ -243,7 +258,7 @@ def encode_stream(sym: np.ndarray, alphabet: int, out: Payload) -> dict[str, Any
     meta: dict[str, Any] = {"n": n, "alphabet": alphabet}
     if n == 0:
         return meta
-    counts = np.bincount(sym, minlength=alphabet)
+    counts = counts_of(sym, alphabet)
     used = np.flatnonzero(counts)
     if used.size == 1:  # e.g. an unpruned layer's gaps are all 1: nothing to store
         meta["single"] = int(used[0])
