@@ -17,7 +17,6 @@ import json
 import math
 from typing import Any, Mapping, Union
 
-
 import torch
 from torch import nn
 
