@@ -7,7 +7,7 @@ the paper's prune targets (``model.features`` convolutions, ``model.classifier``
 same attribute paths.
 
 An architecture is described by a small JSON-able ``spec`` dict, so a saved model file can say
-what to rebuild without pickling anything (see ``storage``).
+what to rebuild without pickling anything (see ``codec``).
 
 Used by every chapter.
 """
@@ -167,7 +167,7 @@ def describe(model: VGG) -> dict[str, Any]:
 
 
 def from_spec(s: dict[str, Any]) -> VGG:
-    """Rebuild an (untrained) model from a ``spec`` dict. Used by ``build`` and ``storage``."""
+    """Rebuild an (untrained) model from a ``spec`` dict. Used by ``build`` and ``codec``."""
     c, h, _ = s["input_shape"]
     norm = Normalize(tuple(s["mean"]), tuple(s["std"]))
     if "layers" in s:
@@ -239,7 +239,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Returns:
         ``[(qualified_name, module), ...]`` in forward order.
 
-    Used by ``prune``, ``share``, ``storage`` and chapters 00-04.
+    Used by ``prune``, ``share``, ``sizes``, ``codec`` and chapters 00-04.
     """
     kinds = (nn.Conv2d, nn.Linear)
     if hasattr(model, "features") and hasattr(model, "classifier"):
@@ -268,7 +268,7 @@ def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
     With ``torch.nn.utils.prune`` the attribute ``module.<name>`` is only refreshed by a forward
     pass; after an optimiser step it is stale. This recomputes ``<name>_orig * <name>_mask``.
-    Used by ``prune``, ``share`` and ``storage``.
+    Used by ``prune``, ``share`` and ``sizes``.
     """
     mask = getattr(module, f"{name}_mask", None)
     if mask is None:

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, attacks, data, models, prune, storage, train
-from . import config
+from . import artifacts, attacks, codec, config, data, models, prune, sizes, train
 from .config import Config
 
 DATA_FIELDS = ("seed", "dataset", "data_dir", "image_size", "train_size", "test_size", "test_fraction")
@@ -133,10 +132,10 @@ def measure(model: nn.Module, splits: data.Splits, eps: float) -> dict[str, Any]
     """Clean and FGSM robust test accuracy, and the model's size by every yardstick we use."""
     return dict(accuracy=train.evaluate(model, splits.test),
                 robust_accuracy=attacks.robust_accuracy(model, splits.test, attacks.fgsm, eps),
-                nonzero=storage.nonzero_parameters(model),
-                parameters=sum(t.numel() for t in storage.effective_state(model).values()),
-                approx_mb=storage.approx_size_mb(model),
-                dense_bytes=storage.dense_bytes(model))
+                nonzero=sizes.nonzero_parameters(model),
+                parameters=sum(t.numel() for t in sizes.effective_state(model).values()),
+                approx_mb=sizes.approx_size_mb(model),
+                dense_bytes=sizes.dense_bytes(model))
 
 
 def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
@@ -276,10 +275,10 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
                 variant=name, seed=cfg.seed, rate=rate,
                 accuracy=train.evaluate(m, splits.test),
                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
-                approx_mb=share.shared_size_mb(m, share_bits(cfg)) if shared else storage.approx_size_mb(m),
-                file_bytes=storage.size_report(m)["file_bytes"]))
+                approx_mb=share.shared_size_mb(m, share_bits(cfg)) if shared else sizes.approx_size_mb(m),
+                file_bytes=sizes.size_report(m)["file_bytes"]))
         tensors = {f"{key}/{k}": v for key in ("Pruned", "Pruned + Adv Ret.")
-                   for k, v in storage.effective_state(variants[key]).items()}
+                   for k, v in sizes.effective_state(variants[key]).items()}
         return tensors, {"rows": rows}
 
     def check(tensors, metrics):  # every row chapter 04 tabulates, and states that fit the model
@@ -290,7 +289,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             raise KeyError(f"rows lack the variants {sorted(missing)}")
         if tensors is None:
             raise KeyError("no tensors")
-        want = {k: v.shape for k, v in storage.effective_state(base).items()}
+        want = {k: v.shape for k, v in sizes.effective_state(base).items()}
         for variant in ("Pruned", "Pruned + Adv Ret."):
             got = {k.split("/", 1)[1]: v.shape for k, v in tensors.items() if k.startswith(variant + "/")}
             if got != want:
@@ -404,7 +403,7 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     weight sharing (Alg 6, ``share_bits(cfg)``), cached.
 
     Each row: rate, shared, clean and FGSM (``cfg.epsilon``) test accuracy, and the four sizes of
-    ``storage.size_report`` (bytes): dense safetensors, the paper's formula (with the
+    ``sizes.size_report`` (bytes): dense safetensors, the paper's formula (with the
     weight-shared count for shared rows), our compressed file and its entropy bound.
 
     Used by chapter 02.
@@ -418,7 +417,7 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
             shared = prune.clone(plain)
             share.weight_share(shared, share_bits(cfg))
             for ws, m in ((False, plain), (True, shared)):
-                report = storage.size_report(m)
+                report = sizes.size_report(m)
                 rows.append(dict(rate=r, shared=ws, accuracy=train.evaluate(m, splits.test),
                                  robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
                                  dense_bytes=report["dense_bytes"],
@@ -449,10 +448,10 @@ def vgg16_formula(cfg: Config, rate: float = 0.5) -> list[dict[str, Any]]:
         for s in cfg.seeds:
             torch.manual_seed(s)
             m = torchvision.models.vgg16().eval()
-            dense = storage.approx_size_mb(m, unit="MiB")
+            dense = sizes.approx_size_mb(m, unit="MiB")
             prune.global_unstructured(m, rate)
             rows.append(dict(seed=s, rate=rate, dense_mib=dense,
-                             pruned_mib=storage.approx_size_mb(m, unit="MiB"),
+                             pruned_mib=sizes.approx_size_mb(m, unit="MiB"),
                              shared_mib=share.shared_size_mb(m, share_bits(cfg), unit="MiB")))
             del m
         return None, {"rows": rows}
@@ -490,14 +489,14 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
             t1 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 path = f"{tmp}/vgg16.rclib"
-                storage.save_compressed(m, path)
+                codec.save_compressed(m, path)
                 t2 = time.perf_counter()
-                back = storage.load_compressed(path, torchvision.models.vgg16())
+                back = codec.load_compressed(path, torchvision.models.vgg16())
                 t3 = time.perf_counter()
-            a, b = storage.effective_state(m), storage.effective_state(back)
+            a, b = sizes.effective_state(m), sizes.effective_state(back)
             same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-            report = storage.size_report(m)
-            rows.append(dict(rate=r, nonzero=storage.nonzero_parameters(m), dense_bytes=report["dense_bytes"],
+            report = sizes.size_report(m)
+            rows.append(dict(rate=r, nonzero=sizes.nonzero_parameters(m), dense_bytes=report["dense_bytes"],
                              approx_bytes=report["approx_bytes"], shared_approx_bytes=report["shared_approx_bytes"],
                              file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"],
                              share_seconds=t1 - t0, encode_seconds=t2 - t1, decode_seconds=t3 - t2,

@@ -7,12 +7,14 @@ by its centroid. A layer can then be stored as ``n``-bit indices into a ``2^n``-
 lookup table plus the positions of the non-zeros (COO), instead of 32-bit floats.
 
 Why our own 1-D k-means (:func:`kmeans_1d`) instead of scikit-learn: VGG16 has 138M weights and
-its first linear layer alone 103M. In one dimension Lloyd's algorithm is exact and cheap once the
-values are sorted: the clusters are contiguous runs of the sorted values, the boundaries are the
-midpoints between neighbouring centroids (one ``np.searchsorted`` of ``k`` midpoints), and the
-cluster means come from prefix sums. One sort, then each iteration costs O(k log N) instead of
-O(N k). scikit-learn's ``KMeans`` needs minutes per full VGG16 pass (``bench/bench_share.py``
-measures both).
+its first linear layer alone 103M. In one dimension the clusters of Lloyd's algorithm are
+contiguous runs of the sorted values, the boundaries are the midpoints between neighbouring
+centroids, and cluster means come from prefix sums, so an iteration costs O(k log M) instead of
+O(N k). Sorting is not even needed: the values go into a fine histogram (bins 2^-11 of a
+value's magnitude wide, two ``np.bincount`` passes with exact per-bin counts and sums), and
+k-means moves whole bins, which changes every clustering's error by the same constant (the
+bins' own spread). scikit-learn's ``KMeans`` needs minutes per full VGG16 pass
+(``bench/bench_share.py`` measures both).
 
 The pitfall this module guards against: linearly spaced initial centroids land in the pruning
 gap (after magnitude pruning no weight is near zero), so plain Lloyd leaves those clusters empty
@@ -21,8 +23,9 @@ empty clusters. :func:`kmeans_1d` re-seeds every empty cluster by splitting the 
 largest squared error, which never increases the error, so all ``2^n`` values get used. Lloyd's
 fixed points are still only local optima (scikit-learn's too), so split-merge moves that strictly
 lower the error follow. Measured on VGG16 (random init, 50% pruned, ``bench/bench_share.py``):
-all 16 layers in ~15 s on one core, against ~280 s extrapolated for scikit-learn, with about
-half scikit-learn's quantisation error on the 256-cluster convolutions and 0.88x on the linears.
+all 16 layers in under 5 s on one core, against minutes extrapolated for scikit-learn, with
+about half scikit-learn's quantisation error on the 256-cluster convolutions and 0.88x on the
+linears.
 
 Used by chapter 02 (weight sharing) and 04.
 """
@@ -77,20 +80,25 @@ def _code_dtype(k: int) -> np.dtype:
 
 def kmeans_1d(values: np.ndarray, k: int, iters: int = 300, init: np.ndarray | None = None,
               refine: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Lloyd k-means on scalars, initialised with linearly spaced centroids (Alg 6).
+    """Lloyd k-means on scalars, initialised with linearly spaced centroids (Alg 6).
 
-    The values are sorted once and prefix sums are taken, so an iteration is: midpoints between
-    neighbouring centroids -> ``np.searchsorted`` -> contiguous clusters -> means from the prefix
-    sums; it costs O(k log N), not O(N k). Each cluster left empty is re-seeded by splitting, at
-    its mean, the cluster with the largest sum of squared errors (the two halves' means can only
-    lower the error); Lloyd then continues. A run stops when the clusters no longer change (a
-    fixed point of Lloyd) or after ``iters`` iterations.
+    The values (as float32) go into a fine histogram: bins of 2^12 consecutive float32 values
+    (2^-11 of the magnitude) with exact counts and sums. Lloyd then works on the bins: an
+    iteration is midpoints between neighbouring centroids -> ``np.searchsorted`` over the bin
+    means -> contiguous runs of bins -> cluster means from prefix sums, O(k log M) for M
+    non-empty bins. Keeping a bin together changes every clustering's squared error by the same
+    constant, so runs compare exactly; a bin is far narrower than any gap between centroids.
+    Each cluster left empty is re-seeded by splitting, at its mean, the cluster with the
+    largest squared error (the two halves' means can only lower the error); Lloyd then
+    continues. A run stops when the clusters no longer change (a fixed point of Lloyd) or after
+    ``iters`` iterations. The labels are the nearest float32 centroid of each value, exactly.
 
     Lloyd's fixed points are only local optima (scikit-learn's too: on gap-shaped data either can
     win by a few percent). So after convergence, up to ``refine`` split-merge moves follow: merge
     the two neighbouring clusters whose union costs least, split at its mean the cluster whose
-    split gains most, keep the move only if it lowers the error, and re-run Lloyd. Each move
-    strictly lowers the error; ``refine=0`` gives plain Lloyd with empty-cluster handling.
+    split gains most, and keep the move if a few Lloyd steps from it lower the error; Lloyd
+    converges again at the end. Each kept move strictly lowers the error; ``refine=0`` gives
+    plain Lloyd with empty-cluster handling.
 
     Args:
         values: (N,) array of any real dtype (flattened if not 1-D), N >= 1.
@@ -122,25 +130,26 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 300, init: np.ndarray | N
     k = int(k)
     if not np.isfinite(x).all():
         raise ValueError("values contain NaN or infinity: k-means needs finite values")
-    xs = np.sort(x if x.dtype == np.float64 else x.astype(np.float32))
-    distinct = 1 + int(np.count_nonzero(xs[1:] != xs[:-1]))
-    if distinct <= k:
-        # fewer distinct values than clusters: the distinct values themselves are optimal (error 0)
-        uniq = np.unique(xs).astype(np.float32)
-        return uniq, np.searchsorted(uniq, x.astype(np.float32)).astype(_code_dtype(uniq.size))
+    x32 = x.astype(np.float32, copy=False)
+    hist = _histogram(x32)
+    if hist[0].size <= k:  # few bins: maybe fewer distinct values than clusters
+        uniq = np.unique(x32)
+        if uniq.size <= k:  # the distinct values themselves are optimal (error 0)
+            return uniq, np.searchsorted(uniq, x32).astype(_code_dtype(uniq.size))
 
     if init is None:
-        c = np.linspace(float(xs[0]), float(xs[-1]), k)
+        c = np.linspace(float(x32.min()), float(x32.max()), k)
     else:
         c = np.sort(np.asarray(init, dtype=np.float64).reshape(-1))
         if c.size != k:
             raise ValueError(f"init has {c.size} centroids, k={k}")
-    km = _Sorted1D(xs)
+    km = _Binned1D(*hist[1:])
     c, b = km.lloyd(c, iters)
     err = km.total_sse(b)
     for _ in range(int(refine)):
         for cand in km.moves(b, tries=4):
-            c2, b2 = km.lloyd(cand, iters)
+            # a few Lloyd steps (each lowers the error) tell a good move from a bad one
+            c2, b2 = km.lloyd(cand, min(iters, _POLISH))
             err2 = km.total_sse(b2)
             # the prefix sums carry rounding: demand a gain clearly above it
             if err2 < err * (1 - 1e-8):
@@ -148,33 +157,100 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 300, init: np.ndarray | N
                 break
         else:
             break  # no candidate move lowers the error: a local optimum of Lloyd + moves
+    c, b = km.lloyd(c, iters)
 
     c32 = c.astype(np.float32)
     # nearest float32 centroid: the codebook the weights will actually take
+    return c32, _nearest(x32, c32, hist[0], _code_dtype(k))
+
+
+_BIN_SHIFT = 12  # a bin is 2^12 consecutive float32 values: 2^-11 of a value's magnitude wide
+_POLISH = 10  # Lloyd steps that judge a split-merge move
+_CHUNK = 1 << 22
+_SMALL = 1 << 16  # fewer values than this: no 2^20-bin tables
+
+
+def _ordered(x32: np.ndarray) -> np.ndarray:
+    """uint32 keys in the order of the float32 values (flip the sign bit, or all bits if negative)."""
+    k = x32.view(np.uint32)
+    return k ^ ((k >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000))
+
+
+def _from_ordered(keys: np.ndarray) -> np.ndarray:
+    keys = keys.astype(np.uint32)
+    return np.where(keys >= np.uint32(0x80000000), keys ^ np.uint32(0x80000000), ~keys).view(np.float32)
+
+
+def _histogram(x32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Non-empty bins of the values: ``(bin ids, bin means, counts, sums)``, in value order.
+
+    Why a histogram instead of sorting (``np.sort`` + prefix sums of 69M values took ~3 s on
+    VGG16): two ``np.bincount`` passes over the values give each bin's count and exact sum,
+    and k-means then moves whole bins. A cluster's squared error differs from the exact one
+    by the bins' own spread only, the same for every clustering that keeps bins together, so
+    Lloyd and the moves compare clusterings exactly; bins are far narrower (2^-11 of the
+    value) than any gap between centroids.
+    """
+    if x32.size < _SMALL:  # a sort of the few bin ids beats 2^20-bin tables
+        ids, inv = np.unique(_ordered(x32) >> np.uint32(_BIN_SHIFT), return_inverse=True)
+        counts, sums = np.bincount(inv), np.bincount(inv, weights=x32)
+        return ids, sums / counts, counts, sums
+    nb = 1 << (32 - _BIN_SHIFT)
+    counts = np.zeros(nb, dtype=np.int64)
+    sums = np.zeros(nb, dtype=np.float64)
+    for s in range(0, x32.size, _CHUNK):
+        c = x32[s:s + _CHUNK]
+        b = _ordered(c) >> np.uint32(_BIN_SHIFT)
+        counts += np.bincount(b, minlength=nb)
+        sums += np.bincount(b, weights=c, minlength=nb)
+    ids = np.flatnonzero(counts)
+    counts, sums = counts[ids], sums[ids]
+    return ids, sums / counts, counts, sums
+
+
+def _nearest(x32: np.ndarray, c32: np.ndarray, ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Index of the nearest of the sorted centroids for each value (ties to the upper one), as
+    ``np.searchsorted(midpoints, x, side="right")``: looked up per bin, and searched per value
+    only in the few bins a midpoint cuts."""
     mids = (c32[:-1].astype(np.float64) + c32[1:]) / 2
-    labels = np.searchsorted(mids, x, side="right").astype(_code_dtype(k))
-    return c32, labels
+    if x32.size < _SMALL:
+        return np.searchsorted(mids, x32, side="right").astype(dtype)
+    first = _from_ordered(ids << _BIN_SHIFT).astype(np.float64)
+    last = _from_ordered((ids << _BIN_SHIFT) | ((1 << _BIN_SHIFT) - 1)).astype(np.float64)
+    nb = 1 << (32 - _BIN_SHIFT)
+    label = np.zeros(nb, dtype=dtype)
+    label[ids] = np.searchsorted(mids, first, side="right")
+    cut = np.zeros(nb, dtype=bool)
+    cut[ids] = label[ids] != np.searchsorted(mids, last, side="right")
+    out = np.empty(x32.size, dtype=dtype)
+    for s in range(0, x32.size, _CHUNK):
+        c = x32[s:s + _CHUNK]
+        b = _ordered(c) >> np.uint32(_BIN_SHIFT)
+        lab = label[b]
+        f = np.flatnonzero(cut[b])
+        lab[f] = np.searchsorted(mids, c[f], side="right")
+        out[s:s + c.size] = lab
+    return out
 
 
-class _Sorted1D:
-    """Sorted values with prefix sums: cluster sums and squared errors of any run in O(1)."""
+class _Binned1D:
+    """Bins (sorted means with counts and sums) and their prefix sums: the size, mean and squared
+    error (up to the bins' own spread) of any run of bins in O(1)."""
 
-    def __init__(self, xs: np.ndarray):
-        self.xs, self.n = xs, xs.size
+    def __init__(self, means: np.ndarray, counts: np.ndarray, sums: np.ndarray):
+        self.xs, self.n = means, means.size
         # shift by the mean so the float64 prefix sums of squares keep their precision
-        shift = float(np.mean(xs, dtype=np.float64))
-        self.shift = shift
-        self.s1 = np.zeros(self.n + 1)
-        np.cumsum(xs - np.float64(shift) if xs.dtype == np.float64 else xs.astype(np.float64) - shift,
-                  out=self.s1[1:])
-        self.s2 = np.zeros(self.n + 1)
-        np.cumsum(np.square(self.s1[1:] - self.s1[:-1]), out=self.s2[1:])
+        self.shift = float(sums.sum() / counts.sum())
+        d = sums - self.shift * counts
+        self.s0 = np.concatenate([[0], np.cumsum(counts)])
+        self.s1 = np.concatenate([[0.0], np.cumsum(d)])
+        self.s2 = np.concatenate([[0.0], np.cumsum(d * d / counts)])
 
     def mean(self, a, z):
-        return (self.s1[z] - self.s1[a]) / np.maximum(z - a, 1) + self.shift
+        return (self.s1[z] - self.s1[a]) / np.maximum(self.s0[z] - self.s0[a], 1) + self.shift
 
     def sse(self, a, z):
-        cnt = np.maximum(z - a, 1)
+        cnt = np.maximum(self.s0[z] - self.s0[a], 1)
         d1 = self.s1[z] - self.s1[a]
         return np.maximum((self.s2[z] - self.s2[a]) - d1 * d1 / cnt, 0.0)
 
@@ -185,14 +261,11 @@ class _Sorted1D:
         return b
 
     def count_below(self, t: np.ndarray) -> np.ndarray:
-        """``#{x < t}`` for float64 thresholds, searching in the values' own dtype: a float64
-        search in float32 data would convert (copy) all N values on every call."""
-        if self.xs.dtype == np.float64:
-            return np.searchsorted(self.xs, t, side="left")
-        t32 = t.astype(self.xs.dtype)
-        # for float32 x:  x < t  <=>  x < (smallest float32 >= t)
-        up = np.where(t32.astype(np.float64) < t, np.nextafter(t32, self.xs.dtype.type(np.inf)), t32)
-        return np.searchsorted(self.xs, up, side="left")
+        """Bins whose mean is below ``t``."""
+        return np.searchsorted(self.xs, t, side="left")
+
+    def _splittable(self, a, z):
+        return z - a >= 2  # bins have distinct means
 
     def lloyd(self, c: np.ndarray, iters: int) -> tuple[np.ndarray, np.ndarray]:
         prev = None
@@ -216,10 +289,6 @@ class _Sorted1D:
         a, z = np.atleast_1d(a), np.atleast_1d(z)
         m = np.clip(self.count_below(self.mean(a, z).astype(np.float64)), a + 1, z - 1)
         return int(m[0]) if scalar else m
-
-    def _splittable(self, a, z):
-        return (z - a >= 2) & (self.xs[np.minimum(np.maximum(z - 1, 0), self.n - 1)]
-                               != self.xs[np.minimum(a, self.n - 1)])
 
     def _reseed(self, b, c, empty):
         """Give each empty cluster half of the cluster with the largest squared error."""
@@ -338,7 +407,7 @@ def share_tensor(weight: np.ndarray, bits: int, iters: int = 300, refine: int = 
         >>> np.unique(book.dense()).size <= 2**5 + 1  # the centroids and 0
         True
 
-    Used by chapter 02 (weight sharing) and 04, and by ``storage.save_compressed(bits=...)``.
+    Used by chapter 02 (weight sharing) and 04, and by ``codec.save_compressed(bits=...)``.
     """
     _validate_bits(bits)
     w = np.asarray(weight, dtype=np.float32)
@@ -420,7 +489,7 @@ def compression_rate(bits: int, n_weights: int, weight_bits: int = 32) -> float:
     ``(2^n * weight_data_size + n * number_of_weights) / (number_of_weights * weight_data_size)
     = 2^n / number_of_weights + n / weight_data_size``: a ``2^n``-entry float lookup table plus
     an ``n``-bit index per weight, over ``number_of_weights`` floats. Like the paper, this counts
-    neither the positions of the non-zeros (COO) nor any entropy coding; ``storage`` measures a
+    neither the positions of the non-zeros (COO) nor any entropy coding; ``codec`` writes a
     real file.
 
     Args:
@@ -453,8 +522,8 @@ def shared_size_mb(model: nn.Module, bits: Bits = DEFAULT_BITS, unit: str = "MB"
     Sum over prunable layers of ``nnz * n`` (an n-bit index per non-zero weight, Eq 6) plus
     ``2^n * 32`` (the layer's float32 lookup table), plus every other parameter (biases,
     BatchNorm, layers that are not prunable) at 32 bits per non-zero value, as
-    ``storage.approx_size_mb`` counts them. Positions of the non-zeros are not counted (the
-    paper's formula does not); ``storage.save_compressed`` writes a real file that pays for them.
+    ``sizes.approx_size_mb`` counts them. Positions of the non-zeros are not counted (the
+    paper's formula does not); ``codec.save_compressed`` writes a real file that pays for them.
 
     Args:
         model: the pruned model (weight-shared or not: only its non-zero counts matter).

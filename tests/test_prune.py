@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from rclib import models, prune, storage, train
+from rclib import models, prune, sizes, train
 
 from toys import SPEC  # noqa: E402
 
@@ -122,8 +123,8 @@ def test_harden_is_equivalent_and_smaller(rate, batch_norm):
     with torch.no_grad():
         torch.testing.assert_close(hard(x), model(x), atol=1e-5, rtol=0)
     assert not prune.is_pruned(hard)
-    assert models.count_parameters(hard) < storage.nonzero_parameters(model) + 10 * 64
-    assert storage.dense_bytes(hard) < 0.7 * storage.dense_bytes(model)
+    assert models.count_parameters(hard) < sizes.nonzero_parameters(model) + 10 * 64
+    assert sizes.dense_bytes(hard) < 0.7 * sizes.dense_bytes(model)
     assert prune.flops(hard, (1, 8, 8)) < prune.flops(model, (1, 8, 8))
     # the hardened model can be rebuilt from its spec alone
     rebuilt = models.from_spec(hard.spec)
@@ -259,3 +260,48 @@ def test_mask_agreement_allows_differences_only_at_exact_ties():
     swapped = prune.mask_agreement(ours, theirs)
     assert swapped["zeros_ours"] == swapped["zeros_theirs"] and swapped["differ"] == 2
     assert not swapped["ties_only"] and not swapped["agree"]
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.6])
+def test_global_ties_follow_the_concatenated_keep_mask(rate):
+    model = tiny()
+    with torch.no_grad():  # a coarse grid: many weights tie with the threshold
+        for _, m in models.prunable_layers(model):
+            m.weight.copy_(torch.round(m.weight * 20) / 20)
+    scores = np.concatenate([m.weight.detach().abs().numpy().ravel() for _, m in models.prunable_layers(model)])
+    expected = prune._keep_mask(scores, round(rate * scores.size))
+    prune.global_unstructured(model, rate)
+    got = np.concatenate([m.weight_mask.numpy().ravel() for _, m in models.prunable_layers(model)])
+    assert np.array_equal(got.astype(bool), expected)
+
+
+def test_fast_mask_is_torchs_reparametrisation():
+    ours, theirs = tiny(), tiny()
+    prune.global_unstructured(ours, 0.5)
+    for (_, a), (_, b) in zip(models.prunable_layers(ours), models.prunable_layers(theirs)):
+        torch_prune.custom_from_mask(b, "weight", a.weight_mask)
+        assert torch_prune.is_pruned(a)
+        assert [type(h) for h in a._forward_pre_hooks.values()] == [type(h) for h in b._forward_pre_hooks.values()]
+        assert sorted(n for n, _ in a.named_parameters()) == sorted(n for n, _ in b.named_parameters())
+        assert sorted(n for n, _ in a.named_buffers()) == sorted(n for n, _ in b.named_buffers())
+        assert torch.equal(a.weight, b.weight) and a.weight_mask.dtype == b.weight_mask.dtype
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(ours(x), theirs(x))
+    prune.global_unstructured(ours, 0.8)  # a second mask combines with the first
+    assert isinstance(next(iter(models.prunable_layers(ours)[0][1]._forward_pre_hooks.values())),
+                      torch_prune.PruningContainer)
+    for _, m in models.prunable_layers(ours):
+        torch_prune.remove(m, "weight")
+    assert not any(torch_prune.is_pruned(m) for m in ours.modules())
+
+
+@pytest.mark.parametrize("grid", [0, 2000])
+def test_global_masks_from_a_sampled_bracket_equal_the_full_partition(grid):
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(s).astype(np.float32) for s in ((1500, 1000), (300,), (7, 9, 5))]
+    if grid:  # heavy ties at any threshold
+        weights = [np.round(w * grid) / grid for w in weights]
+    scores = np.concatenate([np.abs(w).ravel() for w in weights])
+    for k in (1, 12345, scores.size // 2, scores.size - 1):
+        got = np.concatenate([m.ravel() for m in prune._global_masks(weights, k)])
+        assert np.array_equal(got.astype(bool), prune._keep_mask(scores, k)), k

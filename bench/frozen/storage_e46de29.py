@@ -1,3 +1,5 @@
+# Frozen copy of rclib/storage.py at commit e46de29 (before issue 15): the "today" column of the
+# benchmarks in bench/, timed beside the current code in one run. Not part of rclib; do not edit.
 """Model size (paper Eq 6-7, Sec. 4.1): the paper's formulas and a real compressed file.
 
 ``approx_size_mb`` is the paper's formula: number of non-zero parameters times precision. It is
@@ -78,7 +80,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import effective
+from rclib.models import effective
 
 UNITS = {"MB": 1e6, "MiB": 2**20}
 
@@ -467,8 +469,8 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
 
 
 def _plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
-    from . import share
-    from .models import prunable_layers
+    from frozen import share_e46de29 as share
+    from rclib.models import prunable_layers
 
     _check_host()
     layers = dict(prunable_layers(model))
@@ -493,7 +495,7 @@ def _plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
 
 
 def _encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> bytes:
-    from . import models
+    from rclib import models
 
     if entries is None:
         entries = _plan(model, bits)
@@ -684,7 +686,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise ValueError(f"{path}: file is corrupt (bad tensor record)")
     rebuilt = model is None
     if rebuilt:
-        from . import models
+        from rclib import models
 
         if not isinstance(header.get("spec"), dict):
             raise ValueError(f"{path}: the file records no rclib architecture; pass model= to fill")

@@ -1,0 +1,1 @@
+"""Frozen copies of rclib modules before issue 15, for the benchmarks only."""

@@ -1,0 +1,34 @@
+"""The size yardsticks: dense bytes from shapes equal the real safetensors file."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from safetensors.torch import save
+from torch import nn
+from torch.nn.utils import prune
+
+from rclib import sizes
+from toys import tiny_vgg
+
+
+def test_safetensors_bytes_equal_the_real_file_for_mixed_dtypes_and_shapes():
+    rng = random.Random(0)
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+              torch.int16, torch.int8, torch.uint8, torch.bool]
+    for _ in range(200):  # dtype order and offset digits decide the header length
+        tensors = {f"{rng.choice('abcxyz')}.{i}": torch.zeros(
+            [rng.choice([0, 1, 3, 7, 31, 100]) for _ in range(rng.randint(0, 3))], dtype=rng.choice(dtypes))
+            for i in range(rng.randint(1, 8))}
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+        assert sizes.safetensors_bytes(shapes) == len(save(tensors))
+
+
+def test_dense_bytes_equal_serialised_effective_state_of_pruned_models():
+    model = tiny_vgg()  # BatchNorm: int64 num_batches_tracked beside float32
+    prune.global_unstructured([(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
+                              pruning_method=prune.L1Unstructured, amount=0.5)
+    seq = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).double()
+    for m in (model, seq):
+        assert sizes.dense_bytes(m) == len(save(sizes.effective_state(m)))
