@@ -28,6 +28,7 @@ OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 PRUNE_METHODS = ("global", "layer", "channel", "iterative")
 MARGIN_SPACES = ("logits", "probs")
+SIZE_MODELS = ("vgg16", "small")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Config:
     # weight sharing (Alg 6, Table 2)
     conv_bits: int = 8  # weight-sharing index bits of convolutions
     linear_bits: int = 5  # weight-sharing index bits of linear layers
+    size_model: str = "vgg16"  # chapter 02's real-file check: vgg16 (about 30 s, 6 GB) | small (a stand-in, for tests)
     # robust retraining (Alg 7, App. C)
     retrain_optimizer: str = "sgd"  # optimiser of all retraining: sgd | adam
     retrain_lr: float = 0.005  # learning rate of all retraining
@@ -117,7 +119,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         threads=1, train_size=512, test_size=128, width=8, hidden=64, batch_size=64,
         epochs=12, lr=3e-3, epsilons=(0.0, 0.1, 0.2), prune_rates=(0.5, 0.9), retrain_epochs=1,
-        seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4,
+        seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4, size_model="small",
     ),
     # minutes on a laptop CPU: the published book
     "cpu": dict(),
@@ -245,7 +247,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.dataset in DATASETS, "dataset", cfg.dataset, f"one of {', '.join(DATASETS)}")
     _check(cfg.model in MODELS, "model", cfg.model, f"one of {', '.join(MODELS)}")
     for name, choices in (("optimizer", OPTIMIZERS), ("retrain_optimizer", OPTIMIZERS),
-                          ("prune_method", PRUNE_METHODS), ("margin_on", MARGIN_SPACES)):
+                          ("prune_method", PRUNE_METHODS), ("margin_on", MARGIN_SPACES),
+                          ("size_model", SIZE_MODELS)):
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), f"one of {', '.join(choices)}")
     for name in ("threads", "image_size", "width", "hidden", "batch_size", "eval_batch_size", "local_examples"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a positive whole number")
