@@ -76,17 +76,18 @@ def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as the model computes with it: a pruned ``<name>_orig`` / ``<name>_mask``
     pair becomes the single masked tensor ``<name>`` (what ``prune.make_permanent`` would leave).
     Used by chapters 02-04."""
-    state = {}
+    return {key: (effective(m, name.removesuffix("_orig")) if name.endswith("_orig") else p).detach().cpu().contiguous()
+            for key, m, name, p in _state_entries(model)}
+
+
+def _state_entries(model: nn.Module):
+    """``(key, module, name, tensor)`` for every entry of the effective state dict: masks and
+    non-persistent buffers left out, a pruned ``<name>_orig`` keyed as ``<name>``."""
     for mod_name, m in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if name.endswith("_mask") or name in m._non_persistent_buffers_set:
-                continue
-            if name.endswith("_orig"):
-                name = name[: -len("_orig")]
-                p = effective(m, name)
-            state[prefix + name] = p.detach().cpu().contiguous()
-    return state
+            if not (name.endswith("_mask") or name in m._non_persistent_buffers_set):
+                yield prefix + name.removesuffix("_orig"), m, name, p
 
 
 def safetensors_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
@@ -112,14 +113,7 @@ def safetensors_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) ->
 def state_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of each entry of :func:`effective_state`, without touching any data
     (so it works on a model on the ``meta`` device). Used by chapters 01, 02 and 04."""
-    shapes = {}
-    for mod_name, m in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if name.endswith("_mask") or name in m._non_persistent_buffers_set:
-                continue
-            shapes[prefix + name.removesuffix("_orig")] = (tuple(p.shape), p.dtype)
-    return shapes
+    return {key: (tuple(p.shape), p.dtype) for key, _, _, p in _state_entries(model)}
 
 
 def dense_bytes(model: nn.Module) -> int:
