@@ -519,12 +519,13 @@ MADRY_ROW = "Pruned + Adv Ret. with PGD (Madry-style)"
 ATTACK_VARIANTS = TABLE1_ROWS + ABLATION_ROWS + (MADRY_ROW,)
 CURVE_VARIANTS = TABLE1_ROWS + (MADRY_ROW,)
 ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons")
-# Budgets, sized so 8 models x 3 seeds of the cpu profile fit about 2 minutes on one CPU thread
-# (measured: Square with 300 queries alone took 5 s per model on 100 digits).
+# Budgets, sized so 8 models x 3 seeds of the cpu profile fit about 2 minutes on one CPU thread.
+# Measured per seed (8 models) with APGD 25 steps and Square 100 queries: Square 14 s, APGD-T 8 s,
+# PGD-50 x2 7 s, APGD-CE 4 s, the PGD curves 5 s, everything else 7 s; 46 s in all, hence the cuts.
 SUBSET = 100  # test digits (seeded sample) that the expensive attacks and the curves run on
 MADRY_STEPS = 7  # PGD steps per batch when retraining the Madry-style row (Madry et al.'s CIFAR value)
 PGD_STEPS, PGD_LONG, PGD_RESTARTS = 10, 50, 2
-APGD_STEPS, APGD_TARGETS, SQUARE_QUERIES = 25, 2, 100
+APGD_STEPS, APGD_TARGETS, SQUARE_QUERIES = 20, 2, 60
 LARGE_EPS, NEAR_ZERO = 0.5, 0.05  # at eps 0.5 every pixel can reach mid-grey: no digit is left
 TABLE_ATTACKS = ("clean", "FGSM", "PGD-10", f"PGD-{PGD_LONG} x{PGD_RESTARTS}", "APGD-CE", "APGD-T", "Square",
                  "worst case")
@@ -584,10 +585,15 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
       the share of inputs with an exactly zero input gradient;
     * on :func:`attack_subset` (``on="subset"``, ``SUBSET`` digits; the cheap attacks again so
       every column of the worst case is on the same digits): PGD-50 with 2 restarts (rclib),
-      APGD-CE (25 steps) and APGD-T (2 targets x 25 steps) and Square (100 queries, black-box)
+      APGD-CE (20 steps) and APGD-T (2 targets x 20 steps) and Square (60 queries, black-box)
       through ART (:mod:`rclib.strong`), the per-digit worst case over all of them, PGD-10 at
       ``LARGE_EPS``, and the curves: FGSM and PGD-10 at each of ``cfg.epsilons`` for
       ``CURVE_VARIANTS``.
+
+    The attacks run on one torch thread whatever ``cfg.threads`` says: on batches of 64 small
+    digits a second thread cost more than it gained (one seed took 67 s with two threads and 46 s
+    with one, on an otherwise idle 2-core machine), and one thread also makes the numbers
+    independent of the thread count.
 
     Returns:
         ``(rows, cached)``; each row has ``variant, kind ("table" | "curve" | "check"), attack,
@@ -599,6 +605,14 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     from . import strong
 
     def compute():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return attack_everything()
+        finally:
+            torch.set_num_threads(threads)
+
+    def attack_everything():
         _, states, _ = robust_table(cfg, splits, base, rate, progress=False)
         device = next(base.parameters()).device
         variants: dict[str, nn.Module] = {}
