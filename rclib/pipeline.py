@@ -591,7 +591,8 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
       ``LARGE_EPS``, and the curves: FGSM and PGD-10 at each of ``cfg.epsilons`` for
       ``CURVE_VARIANTS``.
 
-    The attacks run on one torch thread whatever ``cfg.threads`` says: on batches of 64 small
+    The attacks (and the Madry row's training) run on one torch thread whatever ``cfg.threads``
+    says (Table 1's models are trained before, with the caller's threads): on batches of 64 small
     digits a second thread cost more than it gained (one seed took 67 s with two threads and 46 s
     with one, on an otherwise idle 2-core machine), and one thread also makes the numbers
     independent of the thread count.
@@ -606,15 +607,16 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     from . import strong
 
     def compute():
+        # Table 1's models first, with the caller's threads: chapter 04 trains the same cached models
+        _, states, _ = robust_table(cfg, splits, base, rate, progress=False)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return attack_everything()
+            return attack_everything(states)
         finally:
             torch.set_num_threads(threads)
 
-    def attack_everything():
-        _, states, _ = robust_table(cfg, splits, base, rate, progress=False)
+    def attack_everything(states: dict[str, dict]):
         device = next(base.parameters()).device
         variants: dict[str, nn.Module] = {}
         for name in TABLE1_ROWS + ABLATION_ROWS:
