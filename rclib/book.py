@@ -6,6 +6,7 @@ Used by every chapter.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -38,11 +39,10 @@ def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any) -> d
     return dict(section=section, quantity=quantity, paper=plain(paper), ours=plain(ours), verdict=str(verdict))
 
 
-def stage_dir() -> "Path":
+def stage_dir() -> Path:
     """Where the executed chapters are: ``$RCLIB_STAGE`` (set by ``python -m rclib book``), else
     ``<project>/_build/src``."""
     import os
-    from pathlib import Path
 
     from .config import project_root
 

@@ -234,11 +234,11 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     (weight-shared formula for the WS row) and the bytes of our compressed file.
 
     Returns:
-        ``(rows, states, cached)``; ``states`` maps ``"Pruned"`` and ``"Pruned + Adv Ret."`` to
-        their effective state dicts (for Figure 8's decision maps; load with ``strict=True``
-        into ``new_model``).
+        ``(rows, states, cached)``; ``states`` maps every variant's name to its effective state
+        dict (masks folded in; load with ``strict=True`` into ``new_model``): Figure 8's decision
+        maps and chapter 05's attacks use them.
 
-    Used by chapter 04.
+    Used by chapters 04 and 05.
     """
     from . import robust, share
 
@@ -277,8 +277,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
                 approx_mb=share.shared_size_mb(m, share_bits(cfg)) if shared else sizes.approx_size_mb(m),
                 file_bytes=sizes.size_report(m)["file_bytes"]))
-        tensors = {f"{key}/{k}": v for key in ("Pruned", "Pruned + Adv Ret.")
-                   for k, v in sizes.effective_state(variants[key]).items()}
+        tensors = {f"{key}/{k}": v for key in variants for k, v in sizes.effective_state(variants[key]).items()}
         return tensors, {"rows": rows}
 
     def check(tensors, metrics):  # every row chapter 04 tabulates, and states that fit the model
@@ -290,7 +289,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
         if tensors is None:
             raise KeyError("no tensors")
         want = {k: v.shape for k, v in sizes.effective_state(base).items()}
-        for variant in ("Pruned", "Pruned + Adv Ret."):
+        for variant in TABLE1_ROWS + ABLATION_ROWS:
             got = {k.split("/", 1)[1]: v.shape for k, v in tensors.items() if k.startswith(variant + "/")}
             if got != want:
                 raise RuntimeError(f"the {variant!r} tensors do not fit the model (names or shapes)")

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .attacks import fgsm
+from .attacks import fgsm, pgd
 from .train import fit
 
 MARGIN_SPACES = ("logits", "probs")
+ADV_ATTACKS = ("fgsm", "pgd")  # how Alg 7 crafts its adversarial half: the paper's FGSM, or Madry's PGD
 
 
 def _check_margin_args(margin: float, on: str) -> None:
@@ -90,7 +91,8 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor, margin: float = 1.0, on: 
 
 def adversarial_margin_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                             margin_weight: float, margin: float = 1.0, on: str = "logits",
-                            parts: dict[str, float] | None = None) -> torch.Tensor:
+                            parts: dict[str, float] | None = None, attack: str = "fgsm",
+                            pgd_steps: int = 7, generator: torch.Generator | None = None) -> torch.Tensor:
     """The per-batch objective of Alg 7: ``CE(z, Y) + lambda * MM(z, Y)`` on ``z = h([x; x_adv])``.
 
     ``x_adv = fgsm(model, x, y, eps)`` is generated from the current model (Eq 8; the gradient is
@@ -112,6 +114,9 @@ def adversarial_margin_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         margin, on: passed to :func:`margin_loss`.
         parts: if a dict is given, ``"ce"``, ``"mm"`` (unweighted) and ``"n"`` (B) are written
             into it, so a caller can log the two terms.
+        attack: ``"fgsm"`` (the paper's Alg 7) or ``"pgd"``: ``x_adv`` from :func:`rclib.attacks.pgd`
+            with ``pgd_steps`` steps and a random start drawn from ``generator`` (Madry et al.'s
+            adversarial training, inside the same objective; chapter 05's "Madry" row).
 
     Returns:
         The scalar total loss, differentiable in the model's parameters.
@@ -122,7 +127,10 @@ def adversarial_margin_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
     Used by chapter 04 through :func:`adversarial_retrain`.
     """
-    x_adv = fgsm(model, x, y, eps)
+    if attack == "pgd":
+        x_adv = pgd(model, x, y, eps, steps=pgd_steps, generator=generator)
+    else:
+        x_adv = fgsm(model, x, y, eps)
     if eps == 0:
         xs, ys = x, y
     else:
@@ -139,7 +147,7 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
                         epochs: int = 1, lr: float = 0.005, momentum: float = 0.9,
                         weight_decay: float = 0.005, optimizer: str = "sgd", margin: float = 1.0,
                         on: str = "logits", seed: int = 0, progress: bool = True,
-                        blame: str | None = None) -> list[dict[str, Any]]:
+                        blame: str | None = None, attack: str = "fgsm", pgd_steps: int = 7) -> list[dict[str, Any]]:
     """Alg 7: retrain a (compressed) model in place on clean + FGSM examples with the margin loss.
 
     For every batch ``(x, y)``: ``x_adv = x + eps * sign(grad_x CE(h(x), y))`` (clamped to
@@ -167,6 +175,12 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
         progress: show a tqdm bar.
         blame: the settings named if the loss stops being finite (``train.Diverged``); default
             ``lr`` and ``margin_weight`` with their values.
+        attack: ``"fgsm"`` (default: Alg 7 as the paper writes it) or ``"pgd"``: the adversarial
+            half comes from ``pgd_steps`` steps of L-infinity PGD with a random start (step
+            ``2.5 * eps / pgd_steps``), Madry et al.'s adversarial training at the same epoch
+            budget. Its random starts come from a generator seeded with ``seed``, so runs repeat.
+        pgd_steps: PGD steps per batch when ``attack="pgd"`` (>= 1; default 7, Madry et al.'s
+            CIFAR-10 setting); each costs one more forward and backward pass per batch.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "ce", "mm"}``, the epoch means of the total
@@ -181,7 +195,8 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
         >>> history = adversarial_retrain(model, splits.train, eps=0.1, margin_weight=0.1)
         >>> robust_accuracy(model, splits.test, fgsm, 0.1)
 
-    Used by chapter 04 (Table 1's "Pruned + Adv Ret." rows and Fig 8).
+    Used by chapter 04 (Table 1's "Pruned + Adv Ret." rows and Fig 8) and chapter 05 (the
+    Madry-style row, ``attack="pgd"``).
     """
     for name, value in (("eps", eps), ("margin_weight", margin_weight)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -193,17 +208,26 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer={optimizer!r} is not allowed: one of sgd, adam")
     _check_margin_args(margin, on)
+    if attack not in ADV_ATTACKS:
+        raise ValueError(f"attack={attack!r} is not allowed: one of {', '.join(ADV_ATTACKS)}")
+    if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 1:
+        raise ValueError(f"pgd_steps={pgd_steps!r} is not allowed: an integer >= 1")
+    # a generator of its own: PGD's random starts must not shift the global stream that fit's
+    # shuffling and dropout draw from, or the same seed would give different FGSM-free runs
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed) if attack == "pgd" else None
 
     batches: list[dict[str, float]] = []
 
     def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         parts: dict[str, float] = {}
-        loss = adversarial_margin_loss(m, x, y, eps, margin_weight, margin=margin, on=on, parts=parts)
+        loss = adversarial_margin_loss(m, x, y, eps, margin_weight, margin=margin, on=on, parts=parts,
+                                       attack=attack, pgd_steps=pgd_steps, generator=gen)
         batches.append(parts)
         return loss
 
     history = fit(model, loader, epochs, lr=lr, optimizer=optimizer, momentum=momentum,
-                  weight_decay=weight_decay, seed=seed, loss_fn=loss_fn, desc="Alg 7", progress=progress,
+                  weight_decay=weight_decay, seed=seed, loss_fn=loss_fn,
+                  desc="Alg 7" if attack == "fgsm" else "Alg 7 with PGD", progress=progress,
                   blame=blame or f"lr={lr:g} or margin_weight={margin_weight:g}")
     per_epoch = len(batches) // max(len(history), 1)
     for i, row in enumerate(history):

@@ -166,6 +166,18 @@ def test_robust_retraining_numbers(smoke_book):
     _check_claims(values, 7)
 
 
+def test_stronger_attacks_numbers(smoke_book):
+    values = _glued(smoke_book, "05_stronger_attacks")
+    assert tuple(values["config"]["seeds"]) == (0, 1)  # the smoke profile's seeds
+    assert values["subset"] == 80 and values["square_queries"] > 0
+    assert 0 <= values["n_pass"] <= values["n_checks"] == 8 * 5  # 8 models x 5 masking checks
+    # the worst case is an AND over attacks that include FGSM: it can never exceed FGSM
+    assert values["over_min"] >= 0 and values["over_max"] >= values["over_min"]
+    for name in ("alg7_worst", "base_worst", "madry_worst"):
+        assert 0 <= float(values[name].split(" ± ")[0]) <= 100
+    _check_claims(values, 5)
+
+
 def test_every_chapter_receives_every_override(smoke_book):
     """`python -m rclib book --profile smoke -p seed 3 -p width 4` (the shared smoke build) runs
     every chapter with seed 3 and width 4: each chapter's glued configuration says so."""
@@ -190,6 +202,7 @@ FIRST_CELL_REFUSALS = {
     "02_weight_sharing": (dict(conv_bits=0), "conv_bits=0"),
     "03_boundary_smoothness": (dict(resolution=1), "resolution=1"),
     "04_robust_retraining": (dict(seeds="[0, 4294967296]"), "seeds="),
+    "05_stronger_attacks": (dict(epsilons="[0.1, -0.1]"), "epsilons="),
 }
 
 

@@ -192,3 +192,50 @@ def test_huge_margin_weight_diverges_with_a_message_naming_it():
     model = tiny_vgg()
     with pytest.raises(Diverged, match=r"margin_weight=1e\+300"):
         adversarial_retrain(model, loader(), eps=0.1, margin_weight=1e300, progress=False)
+
+
+# ---- Alg 7 with PGD examples (chapter 05's Madry-style row) -----------------------------------
+
+def _pruned_toy() -> nn.Module:
+    model = tiny_vgg()
+    for _, layer in prunable_layers(model):
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_pgd_retraining_repeats_with_its_seed_keeps_masks_and_differs_from_fgsm():
+    runs = {}
+    for key, attack in (("pgd", "pgd"), ("pgd again", "pgd"), ("fgsm", "fgsm")):
+        model = _pruned_toy()
+        history = adversarial_retrain(model, loader(), eps=0.1, margin_weight=0.1, attack=attack, pgd_steps=3,
+                                      progress=False)
+        assert len(history) == 1 and math.isfinite(history[0]["loss"])
+        for _, layer in prunable_layers(model):  # pruned weights are still exactly zero
+            assert (layer.weight[layer.weight_mask == 0] == 0).all()
+        runs[key] = _state(model)
+    assert all(torch.equal(runs["pgd"][k], runs["pgd again"][k]) for k in runs["pgd"])
+    assert any(not torch.equal(runs["pgd"][k], runs["fgsm"][k]) for k in runs["pgd"])
+
+
+def test_pgd_loss_uses_pgd_examples_from_the_given_generator():
+    model = tiny_vgg().eval()
+    x, y = data(8)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    from rclib.attacks import pgd
+
+    x_adv = pgd(model, x, y, 0.1, steps=2, generator=g1)
+    z = model(torch.cat([x, x_adv]))
+    expected = F.cross_entropy(z, torch.cat([y, y])) + 0.1 * margin_loss(z, torch.cat([y, y]))
+    got = adversarial_margin_loss(model, x, y, 0.1, 0.1, attack="pgd", pgd_steps=2, generator=g2)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert not torch.equal(x_adv, fgsm(model, x, y, 0.1))  # so the match above is not FGSM's loss by chance
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(attack="cw"), "attack"), (dict(attack="pgd", pgd_steps=0), "pgd_steps")])
+def test_bad_attack_settings_are_refused(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        adversarial_retrain(tiny_vgg(), loader(), eps=0.1, margin_weight=0.1, progress=False, **kwargs)

@@ -1,0 +1,241 @@
+"""Chapter 05's study: every model of Table 1 (and a Madry-style row) under attacks stronger
+than FGSM, their per-example worst case, transfer and gradient-masking checks (the paper's
+future work, Sec. 4.1). A cached step per seed on top of :mod:`rclib.pipeline`'s Table 1 models.
+
+Used by chapter 05.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import artifacts, attacks, data, prune
+from .config import Config
+from .pipeline import ABLATION_ROWS, ROBUST_FIELDS, TABLE1_ROWS, new_model, robust_table
+
+
+MADRY_ROW = "Pruned + Adv Ret. with PGD (Madry-style)"
+ATTACK_VARIANTS = TABLE1_ROWS + ABLATION_ROWS + (MADRY_ROW,)
+CURVE_VARIANTS = TABLE1_ROWS + (MADRY_ROW,)
+ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons")
+# Budgets, sized so 8 models x 3 seeds of the cpu profile fit about 2 minutes on one CPU thread.
+# Measured per seed (8 models) with APGD 25 steps and Square 100 queries: Square 14 s, APGD-T 8 s,
+# PGD-50 x2 7 s, APGD-CE 4 s, the PGD curves 5 s, everything else 7 s; 46 s in all on 100 digits.
+# With 20 APGD steps and 60 queries three seeds still took 138 s, hence 80 digits.
+SUBSET = 80  # test digits (seeded sample) that the expensive attacks and the curves run on
+MADRY_STEPS = 7  # PGD steps per batch when retraining the Madry-style row (Madry et al.'s CIFAR value)
+PGD_STEPS, PGD_LONG, PGD_RESTARTS = 10, 50, 2
+APGD_STEPS, APGD_TARGETS, SQUARE_QUERIES = 20, 2, 60
+LARGE_EPS, NEAR_ZERO = 0.5, 0.05  # at eps 0.5 every pixel can reach mid-grey: no digit is left
+TABLE_ATTACKS = ("clean", "FGSM", "PGD-10", f"PGD-{PGD_LONG} x{PGD_RESTARTS}", "APGD-CE", "APGD-T", "Square",
+                 "worst case")
+TRANSFER_SOURCES = ("Baseline", "Pruned + Retrained")
+
+
+def attack_subset(cfg: Config, n_test: int) -> torch.Tensor:
+    """The sorted indices of the ``SUBSET`` test digits (all when fewer) that chapter 05's
+    expensive attacks use: a sample drawn with ``cfg.seed``, so every model of a seed meets the
+    same digits and the worst case over attacks is taken per digit. Used by chapter 05."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.randperm(n_test, generator=g)[:min(SUBSET, n_test)].sort().values
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+def zero_gradient_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Per input, True where the input gradient of the cross-entropy is exactly zero: a saturated
+    softmax (or a dead path) gives gradient attacks nothing to follow there, the classic sign of
+    gradient masking. Eval mode makes examples independent, so a batch gradient is per example.
+    Used by chapter 05."""
+    device = next(model.parameters()).device
+    out = []
+    for xb, yb in _batches(x, y, batch_size):
+        g = attacks.input_gradient(model, xb.to(device), yb.to(device))
+        out.append((g.flatten(1).abs().amax(1) == 0).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def madry_model(cfg: Config, splits: data.Splits, base: nn.Module, rate: float) -> nn.Module:
+    """Algorithm 7 with PGD examples instead of FGSM (``MADRY_STEPS`` steps, random start, the
+    same ``adv_epsilon``, margin weight, optimiser and ``adv_epochs`` as Table 1's Alg 7 row),
+    from the same globally pruned copy of ``base``. Used by chapter 05."""
+    from . import robust
+
+    m = prune.clone(base)
+    prune.global_unstructured(m, rate)
+    robust.adversarial_retrain(m, splits.train, cfg.adv_epsilon, cfg.margin_weight, epochs=cfg.adv_epochs,
+                               lr=cfg.retrain_lr, momentum=cfg.retrain_momentum,
+                               weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer,
+                               on=cfg.margin_on, seed=cfg.seed, progress=False, attack="pgd",
+                               pgd_steps=MADRY_STEPS, blame=f"retrain_lr={cfg.retrain_lr:g}")
+    return m.eval()
+
+
+def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
+                 progress: bool = True) -> tuple[list[dict[str, Any]], bool]:
+    """Every model of Table 1 and its ablation (from :func:`robust_table`) plus the Madry-style
+    row (:func:`madry_model`), under every attack, for one seed (cached).
+
+    Attacks, all L-infinity at ``cfg.epsilon`` unless said otherwise:
+
+    * on the whole test set (``on="test"``): clean, FGSM, PGD-10 (rclib, random start), and for
+      the masking checks PGD-10 examples crafted on each of ``TRANSFER_SOURCES`` (transfer) and
+      the share of inputs with an exactly zero input gradient;
+    * on :func:`attack_subset` (``on="subset"``, ``SUBSET`` digits; the cheap attacks again so
+      every column of the worst case is on the same digits): PGD-50 with 2 restarts (rclib),
+      APGD-CE (20 steps) and APGD-T (2 targets x 20 steps) and Square (60 queries, black-box)
+      through ART (:mod:`rclib.strong`), the per-digit worst case over all of them, PGD-10 at
+      ``LARGE_EPS``, and the curves: FGSM and PGD-10 at each of ``cfg.epsilons`` for
+      ``CURVE_VARIANTS``.
+
+    The attacks (and the Madry row's training) run on one torch thread whatever ``cfg.threads``
+    says (Table 1's models are trained before, with the caller's threads): on batches of 64 small
+    digits a second thread cost more than it gained (one seed took 67 s with two threads and 46 s
+    with one, on an otherwise idle 2-core machine), and one thread also makes the numbers
+    independent of the thread count.
+
+    Returns:
+        ``(rows, cached)``; each row has ``variant, kind ("table" | "curve" | "check"), attack,
+        eps, on, accuracy, n`` (accuracy in [0, 1]; for the zero-gradient row, the share of such
+        inputs).
+
+    Used by chapter 05.
+    """
+    from . import strong
+
+    def compute():
+        # Table 1's models first, with the caller's threads: chapter 04 trains the same cached models
+        _, states, _ = robust_table(cfg, splits, base, rate, progress=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return attack_everything(states)
+        finally:
+            torch.set_num_threads(threads)
+
+    def attack_everything(states: dict[str, dict]):
+        device = next(base.parameters()).device
+        variants: dict[str, nn.Module] = {}
+        for name in TABLE1_ROWS + ABLATION_ROWS:
+            m = new_model(cfg, splits)
+            m.load_state_dict(states[name], strict=True)
+            variants[name] = m.to(device).eval()
+        variants[MADRY_ROW] = madry_model(cfg, splits, base, rate)
+        x, y = data.as_tensors(splits.test.dataset)
+        idx = attack_subset(cfg, len(y))
+        xs, ys = x[idx], y[idx]
+        test, sub = _batches(x, y, cfg.batch_size), _batches(xs, ys, cfg.batch_size)
+        eps = cfg.epsilon
+
+        def gen() -> torch.Generator:  # every PGD run starts from the same seeded draws
+            return torch.Generator(device=device).manual_seed(cfg.seed)
+
+        crafted = {}
+        for src in TRANSFER_SOURCES:
+            g = gen()
+            crafted[src] = [(attacks.pgd(variants[src], xb.to(device), yb.to(device), eps, steps=PGD_STEPS,
+                                         generator=g).cpu(), yb) for xb, yb in test]
+        rows: list[dict[str, Any]] = []
+        outcomes: dict[str, torch.Tensor] = {}
+
+        def add(variant, kind, attack, e, on, correct):
+            rows.append(dict(variant=variant, kind=kind, attack=attack, eps=float(e), on=on,
+                             accuracy=float(correct.float().mean()) if len(correct) else 0.0, n=len(correct)))
+
+        strong_kw = dict(apgd_steps=APGD_STEPS, targets=APGD_TARGETS, square_queries=SQUARE_QUERIES,
+                         batch_size=cfg.batch_size, seed=cfg.seed)
+        for name, m in tqdm(variants.items(), desc=f"attacks, seed {cfg.seed}", disable=not progress):
+            per_test = {
+                "clean": attacks.robust_correct(m, test, attacks.fgsm, 0.0),
+                "FGSM": attacks.robust_correct(m, test, attacks.fgsm, eps),
+                "PGD-10": attacks.robust_correct(m, test, attacks.pgd, eps, steps=PGD_STEPS, generator=gen()),
+            }
+            for attack, c in per_test.items():
+                add(name, "table", attack, 0.0 if attack == "clean" else eps, "test", c)
+            per_sub = {k: v[idx] for k, v in per_test.items()}
+            per_sub[TABLE_ATTACKS[3]] = attacks.robust_correct(m, sub, attacks.pgd, eps, steps=PGD_LONG,
+                                                               restarts=PGD_RESTARTS, generator=gen())
+            for attack, key in (("APGD-CE", "apgd-ce"), ("APGD-T", "apgd-t"), ("Square", "square")):
+                per_sub[attack] = strong.evaluate(m, (xs, ys), key, eps, **strong_kw).correct
+            per_sub["worst case"] = strong.worst_case(*per_sub.values())
+            for attack, c in per_sub.items():
+                add(name, "table", attack, 0.0 if attack == "clean" else eps, "subset", c)
+                outcomes[f"{name}|{attack}"] = c.to(torch.uint8)
+            for src in TRANSFER_SOURCES:
+                if src != name:
+                    add(name, "check", f"transfer PGD-10 from {src}", eps, "test",
+                        attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb.to(device), eps))
+            add(name, "check", "PGD-10", LARGE_EPS, "subset",
+                attacks.robust_correct(m, sub, attacks.pgd, LARGE_EPS, steps=PGD_STEPS, generator=gen()))
+            add(name, "check", "zero input gradient", 0.0, "test", zero_gradient_inputs(m, x, y))
+            if name in CURVE_VARIANTS:
+                for e in cfg.epsilons:  # the table's own outcomes where it has them: same digits, same runs
+                    for attack, run in (("FGSM", dict(attack=attacks.fgsm)),
+                                        ("PGD-10", dict(attack=attacks.pgd, steps=PGD_STEPS, generator=gen()))):
+                        if e == 0:
+                            c = per_sub["clean"]
+                        elif e == eps:
+                            c = per_sub[attack]
+                        else:
+                            c = attacks.robust_correct(m, sub, eps=float(e), **run)
+                        add(name, "curve", attack, e, "subset", c)
+        outcomes["subset"] = idx
+        return outcomes, {"rows": rows}
+
+    def check(tensors, metrics):  # every model under every attack of the table, on the same digits
+        artifacts.rows_with("variant", "kind", "attack", "eps", "on", "accuracy", "n")(tensors, metrics)
+        have = {(r["variant"], r["attack"]) for r in metrics["rows"] if r["kind"] == "table" and r["on"] == "subset"}
+        missing = {(v, a) for v in ATTACK_VARIANTS for a in TABLE_ATTACKS} - have
+        if missing:
+            raise KeyError(f"rows lack {sorted(missing)[:3]}")
+
+    step_cfg = dataclasses.replace(cfg, prune_rate=rate)
+    _, metrics, hit = artifacts.cached(step_cfg, "attack_table", ATTACK_FIELDS, compute, check=check)
+    return [dict(r, seed=cfg.seed, rate=rate) for r in metrics["rows"]], hit
+
+
+MASKING_CHECKS = ("iterative at least as strong as one-step", "white-box at least as strong as transfer",
+                  "white-box at least as strong as black-box", f"near zero at eps {LARGE_EPS:g}",
+                  "no input with a zero gradient")
+
+
+def masking_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The standard gradient-masking checks (Athalye et al., 2018; Carlini et al., 2019), one row
+    per model, seed and check, from :func:`attack_table`'s rows:
+
+    * iterative at least as strong as one-step: PGD-10 accuracy <= FGSM accuracy (test set);
+    * white-box at least as strong as transfer: PGD-10 on the model <= PGD-10 examples crafted
+      on every other source of ``TRANSFER_SOURCES`` (test set);
+    * white-box at least as strong as black-box: the best of PGD-50, APGD-CE and APGD-T <=
+      Square (subset);
+    * accuracy near zero at large eps: PGD-10 at ``LARGE_EPS`` <= ``NEAR_ZERO`` (subset);
+    * no input with an exactly zero input gradient (test set).
+
+    Each row: ``variant, seed, check, ours, against, passed`` (``ours`` and ``against`` in [0, 1],
+    the two numbers compared). Used by chapter 05.
+    """
+    acc: dict[tuple, float] = {(r["variant"], r["seed"], r["kind"], r["attack"], r["eps"], r["on"]): r["accuracy"]
+                               for r in rows}
+    out = []
+    for variant, seed in dict.fromkeys((r["variant"], r["seed"]) for r in rows):
+        eps = next(r["eps"] for r in rows if r["variant"] == variant and r["attack"] == "FGSM" and r["kind"] == "table")
+
+        def a(kind, attack, on, e=eps):
+            return acc[(variant, seed, kind, attack, e, on)]
+
+        pgd10 = a("table", "PGD-10", "test")
+        transfer = min(acc[k] for k in acc if k[:2] == (variant, seed) and k[3].startswith("transfer"))
+        white = min(a("table", t, "subset") for t in (TABLE_ATTACKS[3], "APGD-CE", "APGD-T"))
+        pairs = ((pgd10, a("table", "FGSM", "test")), (pgd10, transfer), (white, a("table", "Square", "subset")),
+                 (a("check", "PGD-10", "subset", LARGE_EPS), NEAR_ZERO), (a("check", "zero input gradient", "test", 0.0), 0.0))
+        for check, (ours, against) in zip(MASKING_CHECKS, pairs):
+            out.append(dict(variant=variant, seed=seed, check=check, ours=ours, against=against,
+                            passed=bool(ours <= against)))
+    return out
