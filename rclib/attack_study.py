@@ -22,12 +22,11 @@ from .pipeline import ABLATION_ROWS, ROBUST_FIELDS, TABLE1_ROWS, new_model, robu
 MADRY_ROW = "Pruned + Adv Ret. with PGD (Madry-style)"
 ATTACK_VARIANTS = TABLE1_ROWS + ABLATION_ROWS + (MADRY_ROW,)
 CURVE_VARIANTS = TABLE1_ROWS + (MADRY_ROW,)
-ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons")
+ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons", "attack_sample")
 # Budgets, sized so 8 models x 3 seeds of the cpu profile fit about 2 minutes on one CPU thread.
 # Measured per seed (8 models) with APGD 25 steps and Square 100 queries: Square 14 s, APGD-T 8 s,
 # PGD-50 x2 7 s, APGD-CE 4 s, the PGD curves 5 s, everything else 7 s; 46 s in all on 100 digits.
 # With 20 APGD steps and 60 queries three seeds still took 138 s, hence 80 digits.
-SUBSET = 80  # test digits (seeded sample) that the expensive attacks and the curves run on
 MADRY_STEPS = 7  # PGD steps per batch when retraining the Madry-style row (Madry et al.'s CIFAR value)
 PGD_STEPS, PGD_LONG, PGD_RESTARTS = 10, 50, 2
 APGD_STEPS, APGD_TARGETS, SQUARE_QUERIES = 20, 2, 60
@@ -38,11 +37,11 @@ TRANSFER_SOURCES = ("Baseline", "Pruned + Retrained")
 
 
 def attack_subset(cfg: Config, n_test: int) -> torch.Tensor:
-    """The sorted indices of the ``SUBSET`` test digits (all when fewer) that chapter 05's
+    """The sorted indices of ``cfg.attack_sample`` test digits (all when fewer) that chapter 05's
     expensive attacks use: a sample drawn with ``cfg.seed``, so every model of a seed meets the
     same digits and the worst case over attacks is taken per digit. Used by chapter 05."""
     g = torch.Generator().manual_seed(cfg.seed)
-    return torch.randperm(n_test, generator=g)[:min(SUBSET, n_test)].sort().values
+    return torch.randperm(n_test, generator=g)[:min(cfg.attack_sample, n_test)].sort().values
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,7 +87,7 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     * on the whole test set (``on="test"``): clean, FGSM, PGD-10 (rclib, random start), and for
       the masking checks PGD-10 examples crafted on each of ``TRANSFER_SOURCES`` (transfer) and
       the share of inputs with an exactly zero input gradient;
-    * on :func:`attack_subset` (``on="subset"``, ``SUBSET`` digits; the cheap attacks again so
+    * on :func:`attack_subset` (``on="subset"``, ``cfg.attack_sample`` digits; the cheap attacks again so
       every column of the worst case is on the same digits): PGD-50 with 2 restarts (rclib),
       APGD-CE (20 steps) and APGD-T (2 targets x 20 steps) and Square (60 queries, black-box)
       through ART (:mod:`rclib.strong`), the per-digit worst case over all of them, PGD-10 at

@@ -90,6 +90,8 @@ class Config:
     local_examples: int = 20  # test inputs whose local maps are averaged
     hurt_rate: float = 0.7  # chapter 04's second global prune rate, where pruning clearly hurts
     seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the repeated runs (mean and spread)
+    # stronger attacks (chapter 05, beyond the paper)
+    attack_sample: int = 80  # test inputs (a seeded sample) for chapter 05's expensive attacks and curves
 
     def digest(self, names: tuple[str, ...] | None = None) -> str:
         """Short hash of the named fields (all when None) and of the rclib source.
@@ -119,7 +121,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         threads=1, train_size=512, test_size=128, width=8, hidden=64, batch_size=64,
         epochs=12, lr=3e-3, epsilons=(0.0, 0.1, 0.2), prune_rates=(0.5, 0.9), retrain_epochs=1,
-        seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4, size_model="small",
+        seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4, size_model="small", attack_sample=20,
     ),
     # minutes on a laptop CPU: the published book
     "cpu": dict(),
@@ -250,7 +252,8 @@ def validate(cfg: Config) -> Config:
                           ("prune_method", PRUNE_METHODS), ("margin_on", MARGIN_SPACES),
                           ("size_model", SIZE_MODELS)):
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), f"one of {', '.join(choices)}")
-    for name in ("threads", "image_size", "width", "hidden", "batch_size", "eval_batch_size", "local_examples"):
+    for name in ("threads", "image_size", "width", "hidden", "batch_size", "eval_batch_size", "local_examples",
+                 "attack_sample"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a positive whole number")
     for name in ("train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "a whole number >= 0")

@@ -38,7 +38,9 @@ def tiny_model():
     return models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,))
 
 
-SMOKE_OVERRIDES = ("-p", "seed", "3", "-p", "width", "4")
+from toys import SMOKE_BOOK_PARAMS  # noqa: E402
+
+SMOKE_OVERRIDES = tuple(a for name, value in SMOKE_BOOK_PARAMS.items() for a in ("-p", name, str(value)))
 
 
 @pytest.fixture(scope="session")
