@@ -26,7 +26,8 @@ ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons", "attack_sample")
 # Budgets, sized so 8 models x 3 seeds of the cpu profile fit about 2 minutes on one CPU thread.
 # Measured per seed (8 models) with APGD 25 steps and Square 100 queries: Square 14 s, APGD-T 8 s,
 # PGD-50 x2 7 s, APGD-CE 4 s, the PGD curves 5 s, everything else 7 s; 46 s in all on 100 digits.
-# With 20 APGD steps and 60 queries three seeds still took 138 s, hence 80 digits.
+# With 20 APGD steps and 60 queries three seeds still took 138 s on 100 digits and 159 s on 80 (the
+# Madry row's training included), hence the cpu profile's attack_sample of 40: 111 s for the chapter.
 MADRY_STEPS = 7  # PGD steps per batch when retraining the Madry-style row (Madry et al.'s CIFAR value)
 PGD_STEPS, PGD_LONG, PGD_RESTARTS = 10, 50, 2
 APGD_STEPS, APGD_TARGETS, SQUARE_QUERIES = 20, 2, 60

@@ -91,7 +91,7 @@ class Config:
     hurt_rate: float = 0.7  # chapter 04's second global prune rate, where pruning clearly hurts
     seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the repeated runs (mean and spread)
     # stronger attacks (chapter 05, beyond the paper)
-    attack_sample: int = 80  # test inputs (a seeded sample) for chapter 05's expensive attacks and curves
+    attack_sample: int = 40  # test inputs (a seeded sample) for chapter 05's expensive attacks and curves
 
     def digest(self, names: tuple[str, ...] | None = None) -> str:
         """Short hash of the named fields (all when None) and of the rclib source.
