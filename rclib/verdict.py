@@ -208,13 +208,17 @@ def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = Fa
 
 def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
               items: str = "seeds", scale: float = 1.0, unit: str = "", digits: int = 2,
-              signed: bool = False, label: str = "", what: str = "mean") -> Verdict:
+              signed: bool = False, label: str = "", what: str = "mean", resolution: float = 0.0) -> Verdict:
     """Does a per-seed quantity lie on the ``claim`` side (``>``, ``>=``, ``<``, ``<=``) of a bound?
 
     Rule: HOLDS iff every value is on the claimed side of ``bound`` and so is the whole
     t-interval of the mean; FAILS iff every value and the whole interval are on the other side
     (the complement: ``>`` against ``<=`` and so on); otherwise INCONCLUSIVE, and always
-    INCONCLUSIVE with fewer than two values. Used by chapters 01-05 and book/claims.
+    INCONCLUSIVE with fewer than two values. ``resolution`` is the step of the measurement (e.g.
+    one example of a 40-example sample is 0.025): a mean within one step of the bound is
+    INCONCLUSIVE, since a single example changing sides would move it across (equal seeds give
+    a zero-width interval that would otherwise look decisive). Used by chapters 01-05 and
+    book/claims.
     """
     if claim not in _SIDES:
         raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
@@ -233,6 +237,11 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
         return Verdict(INCONCLUSIVE, s.mean, s.low, s.high, n, f"one {one} is an anecdote",
                        f"{INCONCLUSIVE}: one {one} is an anecdote, and the {what} has no "
                        f"interval to compare with {b}", **show)
+    if resolution > 0 and abs(s.mean - bound) <= resolution * (1 + 1e-9):  # float sums of equal steps
+        step = _with_unit(_num(resolution, scale, digits, False), unit)
+        return Verdict(INCONCLUSIVE, s.mean, s.low, s.high, n, f"within one measurement step ({step}) of {b}",
+                       f"{INCONCLUSIVE}: the {what} lies within one measurement step ({step}) of {b}, "
+                       "so one example changing sides would move it across", **show)
     k = int(on_side(x, bound).sum())
     lo_hi = _with_unit(f"{_num(s.low, scale, digits, signed)} to "
                        f"{_num(s.high, scale, digits, signed)}", unit)
@@ -257,7 +266,7 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
 
 def paired(a: Values, b: Values, claim: str = ">", margin: float = 0.0, *, level: float = 0.95,
            items: str = "seeds", scale: float = 100.0, unit: str = "pp",
-           digits: int = 1) -> Verdict:
+           digits: int = 1, resolution: float = 0.0) -> Verdict:
     """Is ``a - b`` (per seed, same seeds in the same order) on the ``claim`` side of ``margin``?
 
     ``paired(a, b, ">")`` reads "a beats b"; ``paired(a, b, "<", margin=-0.02)`` reads "a is more
@@ -271,7 +280,7 @@ def paired(a: Values, b: Values, claim: str = ">", margin: float = 0.0, *, level
     if x.shape != y.shape:
         raise ValueError(f"paired values need the same seeds: a has {x.size}, b has {y.size}")
     return threshold(x - y, claim, margin, level=level, items=items, scale=scale, unit=unit,
-                     digits=digits, signed=True, what="mean difference")
+                     digits=digits, signed=True, what="mean difference", resolution=resolution)
 
 
 def _pearson_rows(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:

@@ -284,3 +284,13 @@ def test_arithmetic_is_exact_within_its_tolerance():
     assert off.fails and "off by more than" in off.detail
     with pytest.raises(ValueError):
         V.arithmetic(float("nan"), 1.0, 0.1)
+
+
+def test_a_difference_within_one_measurement_step_is_inconclusive():
+    # three seeds each one example apart on a 40-example sample: a zero-width interval, no evidence
+    one = [0.025, 0.025, 0.025]
+    assert V.threshold(one, ">", 0.0).holds  # without the guard the rule is fooled
+    v = V.threshold(one, ">", 0.0, resolution=1 / 40)
+    assert v.inconclusive and "one measurement step" in v.detail
+    assert V.paired([0.5, 0.6, 0.7], [0.475, 0.575, 0.675], ">", resolution=1 / 40).inconclusive
+    assert V.paired([0.6, 0.7, 0.8], [0.5, 0.6, 0.7], ">", resolution=1 / 40).holds  # four steps clear
