@@ -17,9 +17,6 @@ def source(obj: Any):
     return Code(inspect.getsource(obj), language="python")
 
 
-CLAIM_COLUMNS = ("section", "quantity", "paper", "ours", "verdict")
-
-
 def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any) -> dict[str, Any]:
     """One row of a chapter's "paper vs ours" table, and of the claims page that gathers them.
 

@@ -77,16 +77,21 @@ def _folder_shape(cfg: Config) -> DataShape:
     return DataShape(n - n_test, n_test, len(counts), (3, cfg.image_size, cfg.image_size))
 
 
-def _torchvision_missing(cfg: Config) -> list[Path]:
-    """The files of a torchvision dataset that are not under ``data_dir`` (empty: all there)."""
+def torchvision_class(dataset: str):
+    """The torchvision dataset class behind ``dataset`` (mnist, fashion_mnist, cifar10).
+    Used here and by ``data.load``."""
     import torchvision
 
+    return getattr(torchvision.datasets, {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[dataset])
+
+
+def _torchvision_missing(cfg: Config) -> list[Path]:
+    """The files of a torchvision dataset that are not under ``data_dir`` (empty: all there)."""
     root = resolve_path(cfg.data_dir)
+    c = torchvision_class(cfg.dataset)
     if cfg.dataset == "cifar10":
-        c = torchvision.datasets.CIFAR10
         wanted = [root / c.base_folder / name for name, _ in c.train_list + c.test_list]
     else:
-        c = torchvision.datasets.MNIST if cfg.dataset == "mnist" else torchvision.datasets.FashionMNIST
         wanted = [root / c.__name__ / "raw" / os.path.splitext(os.path.basename(url))[0] for url, _ in c.resources]
     return [p for p in wanted if not p.is_file()]
 
@@ -106,13 +111,10 @@ def ensure_downloadable(cfg: Config) -> bool:
     """For mnist / fashion_mnist / cifar10: True when the files are under ``data_dir``; False when
     they are not but a mirror answers (the caller may download); ``ValueError`` otherwise, before
     anything is created under ``data_dir``. Used here and by ``data.load``."""
-    import torchvision
-
     missing = _torchvision_missing(cfg)
     if not missing:
         return True
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[cfg.dataset]
+    cls = torchvision_class(cfg.dataset)
     urls = ([m + cls.resources[0][0] for m in cls.mirrors] if hasattr(cls, "mirrors") else [cls.url])
     reasons = [r for r in map(_reachable, urls) if r is not None]
     if len(reasons) == len(urls):
@@ -136,7 +138,7 @@ def dataset_shape(cfg: Config) -> DataShape:
     if cfg.dataset in TORCHVISION_SIZES:
         n_train, n_test = TORCHVISION_SIZES[cfg.dataset]
         if ensure_downloadable(cfg) and cfg.dataset != "cifar10":  # on disk: the idx headers say how many
-            raw = resolve_path(cfg.data_dir) / ("MNIST" if cfg.dataset == "mnist" else "FashionMNIST") / "raw"
+            raw = resolve_path(cfg.data_dir) / torchvision_class(cfg.dataset).__name__ / "raw"
             n_train, n_test = _idx_count(raw / "train-labels-idx1-ubyte"), _idx_count(raw / "t10k-labels-idx1-ubyte")
         return DataShape(n_train, n_test, 10, (TORCHVISION_CHANNELS[cfg.dataset], s, s))
     return _folder_shape(cfg)

@@ -84,13 +84,11 @@ def _digits(cfg: Config):
 
 
 def _torchvision(cfg: Config):
-    import torchvision
     from torchvision import transforms as T
 
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[cfg.dataset]
-    from .checks import ensure_downloadable
+    from .checks import ensure_downloadable, torchvision_class
 
+    cls = torchvision_class(cfg.dataset)
     root = resolve_path(cfg.data_dir)
     # refuses, before anything is created under data_dir, when the files are absent and no
     # mirror answers; only then may torchvision create folders and download
