@@ -29,6 +29,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRUNE_METHODS = ("global", "layer", "channel", "iterative")
 MARGIN_SPACES = ("logits", "probs")
 SIZE_MODELS = ("vgg16", "small")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Config:
     test_size: int = 0  # test images to use; 0 means all
     test_fraction: float = 0.2  # share of the images held out for testing (paper: 10k of 50k)
     num_workers: int = 0  # data-loading worker processes
+    pin_memory: bool = True  # page-locked host batches, so copies to the GPU can overlap compute (CUDA only)
+    persistent_workers: bool = True  # keep data-loading workers alive between epochs (with num_workers > 0)
+    decoded_cache: bool = True  # folder datasets: keep the decoded, resized test images on disk as uint8 tensors
     # model (App. B)
     model: str = "vgg_small"  # vgg_small (VGG16 topology, scaled) | vgg16 (torchvision)
     width: int = 16  # channels of the first conv block (VGG16: 64)
@@ -54,6 +58,7 @@ class Config:
     batch_norm: bool = True  # BatchNorm after every convolution
     dropout: float = 0.5  # dropout probability in the classifier
     weights: str = "none"  # none | imagenet | path/to/weights.safetensors
+    head_epochs: int = 1  # epochs fitting a new classifier head when the weights have another class count
     # baseline training
     optimizer: str = "adam"  # optimiser of the baseline: adam | sgd
     lr: float = 1e-3  # learning rate of the baseline
@@ -61,6 +66,11 @@ class Config:
     weight_decay: float = 0.0  # weight decay of the baseline
     batch_size: int = 64  # examples per training batch
     eval_batch_size: int = 512  # examples per batch when evaluating and attacking (no parameter gradients)
+    # accelerator (each applies on CUDA only; CPU runs stay fp32, NCHW and deterministic)
+    non_blocking: bool = True  # asynchronous host-to-GPU copies (CUDA only)
+    cudnn_benchmark: bool = True  # cuDNN times and picks the fastest convolution algorithms (CUDA only)
+    channels_last: bool = True  # NHWC memory layout for convolutions (CUDA only)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     epochs: int = 30  # baseline training epochs
     # attacks (Eq 8)
     epsilon: float = 0.1  # FGSM strength in pixel units, pixels in [0, 1]
@@ -71,6 +81,8 @@ class Config:
     prune_rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # prune rates of the sweeps
     prune_step: float = 0.1  # r_inc of Alg 5, the increment of each iterative pruning step
     retrain_epochs: int = 2  # retraining epochs after each iterative pruning step
+    latency_batch: int = 256  # the large batch of chapter 01's latency figure (the small one is 1)
+    latency_repeats: int = 30  # timed forward passes per model and batch in chapter 01's latency figure
     # weight sharing (Alg 6, Table 2)
     conv_bits: int = 8  # weight-sharing index bits of convolutions
     linear_bits: int = 5  # weight-sharing index bits of linear layers
@@ -88,6 +100,7 @@ class Config:
     map_rates: tuple[float, ...] = (0.2, 0.4, 0.5)  # chapter 03's prune rates for roughness vs robustness
     resolution: int = 100  # grid points per side of a PCA decision map
     local_examples: int = 20  # test inputs whose local maps are averaged
+    local_resolution: int = 41  # grid points per side of each local decision map
     hurt_rate: float = 0.7  # chapter 04's second global prune rate, where pruning clearly hurts
     seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the repeated runs (mean and spread)
     # stronger attacks (chapter 05, beyond the paper)
@@ -250,21 +263,22 @@ def validate(cfg: Config) -> Config:
     _check(cfg.model in MODELS, "model", cfg.model, f"one of {', '.join(MODELS)}")
     for name, choices in (("optimizer", OPTIMIZERS), ("retrain_optimizer", OPTIMIZERS),
                           ("prune_method", PRUNE_METHODS), ("margin_on", MARGIN_SPACES),
-                          ("size_model", SIZE_MODELS)):
+                          ("size_model", SIZE_MODELS), ("precision", PRECISIONS)):
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), f"one of {', '.join(choices)}")
     for name in ("threads", "image_size", "width", "hidden", "batch_size", "eval_batch_size", "local_examples",
-                 "attack_sample"):
+                 "attack_sample", "latency_batch", "latency_repeats"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a positive whole number")
-    for name in ("train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs"):
+    for name in ("train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs", "head_epochs"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "a whole number >= 0")
     seed_range = f"a whole number from 0 to {MAX_SEED} (numpy and scikit-learn take 32-bit seeds)"
     _check(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, seed_range)
     _check(all(0 <= v <= MAX_SEED for v in cfg.seeds), "seeds", cfg.seeds, f"every seed {seed_range}")
     cores = os.cpu_count() or 1
     _check(cfg.threads <= cores, "threads", cfg.threads, f"at most {cores}, the CPU cores of this machine")
-    _check(MIN_RESOLUTION <= cfg.resolution <= MAX_RESOLUTION, "resolution", cfg.resolution,
-           f"a whole number from {MIN_RESOLUTION} (coarser maps cannot show a boundary's shape) "
-           f"to {MAX_RESOLUTION}")
+    for name in ("resolution", "local_resolution"):
+        _check(MIN_RESOLUTION <= getattr(cfg, name) <= MAX_RESOLUTION, name, getattr(cfg, name),
+               f"a whole number from {MIN_RESOLUTION} (coarser maps cannot show a boundary's shape) "
+               f"to {MAX_RESOLUTION}")
     _check(cfg.local_examples <= MAP_POINTS, "local_examples", cfg.local_examples,
            f"at most {MAP_POINTS}: local maps are drawn from the {MAP_POINTS} inputs of the PCA maps")
     for name in ("lr", "retrain_lr"):
