@@ -14,12 +14,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, attacks, data, prune
+from . import artifacts, attacks, data
 from .config import Config
-from .pipeline import ABLATION_ROWS, ROBUST_FIELDS, TABLE1_ROWS, new_model, robust_table
+from .pipeline import ROBUST_FIELDS, new_model, robust_table
+from .retrain import ABLATION_ROWS, MADRY_ROW, MADRY_STEPS, TABLE1_ROWS  # noqa: F401  (chapter 05 shows MADRY_STEPS)
 
-
-MADRY_ROW = "Pruned + Adv Ret. with PGD (Madry-style)"
 ATTACK_VARIANTS = TABLE1_ROWS + ABLATION_ROWS + (MADRY_ROW,)
 CURVE_VARIANTS = TABLE1_ROWS + (MADRY_ROW,)
 ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons", "attack_sample")
@@ -28,7 +27,6 @@ ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons", "attack_sample")
 # PGD-50 x2 7 s, APGD-CE 4 s, the PGD curves 5 s, everything else 7 s; 46 s in all on 100 digits.
 # With 20 APGD steps and 60 queries three seeds still took 138 s on 100 digits and 159 s on 80 (the
 # Madry row's training included), hence the cpu profile's attack_sample of 40: 111 s for the chapter.
-MADRY_STEPS = 7  # PGD steps per batch when retraining the Madry-style row (Madry et al.'s CIFAR value)
 PGD_STEPS, PGD_LONG, PGD_RESTARTS = 10, 50, 2
 APGD_STEPS, APGD_TARGETS, SQUARE_QUERIES = 20, 2, 60
 LARGE_EPS, NEAR_ZERO = 0.5, 0.05  # at eps 0.5 every pixel can reach mid-grey: no digit is left
@@ -65,17 +63,14 @@ def zero_gradient_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bat
 def madry_model(cfg: Config, splits: data.Splits, base: nn.Module, rate: float) -> nn.Module:
     """Algorithm 7 with PGD examples instead of FGSM (``MADRY_STEPS`` steps, random start, the
     same ``adv_epsilon``, margin weight, optimiser and ``adv_epochs`` as Table 1's Alg 7 row),
-    from the same globally pruned copy of ``base``. Used by chapter 05."""
-    from . import robust
+    from the same globally pruned copy of ``base``: the cached step ``alg7-pgd`` of
+    :mod:`rclib.retrain`, in eval mode on ``base``'s device. Used by chapter 05."""
+    from . import retrain
 
-    m = prune.clone(base)
-    prune.global_unstructured(m, rate)
-    robust.adversarial_retrain(m, splits.train, cfg.adv_epsilon, cfg.margin_weight, epochs=cfg.adv_epochs,
-                               lr=cfg.retrain_lr, momentum=cfg.retrain_momentum,
-                               weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer,
-                               on=cfg.margin_on, seed=cfg.seed, progress=False, attack="pgd",
-                               pgd_steps=MADRY_STEPS, blame=f"retrain_lr={cfg.retrain_lr:g}")
-    return m.eval()
+    state, _, _ = retrain.retrained(cfg, splits, base, rate, "alg7-pgd")
+    m = new_model(cfg, splits)
+    m.load_state_dict(state, strict=True)
+    return m.to(next(base.parameters()).device).eval()
 
 
 def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
@@ -122,12 +117,13 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
     def attack_everything(states: dict[str, dict]):
         device = next(base.parameters()).device
-        variants: dict[str, nn.Module] = {}
-        for name in TABLE1_ROWS + ABLATION_ROWS:
+
+        def model_of(name: str) -> nn.Module:  # one at a time: paper-scale models are 0.5 GB each
+            if name == MADRY_ROW:
+                return madry_model(cfg, splits, base, rate)
             m = new_model(cfg, splits)
             m.load_state_dict(states[name], strict=True)
-            variants[name] = m.to(device).eval()
-        variants[MADRY_ROW] = madry_model(cfg, splits, base, rate)
+            return m.to(device).eval()
         x, y = data.as_tensors(splits.test.dataset)
         idx = attack_subset(cfg, len(y))
         xs, ys = x[idx], y[idx]
@@ -139,9 +135,10 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
         crafted = {}
         for src in TRANSFER_SOURCES:
-            g = gen()
-            crafted[src] = [(attacks.pgd(variants[src], xb.to(device), yb.to(device), eps, steps=PGD_STEPS,
+            g, source = gen(), model_of(src)
+            crafted[src] = [(attacks.pgd(source, xb.to(device), yb.to(device), eps, steps=PGD_STEPS,
                                          generator=g).cpu(), yb) for xb, yb in test]
+            del source
         rows: list[dict[str, Any]] = []
         outcomes: dict[str, torch.Tensor] = {}
 
@@ -151,7 +148,8 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
         strong_kw = dict(apgd_steps=APGD_STEPS, targets=APGD_TARGETS, square_queries=SQUARE_QUERIES,
                          batch_size=cfg.batch_size, seed=cfg.seed)
-        for name, m in tqdm(variants.items(), desc=f"attacks, seed {cfg.seed}", disable=not progress):
+        for name in tqdm(ATTACK_VARIANTS, desc=f"attacks, seed {cfg.seed}", disable=not progress):
+            m = model_of(name)
             per_test = {
                 "clean": attacks.robust_correct(m, test, attacks.fgsm, 0.0),
                 "FGSM": attacks.robust_correct(m, test, attacks.fgsm, eps),

@@ -7,6 +7,7 @@ Used by chapter 00 (``baseline``) and every later chapter.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, attacks, codec, config, data, models, prune, sizes, train
 from .config import Config
+from .retrain import ABLATION_ROWS, TABLE1_ROWS  # noqa: F401  (chapters read them here)
 
 DATA_FIELDS = ("seed", "dataset", "data_dir", "image_size", "train_size", "test_size", "test_fraction")
 MODEL_FIELDS = ("model", "width", "hidden", "batch_norm", "dropout", "weights")
@@ -205,8 +207,6 @@ def hardening_speed(cfg: Config, splits: data.Splits, base: nn.Module, batches=(
 ROBUST_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
     "epsilon", "adv_epsilon", "margin_weight", "margin_on", "adv_epochs", "conv_bits", "linear_bits")
 
-TABLE1_ROWS = ("Baseline", "Pruned", "Pruned + Retrained", "Pruned + Adv Ret.", "Pruned + Adv Ret. + WS")
-ABLATION_ROWS = ("Pruned + FGSM training only (lambda 0)", "Pruned + margin only (eps 0)")
 
 
 def share_bits(cfg: Config) -> dict[str, int]:
@@ -215,7 +215,7 @@ def share_bits(cfg: Config) -> dict[str, int]:
 
 
 def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
-                 progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, dict], bool]:
+                 progress: bool = True) -> tuple[list[dict[str, Any]], Mapping[str, dict], bool]:
     """Table 1 for one seed (``cfg.seed``) and one global prune rate, plus Alg 7's ablation.
 
     Rows (each a copy of ``base`` pruned with global unstructured pruning at ``rate``):
@@ -231,77 +231,63 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
       (clean data + margin only).
 
     Each row has clean and FGSM (``cfg.epsilon``) test accuracy, the paper's approximate size
-    (weight-shared formula for the WS row) and the bytes of our compressed file.
+    (weight-shared formula for the WS row) and the bytes of our compressed file. The retrained
+    models are :func:`rclib.retrain.retrained`'s cached steps; they are evaluated one at a time
+    with their masks folded in, so at most two models (``base`` and one variant) exist at once.
 
     Returns:
         ``(rows, states, cached)``; ``states`` maps every variant's name to its effective state
-        dict (masks folded in; load with ``strict=True`` into ``new_model``): Figure 8's decision
-        maps and chapter 05's attacks use them.
+        dict (masks folded in; load with ``strict=True`` into ``new_model``), built or read from
+        the cache on each access and not kept (``retrain.LazyStates``): Figure 8's decision maps
+        and chapter 05's attacks use them.
 
     Used by chapters 04 and 05.
     """
-    from . import robust, share
+    from . import retrain, share
+
+    device = next(base.parameters()).device
+    names = TABLE1_ROWS + ABLATION_ROWS
+
+    def state_of(name: str) -> dict[str, torch.Tensor]:
+        if name == "Baseline":
+            return sizes.effective_state(base)
+        if name == "Pruned":
+            return sizes.effective_state(pruned(base, "global", rate))
+        if name.endswith(" + WS"):
+            m = model_of(name.removesuffix(" + WS"))
+            share.weight_share(m, share_bits(cfg))
+            return sizes.effective_state(m)
+        return retrain.retrained(cfg, splits, base, rate, retrain.STEP_OF[name])[0]
+
+    def model_of(name: str) -> nn.Module:
+        m = new_model(cfg, splits)
+        m.load_state_dict(state_of(name), strict=True)
+        return m.to(device).eval()
 
     def compute():
-        start = prune.clone(base)
-        prune.global_unstructured(start, rate)
-        variants: dict[str, nn.Module] = {"Baseline": base, "Pruned": start}
-
-        def retrained(eps: float, weight: float, adversarial: bool = True) -> nn.Module:
-            m = prune.clone(start)
-            kw = dict(epochs=cfg.adv_epochs, lr=cfg.retrain_lr, momentum=cfg.retrain_momentum,
-                      weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer,
-                      seed=cfg.seed, progress=False)
-            if adversarial:
-                robust.adversarial_retrain(m, splits.train, eps, weight, on=cfg.margin_on,
-                                           blame=f"retrain_lr={cfg.retrain_lr:g} or margin_weight={weight:g}", **kw)
-            else:
-                train.fit(m, splits.train, kw.pop("epochs"), desc="retrain",
-                          blame=f"retrain_lr={cfg.retrain_lr:g}", **kw)
-            return m.eval()
-
-        variants["Pruned + Retrained"] = retrained(0.0, 0.0, adversarial=False)
-        variants["Pruned + Adv Ret."] = retrained(cfg.adv_epsilon, cfg.margin_weight)
-        ws = prune.clone(variants["Pruned + Adv Ret."])
-        share.weight_share(ws, share_bits(cfg))
-        variants["Pruned + Adv Ret. + WS"] = ws
-        variants[ABLATION_ROWS[0]] = retrained(cfg.adv_epsilon, 0.0)
-        variants[ABLATION_ROWS[1]] = retrained(0.0, cfg.margin_weight)
-
         rows = []
-        for name, m in tqdm(variants.items(), desc=f"Table 1 at r={rate:g}", disable=not progress):
-            shared = name.endswith("+ WS")
+        for name in tqdm(names, desc=f"Table 1 at r={rate:g}", disable=not progress):
+            m = base if name == "Baseline" else model_of(name)
             rows.append(dict(
                 variant=name, seed=cfg.seed, rate=rate,
                 accuracy=train.evaluate(m, splits.test),
                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
-                approx_mb=share.shared_size_mb(m, share_bits(cfg)) if shared else sizes.approx_size_mb(m),
+                approx_mb=share.shared_size_mb(m, share_bits(cfg)) if name.endswith(" + WS") else sizes.approx_size_mb(m),
                 file_bytes=sizes.size_report(m)["file_bytes"]))
-        tensors = {f"{key}/{k}": v for key in variants for k, v in sizes.effective_state(variants[key]).items()}
-        return tensors, {"rows": rows}
+            del m
+        return None, {"rows": rows}
 
-    def check(tensors, metrics):  # every row chapter 04 tabulates, and states that fit the model
+    def check(tensors, metrics):  # every row chapter 04 tabulates
         artifacts.rows_with("variant", "seed", "rate", "accuracy", "robust_accuracy", "approx_mb",
                             "file_bytes")(tensors, metrics)
-        missing = set(TABLE1_ROWS + ABLATION_ROWS) - {row["variant"] for row in metrics["rows"]}
+        missing = set(names) - {row["variant"] for row in metrics["rows"]}
         if missing:
             raise KeyError(f"rows lack the variants {sorted(missing)}")
-        if tensors is None:
-            raise KeyError("no tensors")
-        want = {k: v.shape for k, v in sizes.effective_state(base).items()}
-        for variant in TABLE1_ROWS + ABLATION_ROWS:
-            got = {k.split("/", 1)[1]: v.shape for k, v in tensors.items() if k.startswith(variant + "/")}
-            if got != want:
-                raise RuntimeError(f"the {variant!r} tensors do not fit the model (names or shapes)")
 
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
-    tensors, metrics, hit = artifacts.cached(step_cfg, "robust_table", ROBUST_FIELDS + ("prune_rate",), compute,
-                                             check=check)
-    states: dict[str, dict] = {}
-    for key, value in tensors.items():
-        variant, name = key.split("/", 1)
-        states.setdefault(variant, {})[name] = value
-    return metrics["rows"], states, hit
+    _, metrics, hit = artifacts.cached(step_cfg, "robust_table", ROBUST_FIELDS + ("prune_rate",), compute,
+                                       check=check)
+    return metrics["rows"], retrain.LazyStates(names, state_of), hit
 
 
 BOUNDARY_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (

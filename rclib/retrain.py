@@ -1,0 +1,143 @@
+"""Table 1's retrained models, one cached step each (Alg 7, its ablations, the clean control and
+the Madry-style PGD variant), so a chapter streams them one at a time instead of holding seven
+VGG16-sized models, and a run elsewhere (``python -m rclib retrain``) can produce the very
+artifact a chapter reads.
+
+Every step starts from the same copy of the baseline, globally pruned (Alg 1) at ``rate``, and
+retrains it for ``cfg.adv_epochs`` epochs with the retraining optimiser (App. C: SGD, lr 0.005,
+momentum 0.9, weight decay 0.005):
+
+========================  ==========================================================
+step                      the model (Table 1 / chapter 05 row)
+========================  ==========================================================
+``clean``                 clean cross-entropy only ("Pruned + Retrained", the control)
+``alg7``                  Alg 7: FGSM at ``adv_epsilon`` + margin ``margin_weight``
+``alg7-no-margin``        Alg 7 with ``margin_weight = 0`` (FGSM training only)
+``alg7-margin-only``      Alg 7 with ``eps = 0`` (clean data + margin only)
+``alg7-pgd``              Alg 7 with PGD examples (Madry et al.'s adversarial training)
+========================  ==========================================================
+
+Used by chapters 04 and 05 (through ``pipeline.robust_table`` and ``attack_study``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import artifacts, prune, sizes
+from .config import Config
+
+TABLE1_ROWS = ("Baseline", "Pruned", "Pruned + Retrained", "Pruned + Adv Ret.", "Pruned + Adv Ret. + WS")
+ABLATION_ROWS = ("Pruned + FGSM training only (lambda 0)", "Pruned + margin only (eps 0)")
+MADRY_ROW = "Pruned + Adv Ret. with PGD (Madry-style)"
+MADRY_STEPS = 7  # PGD steps per batch when retraining the Madry-style row (Madry et al.'s CIFAR value)
+
+STEPS = {  # step name (command line, artifact) -> the row it produces
+    "clean": TABLE1_ROWS[2],
+    "alg7": TABLE1_ROWS[3],
+    "alg7-no-margin": ABLATION_ROWS[0],
+    "alg7-margin-only": ABLATION_ROWS[1],
+    "alg7-pgd": MADRY_ROW,
+}
+STEP_OF = {row: step for step, row in STEPS.items()}
+_OPTIMISER_FIELDS = ("retrain_optimizer", "retrain_lr", "retrain_momentum", "retrain_weight_decay", "adv_epochs")
+
+
+def step_fields(step: str) -> tuple[str, ...]:
+    """The Config fields a step's artifact is keyed by: the baseline's, the retraining
+    optimiser's, the prune rate and, for the adversarial steps, the Alg 7 settings they read."""
+    from .pipeline import BASELINE_FIELDS
+
+    check_step(step)
+    extra = () if step == "clean" else ("margin_on",) + (
+        ("adv_epsilon",) if step == "alg7-no-margin" else ("margin_weight",) if step == "alg7-margin-only"
+        else ("adv_epsilon", "margin_weight"))
+    return BASELINE_FIELDS + _OPTIMISER_FIELDS + ("prune_rate",) + extra
+
+
+def check_step(step: str) -> None:
+    if step not in STEPS:
+        raise ValueError(f"step={step!r} is not allowed; choose one of {', '.join(STEPS)}")
+
+
+def retrain_in_place(cfg: Config, model: nn.Module, loader, step: str, progress: bool = False) -> list[dict[str, Any]]:
+    """Run ``step``'s retraining on ``model`` (already pruned) in place; returns the history.
+
+    The one place that maps a step to ``train.fit`` or ``robust.adversarial_retrain`` with the
+    retraining optimiser of ``cfg``, so every caller (chapters, command line) trains alike.
+    """
+    from . import robust, train
+
+    check_step(step)
+    kw = dict(epochs=cfg.adv_epochs, lr=cfg.retrain_lr, momentum=cfg.retrain_momentum,
+              weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer, seed=cfg.seed,
+              progress=progress)
+    if step == "clean":
+        return train.fit(model, loader, kw.pop("epochs"), desc="retrain", blame=f"retrain_lr={cfg.retrain_lr:g}", **kw)
+    eps = 0.0 if step == "alg7-margin-only" else cfg.adv_epsilon
+    weight = 0.0 if step == "alg7-no-margin" else cfg.margin_weight
+    pgd = dict(attack="pgd", pgd_steps=MADRY_STEPS) if step == "alg7-pgd" else {}
+    return robust.adversarial_retrain(model, loader, eps, weight, on=cfg.margin_on,
+                                      blame=f"retrain_lr={cfg.retrain_lr:g} or margin_weight={weight:g}", **pgd, **kw)
+
+
+def retrained(cfg: Config, splits, base: nn.Module, rate: float, step: str,
+              progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """One Table 1 model: ``base`` globally pruned at ``rate`` and retrained by ``step`` (cached).
+
+    Args:
+        cfg: the step's fields (:func:`step_fields`) key the artifact; ``cfg.seed`` seeds the run.
+        splits: ``data.load(cfg)``; trains on ``splits.train``.
+        base: the baseline, on the device to train on; never modified.
+        rate: the global prune rate (Table 1: 0.5).
+        step: one of ``STEPS``.
+
+    Returns:
+        ``(state, metrics, cached)``: the effective state dict on the host (masks folded in, so
+        pruned weights are stored as exact zeros; load it with ``strict=True`` into a model built
+        like ``base``), ``{"history": [...]}`` and whether it came from disk. Only one retrained
+        copy of ``base`` exists at a time, and it is gone when this returns.
+
+    Used by chapters 04 and 05.
+    """
+    want = {k: v.shape for k, v in sizes.effective_state(base).items()}
+
+    def compute():
+        m = prune.clone(base)
+        prune.global_unstructured(m, rate)
+        history = retrain_in_place(cfg, m, splits.train, step, progress)
+        return sizes.effective_state(m), {"history": history}
+
+    def check(tensors, metrics):  # the state must fit the baseline's architecture exactly
+        if tensors is None or {k: v.shape for k, v in tensors.items()} != want:
+            raise RuntimeError(f"the {step!r} tensors do not fit the model (names or shapes)")
+        if "history" not in metrics:
+            raise KeyError("metrics lack history")
+
+    step_cfg = dataclasses.replace(cfg, prune_rate=rate)
+    return artifacts.cached(step_cfg, f"retrained-{step}", step_fields(step), compute, check=check)
+
+
+class LazyStates(Mapping):
+    """A read-only ``{row name: state dict}`` whose states are built (or read from the cache) when
+    asked for and not kept, so a chapter holds one model's weights at a time. Used by chapters 04
+    and 05 (``pipeline.robust_table``'s second result)."""
+
+    def __init__(self, names: tuple[str, ...], make: Callable[[str], dict[str, torch.Tensor]]):
+        self._names, self._make = names, make
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

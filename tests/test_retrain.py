@@ -1,0 +1,80 @@
+"""rclib.retrain: Table 1's retrained models as separate cached steps, streamed one at a time."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from rclib import config, data, models, pipeline, prune, retrain, train
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = config.load("smoke", train_size=128, test_size=64, epochs=1, width=4, hidden=16)
+    splits = data.load(cfg)
+    model = pipeline.new_model(cfg, splits)
+    train.fit(model, splits.train, 1, progress=False)
+    return cfg, splits, model.eval()
+
+
+@pytest.mark.parametrize("step", list(retrain.STEPS))
+def test_each_step_keeps_pruned_weights_zero_and_caches(setup, step):
+    cfg, splits, base = setup
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    state, metrics, hit = retrain.retrained(cfg, splits, base, 0.5, step)
+    assert not hit and metrics["history"]
+    masked = pipeline.pruned(base, "global", 0.5)
+    for name, module in models.prunable_layers(masked):
+        dead = module.weight_mask == 0
+        assert dead.any()
+        assert (state[f"{name}.weight"][dead] == 0).all(), f"{step}: {name} has non-zero pruned weights"
+    # the baseline is untouched, and the second call reads the identical state from the cache
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    again, _, hit = retrain.retrained(cfg, splits, base, 0.5, step)
+    assert hit and all(torch.equal(state[k], again[k]) for k in state)
+
+
+def test_steps_map_to_rows_and_unknown_step_is_refused():
+    assert set(retrain.STEP_OF) == set(retrain.TABLE1_ROWS[2:4] + retrain.ABLATION_ROWS + (retrain.MADRY_ROW,))
+    with pytest.raises(ValueError, match="step='alg8'.*clean"):
+        retrain.retrained(config.load("smoke"), None, models.build(config.load("smoke"), 10, (1, 8, 8), (0.3,), (0.3,)),
+                          0.5, "alg8")
+
+
+def test_step_keys_differ_only_where_the_step_reads_the_field():
+    assert "adv_epsilon" not in retrain.step_fields("clean")
+    assert "margin_weight" not in retrain.step_fields("alg7-no-margin")
+    assert "adv_epsilon" not in retrain.step_fields("alg7-margin-only")
+    assert {"adv_epsilon", "margin_weight", "prune_rate", "seed"} <= set(retrain.step_fields("alg7"))
+
+
+def test_robust_table_holds_at_most_two_models_and_states_are_lazy(setup, monkeypatch):
+    cfg, splits, base = setup
+    live: list[int] = []
+    evaluate = train.evaluate
+
+    def counting(model, loader, *args, **kwargs):  # how many VGGs exist while a row is evaluated
+        gc.collect()
+        live.append(sum(type(o) is models.VGG for o in gc.get_objects()))
+        return evaluate(model, loader, *args, **kwargs)
+
+    gc.collect()
+    already = sum(type(o) is models.VGG for o in gc.get_objects())  # base and any other fixture's
+    monkeypatch.setattr(train, "evaluate", counting)
+    rows, states, hit = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
+    assert not hit and [r["variant"] for r in rows] == list(retrain.TABLE1_ROWS + retrain.ABLATION_ROWS)
+    assert len(live) == len(rows) and max(live) - already <= 1  # base plus the row's own model
+    assert list(states) == list(retrain.TABLE1_ROWS + retrain.ABLATION_ROWS) and len(states) == 7
+    with pytest.raises(KeyError):
+        states["nope"]
+    ws = states["Pruned + Adv Ret. + WS"]
+    alg7 = states["Pruned + Adv Ret."]
+    for name, _ in models.prunable_layers(base):  # sharing keeps the zeros and tabulates the rest
+        w, a = ws[f"{name}.weight"], alg7[f"{name}.weight"]
+        assert torch.equal(w == 0, a == 0)
+        assert len(torch.unique(w[w != 0])) <= 2 ** max(cfg.conv_bits, cfg.linear_bits)
+    m = pipeline.new_model(cfg, splits)
+    m.load_state_dict(states["Pruned"], strict=True)
+    assert not prune.is_pruned(m)  # folded: evaluated without weight_orig and mask copies
