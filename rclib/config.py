@@ -52,7 +52,7 @@ class Config:
     persistent_workers: bool = True  # keep data-loading workers alive between epochs (with num_workers > 0)
     decoded_cache: bool = True  # folder datasets: keep the decoded, resized test images on disk as uint8 tensors
     # model (App. B)
-    model: str = "vgg_small"  # vgg_small (VGG16 topology, scaled) | vgg16 (torchvision)
+    model: str = "vgg_small"  # vgg_small (VGG16 topology for small inputs) | vgg16 (torchvision; scaled by width and hidden)
     width: int = 16  # channels of the first conv block (VGG16: 64)
     hidden: int = 256  # width of the two hidden linear layers (VGG16: 4096)
     batch_norm: bool = True  # BatchNorm after every convolution

@@ -166,6 +166,32 @@ def describe(model: VGG) -> dict[str, Any]:
     return s
 
 
+def _scaled_vgg16(norm: Normalize, s: dict[str, Any]) -> VGG:
+    """torchvision's VGG16 with every width scaled: convolutions ``width / 64`` of VGG16's, the
+    hidden linears ``hidden`` wide, the same 7x7 average pool and torchvision's own layers and
+    initialisation (``torchvision.models.vgg.make_layers``). At width 64 and hidden 4096 ``from_spec`` takes
+    torchvision's ``vgg16()`` itself; this is the size-reducing override that lets the paper's
+    setting run end to end in a test on a CPU. Used by chapter 00 through ``build``."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    widths = [v if v == "M" else max(1, int(v) * s["width"] // 64) for v in cfgs["D"]]
+    features = make_layers(widths, batch_norm=s["batch_norm"])
+    if s["input_shape"][0] != 3:
+        features[0] = nn.Conv2d(s["input_shape"][0], widths[0], kernel_size=3, padding=1)
+    classifier = _classifier(widths[-2] * 7 * 7, s["hidden"], s["num_classes"], s["dropout"])
+    for m in list(features.modules()) + list(classifier.modules()):  # torchvision's VGG initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    return VGG(norm, features, nn.AdaptiveAvgPool2d((7, 7)), classifier, s)
+
+
 def from_spec(s: dict[str, Any]) -> VGG:
     """Rebuild an (untrained) model from a ``spec`` dict. Used by ``build`` and ``codec``."""
     c, h, _ = s["input_shape"]
@@ -174,6 +200,8 @@ def from_spec(s: dict[str, Any]) -> VGG:
         lay = s["layers"]
         return VGG(norm, nn.Sequential(*map(_layer, lay["features"])), _layer(lay["avgpool"]),
                    nn.Sequential(*map(_layer, lay["classifier"])), s)
+    if s["model"] == "vgg16" and (s["width"], s["hidden"]) != (64, 4096):
+        return _scaled_vgg16(norm, s)
     if s["model"] == "vgg16":
         import torchvision
 

@@ -201,8 +201,11 @@ def spread(values: Values, level: float = 0.95) -> Stat:
 def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
     """Table cell for per-seed values: ``"97.2 ± 1.1"`` (mean ± sample std, times ``scale``).
 
-    A single value shows without ``±``. Used by chapters 01-05 and book/claims.
+    A single value shows without ``±``; no values show as ``"n/a"``. Used by chapters 01-05
+    and book/claims.
     """
+    if _vector(values, "values").size == 0:
+        return "n/a"
     return spread(values).format(scale, digits, signed)
 
 
@@ -223,12 +226,13 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
     if claim not in _SIDES:
         raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
     x = _vector(values, "values")
-    if x.size == 0:
-        raise ValueError("no values: a verdict needs at least one seed")
-    s = spread(x, level)
-    n = s.n
     show = dict(level=level, scale=scale, unit=unit, digits=digits, signed=signed, label=label,
                 claim=f"{what} {claim} {bound:g}")
+    if x.size == 0:  # e.g. no seed had a model above chance to measure: nothing to judge, said so
+        return Verdict(INCONCLUSIVE, math.nan, math.nan, math.nan, 0, f"no {items} to judge",
+                       f"{INCONCLUSIVE}: no {items} gave a value to judge", **show)
+    s = spread(x, level)
+    n = s.n
     on_side, side = _SIDES[claim]
     other_side = _SIDES[_OTHER[claim]][1]
     b = _with_unit(_num(bound, scale, digits, False), unit)

@@ -131,8 +131,8 @@ def test_paired_refuses_unpaired_or_bad_input():
         V.paired([0.1, 0.2], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="claim"):
         V.paired([0.1, 0.2], [0.1, 0.2], "!=")
-    with pytest.raises(ValueError):
-        V.paired([], [])
+    with pytest.raises(ValueError, match="NaN"):
+        V.paired([0.1, float("nan")], [0.1, 0.2])
 
 
 # ---- one quantity against a bound -----------------------------------------------------------
@@ -294,3 +294,12 @@ def test_a_difference_within_one_measurement_step_is_inconclusive():
     assert v.inconclusive and "one measurement step" in v.detail
     assert V.paired([0.5, 0.6, 0.7], [0.475, 0.575, 0.675], ">", resolution=1 / 40).inconclusive
     assert V.paired([0.6, 0.7, 0.8], [0.5, 0.6, 0.7], ">", resolution=1 / 40).holds  # four steps clear
+
+
+def test_no_values_give_an_inconclusive_verdict_and_na_cell():
+    """A claim whose every seed was filtered out (say, no model above chance) is not judged: the
+    verdict says so instead of raising, and its table cell reads n/a."""
+    v = V.threshold([], "<=", 0.02, scale=100, unit="pp")
+    assert v.inconclusive and v.n == 0 and "no seeds" in str(v)
+    assert V.paired([], [], ">").inconclusive
+    assert V.fmt([]) == "n/a"

@@ -35,3 +35,31 @@ def image_folder(root: Path, classes, per_class: int, size=(40, 30)) -> Path:
         for i in range(per_class):
             Image.new("RGB", size, (60 * c + 20, 10 * i, 128)).save(root / name / f"img{i}.png")
     return root
+
+
+# WordNet ids of ILSVRC2012 classes, as an ImageNet validation folder names its sub-folders
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041",
+         "n01514668", "n01514859", "n01518878")
+
+
+def ilsvrc_folder(root: Path, classes: int = 10, per_class: int = 12, size=(48, 40)) -> Path:
+    """A fake ILSVRC2012-validation folder: ``classes`` WordNet-id sub-folders of ``per_class``
+    JPEGs each, the image modes a real crawl holds mixed in (most RGB; some grayscale "L",
+    CMYK, RGBA PNG and palette "P"), and sizes that vary, so the resize/crop path is real."""
+    from PIL import Image
+
+    modes = ("RGB", "L", "RGB", "CMYK", "RGB", "RGBA", "RGB", "P")
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for c, wnid in enumerate(WNIDS[:classes]):
+        (root / wnid).mkdir()
+        for i in range(per_class):
+            mode = modes[(c + i) % len(modes)]
+            w, h = size[0] + 4 * (i % 3), size[1] + 3 * (c % 2)
+            noise = torch.randint(0, 40, (h, w, 3), generator=g, dtype=torch.uint8)
+            rgb = (noise + torch.tensor([20 * c, 100, 200 - 15 * c], dtype=torch.uint8)).numpy()
+            img = Image.fromarray(rgb, "RGB")
+            img = img.convert(mode) if mode != "P" else img.quantize(16)
+            suffix = "png" if mode in ("RGBA", "P") else "JPEG"
+            img.save(root / wnid / f"ILSVRC2012_val_{c * per_class + i + 1:08d}.{suffix}")
+    return root
