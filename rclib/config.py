@@ -39,7 +39,7 @@ class Config:
     profile: str = "cpu"  # named set of defaults: smoke | cpu | paper
     seed: int = 0  # random seed: data split, initialisation, training order
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 1  # torch intra-op threads of CPU runs, ignored on CUDA (one: 2.4x faster than two for the small models here)
+    threads: int = 1  # CPU intra-op threads, ignored on CUDA (one: 2.4x faster than two for the small models here)
     # data (Sec. 3)
     dataset: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | imagenet | folder
     data_dir: str = "data"  # dataset folder; relative paths start at the project root
