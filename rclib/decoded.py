@@ -56,6 +56,12 @@ class DecodedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i].to(torch.float32).div(255), int(self.targets[i])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch converted in one operation (a DataLoader calls this when it exists):
+        elementwise, so the values are those of ``__getitem__``, at a fraction of the cost."""
+        pixels = self.images[torch.as_tensor(indices, dtype=torch.long)].to(torch.float32).div_(255)
+        return list(zip(pixels.unbind(0), self.targets[indices].tolist()))
+
 
 def location(cfg: Config, resize: int, indices: list[int]) -> Path:
     """Where the decoded images of ``indices`` of ``cfg``'s folder live."""

@@ -503,3 +503,21 @@ def test_folder_loader_with_persistent_workers(tmp_path):
     s = data.load(_folder_cfg(root, image_size=8, num_workers=1, decoded_cache=False))
     assert s.train.num_workers == 1 and s.train.persistent_workers and not s.train.pin_memory
     assert sum(len(y) for _, y in s.train) == len(s.train.dataset)
+
+
+def test_decoded_images_batch_and_item_agree_with_to_tensor():
+    from torchvision.transforms.functional import to_tensor
+
+    from rclib import decoded
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 4, 6), dtype=torch.uint8, generator=g)
+    ds = decoded.DecodedImages(images, torch.tensor([3, 1, 4, 1, 5]))
+    for i in range(5):
+        x, y = ds[i]
+        assert torch.equal(x, to_tensor(Image.fromarray(images[i].permute(1, 2, 0).numpy())))
+        assert isinstance(y, int) and y == [3, 1, 4, 1, 5][i]
+    batch = ds.__getitems__([4, 0, 2])
+    assert all(torch.equal(bx, ds[i][0]) and by == ds[i][1] for (bx, by), i in zip(batch, [4, 0, 2]))
+    with pytest.raises(ValueError, match="uint8"):
+        decoded.DecodedImages(images.float(), torch.zeros(5))
