@@ -165,3 +165,22 @@ def test_batch_to_moves_both_tensors_and_keeps_blocking_copies_without_pinned_me
     assert not loader.pin_memory
     xd, yd = accel.batch_to(x, y, torch.device("cpu"), accel.Runtime(non_blocking=True), loader)
     assert torch.equal(xd, x) and torch.equal(yd, y)
+
+
+def test_channels_last_model_is_pruned_shared_hardened_and_saved_like_nchw(tmp_path):
+    from rclib import codec, prune, share, sizes
+
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    plain = tiny_vgg(0, input_shape=[3, 16, 16])
+    fast = accel.prepare(tiny_vgg(0, input_shape=[3, 16, 16]), accel.Runtime(channels_last=True))
+    for m in (plain, fast):
+        prune.global_unstructured(m, 0.5)
+        share.weight_share(m, {"conv": 4, "linear": 3})  # writes through flat positions
+    assert fast.features[0].weight_orig.is_contiguous(memory_format=torch.channels_last)
+    a, b = sizes.effective_state(plain), sizes.effective_state(fast)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    codec.save_compressed(plain, tmp_path / "a")
+    codec.save_compressed(fast, tmp_path / "b")
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    with torch.no_grad():
+        assert torch.allclose(prune.harden(fast).eval()(x), prune.harden(plain).eval()(x), atol=1e-5)
