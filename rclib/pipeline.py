@@ -1,6 +1,9 @@
 """Cached steps shared by the chapters: each trains or loads what it needs, so any chapter runs
 on its own (papermill) and recomputes only what is missing or stale.
 
+Every loop runs with ``accel.runtime(cfg, device)`` (:func:`runtime_of`): plain fp32 on a CPU,
+bf16 autocast, channels_last and asynchronous copies on CUDA, as the config says.
+
 Used by chapter 00 (``baseline``) and every later chapter.
 """
 
@@ -13,13 +16,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, attacks, codec, config, data, models, prune, sizes, train
+from . import accel, artifacts, attacks, codec, config, data, models, prune, sizes, train
 from .config import Config
 
 DATA_FIELDS = ("seed", "dataset", "data_dir", "image_size", "train_size", "test_size", "test_fraction")
 MODEL_FIELDS = ("model", "width", "hidden", "batch_norm", "dropout", "weights")
 TRAIN_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs")
 BASELINE_FIELDS = DATA_FIELDS + MODEL_FIELDS + TRAIN_FIELDS
+
+
+def runtime_of(cfg: Config, model: nn.Module) -> accel.Runtime:
+    """The :class:`rclib.accel.Runtime` of ``cfg`` on the device ``model`` lives on."""
+    return accel.runtime(cfg, train.model_device(model))
 
 
 def new_model(cfg: Config, splits: data.Splits) -> models.VGG:
@@ -43,12 +51,16 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
 
     Used by chapter 00 and, as the starting point, by chapters 01-04.
     """
+    rt = accel.runtime(cfg, device)
+
     def compute():
-        model = new_model(cfg, splits).to(device)
+        model = accel.prepare(new_model(cfg, splits).to(device), rt)
         history = train.fit(model, splits.train, cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                            desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})")
-        return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test), "history": history}
+                            desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})",
+                            runtime=rt)
+        return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test, runtime=rt),
+                                    "history": history}
 
     built: dict[str, nn.Module] = {}
 
@@ -61,7 +73,7 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
     tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check)
     if not hit:
         check(tensors, metrics)
-    return built["model"].to(device).eval(), metrics, hit
+    return accel.prepare(built["model"].to(device), rt).eval(), metrics, hit
 
 
 def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], list[dict[str, Any]]],
@@ -75,7 +87,7 @@ def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], lis
     rows: list[dict[str, Any]] = []
     for s in tqdm(cfg.seeds, desc="seeds", disable=not progress):
         cfg_s = dataclasses.replace(cfg, seed=s)
-        splits_s = data.load(cfg_s)
+        splits_s = data.load(cfg_s, device)
         base_s, _, _ = baseline(cfg_s, splits_s, device, progress=False)
         rows += [dict(r, seed=s) for r in step(cfg_s, splits_s, base_s)]
     return rows
@@ -93,7 +105,7 @@ def retrainer(cfg: Config, splits: data.Splits, desc: str = "retrain") -> Callab
         return train.fit(model, splits.train, cfg.retrain_epochs, lr=cfg.retrain_lr,
                          optimizer=cfg.retrain_optimizer, momentum=cfg.retrain_momentum,
                          weight_decay=cfg.retrain_weight_decay, seed=cfg.seed, desc=desc,
-                         progress=False, blame=f"retrain_lr={cfg.retrain_lr:g}")
+                         progress=False, blame=f"retrain_lr={cfg.retrain_lr:g}", runtime=runtime_of(cfg, model))
     return retrain
 
 
@@ -128,10 +140,12 @@ def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rate
     return out
 
 
-def measure(model: nn.Module, splits: data.Splits, eps: float) -> dict[str, Any]:
-    """Clean and FGSM robust test accuracy, and the model's size by every yardstick we use."""
-    return dict(accuracy=train.evaluate(model, splits.test),
-                robust_accuracy=attacks.robust_accuracy(model, splits.test, attacks.fgsm, eps),
+def measure(model: nn.Module, splits: data.Splits, eps: float,
+            runtime: accel.Runtime | None = None) -> dict[str, Any]:
+    """Clean and FGSM robust test accuracy (computed with ``runtime``), and the model's size by
+    every yardstick we use."""
+    return dict(accuracy=train.evaluate(model, splits.test, runtime=runtime),
+                robust_accuracy=attacks.robust_accuracy(model, splits.test, attacks.fgsm, eps, runtime=runtime),
                 nonzero=sizes.nonzero_parameters(model),
                 parameters=sum(t.numel() for t in sizes.effective_state(model).values()),
                 approx_mb=sizes.approx_size_mb(model),
@@ -154,6 +168,7 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     Used by chapter 01.
     """
     rates = sorted(cfg.prune_rates)
+    rt = runtime_of(cfg, base)
 
     def compute():
         rows = []
@@ -161,11 +176,11 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
         bar = tqdm(total=len(one_shot) * len(rates) + 1, desc="prune sweep", disable=not progress)
         for method in one_shot:
             for r in rates:
-                rows.append(dict(method=method, rate=r, **measure(pruned(base, method, r), splits, cfg.epsilon)))
+                rows.append(dict(method=method, rate=r, **measure(pruned(base, method, r), splits, cfg.epsilon, rt)))
                 bar.update()
 
         for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
-            rows.append(dict(method="iterative (hardened)", rate=r, **measure(hardened, splits, cfg.epsilon)))
+            rows.append(dict(method="iterative (hardened)", rate=r, **measure(hardened, splits, cfg.epsilon, rt)))
         bar.update()
         bar.close()
         return None, {"rows": rows}
@@ -181,11 +196,12 @@ def recalibration_rows(cfg: Config, splits: data.Splits, base: nn.Module) -> lis
     and after re-estimating BatchNorm statistics (``train.recalibrate_batchnorm``, seeded with
     ``cfg.seed``), no weight changed. Cheap, so not cached. Used by chapter 01."""
     rows = []
+    rt = runtime_of(cfg, base)
     for r in sorted(cfg.prune_rates):
         m = pruned(base, "channel", r)
-        before = train.evaluate(m, splits.test)
-        train.recalibrate_batchnorm(m, splits.train, seed=cfg.seed)
-        rows.append(dict(rate=r, one_shot=before, recalibrated=train.evaluate(m, splits.test)))
+        before = train.evaluate(m, splits.test, runtime=rt)
+        train.recalibrate_batchnorm(m, splits.train, seed=cfg.seed, runtime=rt)
+        rows.append(dict(rate=r, one_shot=before, recalibrated=train.evaluate(m, splits.test, runtime=rt)))
     return rows
 
 
@@ -242,6 +258,8 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     """
     from . import robust, share
 
+    rt = runtime_of(cfg, base)
+
     def compute():
         start = prune.clone(base)
         prune.global_unstructured(start, rate)
@@ -251,7 +269,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             m = prune.clone(start)
             kw = dict(epochs=cfg.adv_epochs, lr=cfg.retrain_lr, momentum=cfg.retrain_momentum,
                       weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer,
-                      seed=cfg.seed, progress=False)
+                      seed=cfg.seed, progress=False, runtime=rt)
             if adversarial:
                 robust.adversarial_retrain(m, splits.train, eps, weight, on=cfg.margin_on,
                                            blame=f"retrain_lr={cfg.retrain_lr:g} or margin_weight={weight:g}", **kw)
@@ -273,8 +291,8 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             shared = name.endswith("+ WS")
             rows.append(dict(
                 variant=name, seed=cfg.seed, rate=rate,
-                accuracy=train.evaluate(m, splits.test),
-                robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
+                accuracy=train.evaluate(m, splits.test, runtime=rt),
+                robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon, runtime=rt),
                 approx_mb=share.shared_size_mb(m, share_bits(cfg)) if shared else sizes.approx_size_mb(m),
                 file_bytes=sizes.size_report(m)["file_bytes"]))
         tensors = {f"{key}/{k}": v for key in variants for k, v in sizes.effective_state(variants[key]).items()}
@@ -377,9 +395,11 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
             m = v["model"]
             dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca)
             pca = dmap.pca
+            rt = runtime_of(cfg, m)
             row = dict(label=label, method=v["method"], rate=v["rate"], shared=v["shared"],
-                       accuracy=train.evaluate(m, splits.test),
-                       robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon))
+                       accuracy=train.evaluate(m, splits.test, runtime=rt),
+                       robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon,
+                                                               runtime=rt))
             row.update({f"pca_{k}": float(val) for k, val in boundary.roughness(dmap).items()})
             row.update({f"local_{k}": float(val) for k, val in
                         boundary.local_roughness(m, x[:n], y[:n], seed=cfg.seed).items()})
@@ -417,8 +437,10 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
             share.weight_share(shared, share_bits(cfg))
             for ws, m in ((False, plain), (True, shared)):
                 report = sizes.size_report(m)
-                rows.append(dict(rate=r, shared=ws, accuracy=train.evaluate(m, splits.test),
-                                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
+                rt = runtime_of(cfg, m)
+                rows.append(dict(rate=r, shared=ws, accuracy=train.evaluate(m, splits.test, runtime=rt),
+                                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon,
+                                                                         runtime=rt),
                                  dense_bytes=report["dense_bytes"],
                                  approx_bytes=report["shared_approx_bytes"] if ws else report["approx_bytes"],
                                  file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"]))

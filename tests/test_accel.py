@@ -5,6 +5,8 @@ that only make sense on CUDA stay off here."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +186,19 @@ def test_channels_last_model_is_pruned_shared_hardened_and_saved_like_nchw(tmp_p
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
     with torch.no_grad():
         assert torch.allclose(prune.harden(fast).eval()(x), prune.harden(plain).eval()(x), atol=1e-5)
+
+
+def test_pipeline_steps_run_under_bf16_and_cache_apart_from_fp32():
+    from rclib import artifacts, pipeline
+
+    cfg = config.load("smoke", train_size=128, test_size=32, epochs=1, width=4, hidden=16, precision="bf16",
+                      prune_rates=(0.5,), adv_epochs=1)
+    splits = data.load(cfg)
+    base, metrics, hit = pipeline.baseline(cfg, splits, progress=False)
+    assert not hit and 0 <= metrics["clean_accuracy"] <= 1
+    rows, states, _ = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
+    assert {r["variant"] for r in rows} >= set(pipeline.TABLE1_ROWS) and set(states) >= set(pipeline.TABLE1_ROWS)
+    plain = dataclasses.replace(cfg, precision="fp32")
+    assert artifacts.location(plain, "baseline", pipeline.BASELINE_FIELDS) != \
+        artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS)
+    assert pipeline.runtime_of(cfg, base) == BF16 and pipeline.runtime_of(plain, base) == accel.PLAIN
