@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, attacks, data, prune
 from .config import Config
-from .pipeline import ABLATION_ROWS, ROBUST_FIELDS, TABLE1_ROWS, new_model, robust_table
+from .pipeline import ABLATION_ROWS, ROBUST_FIELDS, TABLE1_ROWS, kind_of, new_model, robust_table
 
 
 MADRY_ROW = "Pruned + Adv Ret. with PGD (Madry-style)"
@@ -197,7 +197,8 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             raise KeyError(f"rows lack {sorted(missing)[:3]}")
 
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
-    _, metrics, hit = artifacts.cached(step_cfg, "attack_table", ATTACK_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(step_cfg, "attack_table", ATTACK_FIELDS, compute, check=check,
+                                       kind=kind_of(cfg, base))
     return [dict(r, seed=cfg.seed, rate=rate) for r in metrics["rows"]], hit
 
 

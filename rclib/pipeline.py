@@ -30,6 +30,15 @@ def runtime_of(cfg: Config, model: nn.Module) -> accel.Runtime:
     return accel.runtime(cfg, train.model_device(model))
 
 
+def kind_of(cfg: Config, model: nn.Module) -> str:
+    """The artifact key's compute kind for work done on ``model``'s device (which may differ
+    from ``cfg.device`` when a caller passes another device)."""
+    return accel.compute_kind(cfg, train.model_device(model))
+
+
+HOST_KIND = "cpu/fp32"  # steps that never leave the CPU, whatever the device: keyed as such
+
+
 def new_model(cfg: Config, splits: data.Splits) -> models.VGG:
     """An untrained (or torchvision-pretrained) model shaped for ``splits``."""
     return models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std)
@@ -70,7 +79,8 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
         built["model"] = new_model(cfg, splits)
         built["model"].load_state_dict(tensors, strict=True)
 
-    tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check)
+    tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check,
+                                             kind=accel.compute_kind(cfg, device))
     if not hit:
         check(tensors, metrics)
     return accel.prepare(built["model"].to(device), rt).eval(), metrics, hit
@@ -187,7 +197,7 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
 
     check = artifacts.rows_with("method", "rate", "accuracy", "robust_accuracy", "nonzero", "parameters",
                                 "approx_mb", "dense_bytes")
-    _, metrics, hit = artifacts.cached(cfg, "prune_sweep", SWEEP_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(cfg, "prune_sweep", SWEEP_FIELDS, compute, check=check, kind=kind_of(cfg, base))
     return metrics["rows"], hit
 
 
@@ -314,7 +324,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
     tensors, metrics, hit = artifacts.cached(step_cfg, "robust_table", ROBUST_FIELDS + ("prune_rate",), compute,
-                                             check=check)
+                                             check=check, kind=kind_of(cfg, base))
     states: dict[str, dict] = {}
     for key, value in tensors.items():
         variant, name = key.split("/", 1)
@@ -409,7 +419,8 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     check = artifacts.rows_with("label", "method", "rate", "shared", "accuracy", "robust_accuracy",
                                 "pca_boundary_length", "pca_confidence_tv", "pca_regions",
                                 "local_boundary_length", "local_confidence_tv")
-    _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute, check=check,
+                                       kind=kind_of(cfg, base))
     return metrics["rows"], hit
 
 
@@ -448,7 +459,7 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
 
     check = artifacts.rows_with("rate", "shared", "accuracy", "robust_accuracy", "dense_bytes", "approx_bytes",
                                 "file_bytes", "entropy_bytes")
-    _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute, check=check, kind=kind_of(cfg, base))
     return metrics["rows"], hit
 
 
@@ -480,7 +491,7 @@ def vgg16_formula(cfg: Config, rate: float = 0.5) -> list[dict[str, Any]]:
     names = ("seeds", "conv_bits", "linear_bits", "prune_rate")
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
     check = artifacts.rows_with("seed", "rate", "dense_mib", "pruned_mib", "shared_mib")
-    _, metrics, _ = artifacts.cached(step_cfg, "vgg16_formula", names, compute, check=check)
+    _, metrics, _ = artifacts.cached(step_cfg, "vgg16_formula", names, compute, check=check, kind=HOST_KIND)
     return metrics["rows"]
 
 
@@ -543,5 +554,6 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
     check = artifacts.rows_with("rate", "nonzero", "dense_bytes", "approx_bytes", "shared_approx_bytes",
                                 "file_bytes", "entropy_bytes", "share_seconds", "encode_seconds",
                                 "decode_seconds", "exact")
-    _, metrics, hit = artifacts.cached(step_cfg, "vgg16_sizes", names + ("prune_rates",), compute, check=check)
+    _, metrics, hit = artifacts.cached(step_cfg, "vgg16_sizes", names + ("prune_rates",), compute, check=check,
+                                       kind=HOST_KIND)
     return metrics["rows"], hit

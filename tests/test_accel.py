@@ -202,3 +202,14 @@ def test_pipeline_steps_run_under_bf16_and_cache_apart_from_fp32():
     assert artifacts.location(plain, "baseline", pipeline.BASELINE_FIELDS) != \
         artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS)
     assert pipeline.runtime_of(cfg, base) == BF16 and pipeline.runtime_of(plain, base) == accel.PLAIN
+
+
+def test_pipeline_keys_follow_the_model_device_not_only_the_config(monkeypatch):
+    from rclib import pipeline
+
+    cfg = config.load("smoke")
+    model = tiny_vgg(0)
+    assert pipeline.kind_of(cfg, model) == "cpu/fp32"
+    monkeypatch.setattr(train, "model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert pipeline.kind_of(cfg, model) == "cuda:NVIDIA H200/bf16/channels_last"
