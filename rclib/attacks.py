@@ -6,7 +6,7 @@ caller's train/eval mode afterwards, and uses ``torch.autograd.grad`` so no para
 is accumulated as a side effect.
 
 Input gradients are always taken in fp32, also inside a bf16 autocast loop: autocast flipped the
-sign of 1.6-2.4 % of the input-gradient pixels of the smoke models, and FGSM uses only the sign
+sign of 1.6-2.8 % of the input-gradient pixels of the smoke models, and FGSM uses only the sign
 (see :mod:`rclib.accel`). Only the forward passes that classify attacked examples follow the
 loop's ``runtime``.
 
