@@ -12,6 +12,9 @@ Keys
     ``mnist``/``fashion_mnist``/``cifar10``): a cheap fingerprint of every file under the folder,
     its relative path, size and mtime (never its bytes). Renaming, resizing or touching an image
     changes the key. The artifact root itself is skipped.
+  * where and how it was computed (:func:`rclib.accel.compute_kind`): ``cpu`` or
+    ``cuda:<GPU name>``, the effective precision (fp32 or bf16) and, on CUDA, the channels_last
+    layout. Results of a CPU and of a GPU, or of fp32 and bf16, never share an entry.
 
 Writes
   Everything goes into a unique temporary sibling folder, which is renamed into place only when
@@ -58,6 +61,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import accel
 from .config import DISK_DATASETS, Config, project_root, resolve_path
 
 WEIGHTS = "weights.safetensors"
@@ -133,17 +137,22 @@ def content_fingerprint(cfg: Config, names: tuple[str, ...]) -> str:
     return hashlib.sha256("\n\n".join(parts).encode()).hexdigest()
 
 
-def location(cfg: Config, step: str, names: tuple[str, ...], content: str | None = None) -> Path:
-    """Where step ``step`` of ``cfg`` lives, keyed by the fields ``names`` it depends on and by
+def key(digest: str, kind: str, content: str = "") -> str:
+    """The 12 hex digits naming an artifact: config digest, compute kind and disk content."""
+    return hashlib.sha256(f"{digest}\0{kind}\0{content}".encode()).hexdigest()[:12]
+
+
+def location(cfg: Config, step: str, names: tuple[str, ...], content: str | None = None,
+             kind: str | None = None) -> Path:
+    """Where step ``step`` of ``cfg`` lives, keyed by the fields ``names`` it depends on, by
     the content of the files they name (``content``: :func:`content_fingerprint`, computed
-    when not given)."""
+    when not given) and by where it is computed (``kind``: :func:`rclib.accel.compute_kind` of
+    ``cfg``'s device when not given; a test may pass another device's kind)."""
     if not step.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"step={step!r} must be letters, digits, '-' or '_'")
-    key = cfg.digest(names)
     content = content_fingerprint(cfg, names) if content is None else content
-    if content:
-        key = hashlib.sha256(f"{key}\0{content}".encode()).hexdigest()[:12]
-    return root() / cfg.profile / f"{step}-{key}"
+    kind = accel.compute_kind(cfg) if kind is None else kind
+    return root() / cfg.profile / f"{step}-{key(cfg.digest(names), kind, content)}"
 
 
 def _sha256(path: Path) -> str:
@@ -274,7 +283,7 @@ def load(path: Path) -> tuple[Tensors | None, Metrics] | None:
 def cached(cfg: Config, step: str, names: tuple[str, ...],
            compute: Callable[[], tuple[Tensors | None, Metrics]],
            check: Callable[[Tensors | None, Metrics], None] | None = None,
-           ) -> tuple[Tensors | None, Metrics, bool]:
+           kind: str | None = None) -> tuple[Tensors | None, Metrics, bool]:
     """Load step ``step`` if a valid artifact exists, else run ``compute()`` and store it.
 
     Args:
@@ -285,12 +294,15 @@ def cached(cfg: Config, step: str, names: tuple[str, ...],
         check: optional; called on a loaded ``(tensors, metrics)``, it raises one of
             ``CHECK_ERRORS`` when the result cannot serve the caller (a missing key, wrong tensor
             names). Then a warning is given and the step recomputed and stored again.
+        kind: where and how ``compute`` runs (:func:`rclib.accel.compute_kind`); default that of
+            ``cfg.device``.
 
     Returns:
         ``(tensors, metrics, hit)``, ``hit`` True when it came from disk.
     """
     content = content_fingerprint(cfg, names)  # once: a large image folder takes a while to list
-    path = location(cfg, step, names, content)
+    kind = accel.compute_kind(cfg) if kind is None else kind
+    path = location(cfg, step, names, content, kind)
     found = load(path)
     if found is not None and check is not None:
         try:
@@ -303,7 +315,7 @@ def cached(cfg: Config, step: str, names: tuple[str, ...],
     if os.path.lexists(path):  # rejected above: an intact but unusable copy would block save
         discard(path)
     tensors, metrics = compute()
-    info = {"step": step, "config": {n: getattr(cfg, n) for n in names}}
+    info = {"step": step, "config": {n: getattr(cfg, n) for n in names}, "compute": kind}
     if content:
         info["content"] = content
     save(path, tensors, metrics, info=info)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, attacks, data
 from .config import Config
-from .pipeline import ROBUST_FIELDS, new_model, robust_table
+from .pipeline import ROBUST_FIELDS, kind_of, new_model, robust_table
 from .retrain import ABLATION_ROWS, MADRY_ROW, MADRY_STEPS, TABLE1_ROWS  # noqa: F401  (chapter 05 shows MADRY_STEPS)
 
 ATTACK_VARIANTS = TABLE1_ROWS + ABLATION_ROWS + (MADRY_ROW,)
@@ -195,7 +195,8 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             raise KeyError(f"rows lack {sorted(missing)[:3]}")
 
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
-    _, metrics, hit = artifacts.cached(step_cfg, "attack_table", ATTACK_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(step_cfg, "attack_table", ATTACK_FIELDS, compute, check=check,
+                                       kind=kind_of(cfg, base))
     return [dict(r, seed=cfg.seed, rate=rate) for r in metrics["rows"]], hit
 
 

@@ -5,6 +5,11 @@ running statistics: the model that is being attacked is the deployed one), resto
 caller's train/eval mode afterwards, and uses ``torch.autograd.grad`` so no parameter gradient
 is accumulated as a side effect.
 
+Input gradients are always taken in fp32, also inside a bf16 autocast loop: autocast flipped the
+sign of 1.6-2.8 % of the input-gradient pixels of the smoke models, and FGSM uses only the sign
+(see :mod:`rclib.accel`). Only the forward passes that classify attacked examples follow the
+loop's ``runtime``.
+
 The strongest evaluation (APGD, Square, AutoAttack) is not hand-written: :mod:`rclib.strong`
 runs it from the adversarial-robustness-toolbox and returns per-example outcomes in the same form
 as :func:`robust_correct`, so a chapter can take the worst case over all attacks per example.
@@ -21,17 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .accel import Runtime, autocast, batch_to, fp32
+
 # attack(model, x, y, eps, **kwargs) -> x_adv; extra keywords (PGD's alpha, steps, ...) pass through
 Attack = Callable[..., torch.Tensor]
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """grad_x of the mean cross-entropy, taken in eval mode; (B, C, H, W)."""
+    """grad_x of the mean cross-entropy, taken in eval mode and in fp32 (autocast off); (B, C, H, W)."""
     was_training = model.training
     model.eval()
     try:
         x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), fp32(x.device):
             loss = F.cross_entropy(model(x), y)
             (grad,) = torch.autograd.grad(loss, x)
     finally:
@@ -132,22 +139,33 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     was_training = model.training
     model.eval()
     try:
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(adv), yy, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, adv)
-            adv = torch.maximum(torch.minimum(adv.detach().add_(grad.sign_(), alpha=alpha), hi), lo)
-        if restarts > 1:
-            with torch.no_grad():
-                logits = model(adv)
-            wrong = (logits.argmax(1) != yy).view(restarts, n)
-            score = F.cross_entropy(logits, yy, reduction="none").view(restarts, n)
-            best = torch.where(wrong, torch.inf, score).argmax(0)  # first fooling restart, else max loss
-            adv = adv.view(restarts, n, *x.shape[1:])[best, torch.arange(n, device=x.device)]
+        with fp32(x.device):  # the whole crafting, restart choice included, as in fp32 runs
+            adv = _pgd_steps(model, adv, yy, alpha, steps, lo, hi)
+            if restarts > 1:
+                adv = _worst_restart(model, adv, yy, restarts, n)
     finally:
         model.train(was_training)
     return adv
+
+
+def _pgd_steps(model: nn.Module, adv: torch.Tensor, yy: torch.Tensor, alpha: float, steps: int,
+               lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(adv), yy, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, adv)
+        adv = torch.maximum(torch.minimum(adv.detach().add_(grad.sign_(), alpha=alpha), hi), lo)
+    return adv
+
+
+def _worst_restart(model: nn.Module, adv: torch.Tensor, yy: torch.Tensor, restarts: int, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(adv)
+    wrong = (logits.argmax(1) != yy).view(restarts, n)
+    score = F.cross_entropy(logits, yy, reduction="none").view(restarts, n)
+    best = torch.where(wrong, torch.inf, score).argmax(0)  # first fooling restart, else max loss
+    return adv.view(restarts, n, *adv.shape[1:])[best, torch.arange(n, device=adv.device)]
 
 
 def transfer(source: nn.Module, attack: Attack = pgd, **attack_kwargs: Any) -> Attack:
@@ -174,7 +192,7 @@ def _still_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def robust_correct(model: nn.Module, loader: DataLoader, attack: Attack = fgsm, eps: float = 0.1,
-                   **attack_kwargs: Any) -> torch.Tensor:
+                   *, runtime: Runtime | None = None, **attack_kwargs: Any) -> torch.Tensor:
     """Per-example outcome of an attack: a bool tensor (N,) in loader order, True where the model
     still classifies the attacked example correctly.
 
@@ -188,11 +206,14 @@ def robust_correct(model: nn.Module, loader: DataLoader, attack: Attack = fgsm, 
         loader: yields ``(x, y)`` pixel batches, in a fixed order.
         attack: ``attack(model, x, y, eps, **attack_kwargs) -> x_adv``; default :func:`fgsm`.
         eps: the attack strength.
+        runtime: copies, layout and precision (:class:`rclib.accel.Runtime`; default plain fp32).
+            The attack and the classification of its examples run under its autocast; the
+            input gradients of :func:`fgsm` and :func:`pgd` are nevertheless fp32.
         **attack_kwargs: passed to ``attack`` (e.g. ``alpha=0.01, steps=50, restarts=5`` for
             :func:`pgd`).
 
     Returns:
-        A bool tensor of shape (N,) on the CPU.
+        A bool tensor of shape (N,) on the CPU (read back once, after the last batch).
 
     Used by chapter 05 (the per-example worst case over attacks).
     """
@@ -201,16 +222,17 @@ def robust_correct(model: nn.Module, loader: DataLoader, attack: Attack = fgsm, 
     model.eval()
     outcomes = []
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            outcomes.append(_still_correct(model, attack(model, x, y, eps, **attack_kwargs), y).cpu())
+        with autocast(device, runtime):
+            for x, y in loader:
+                x, y = batch_to(x, y, device, runtime, loader)
+                outcomes.append(_still_correct(model, attack(model, x, y, eps, **attack_kwargs), y))
     finally:
         model.train(was_training)
-    return torch.cat(outcomes) if outcomes else torch.zeros(0, dtype=torch.bool)
+    return torch.cat(outcomes).cpu() if outcomes else torch.zeros(0, dtype=torch.bool)
 
 
 def robust_accuracy(model: nn.Module, loader: DataLoader, attack: Attack = fgsm, eps: float = 0.1,
-                    **attack_kwargs: Any) -> float:
+                    *, runtime: Runtime | None = None, **attack_kwargs: Any) -> float:
     """Robust accuracy, Eq 5: the fraction of examples still classified correctly after ``attack``.
 
     Every example is attacked, including those the model already gets wrong (they count as
@@ -221,6 +243,7 @@ def robust_accuracy(model: nn.Module, loader: DataLoader, attack: Attack = fgsm,
         loader: yields ``(x, y)`` pixel batches.
         attack: ``attack(model, x, y, eps, **attack_kwargs) -> x_adv``; default :func:`fgsm`.
         eps: the attack strength.
+        runtime: copies, layout and precision, as in :func:`robust_correct`.
         **attack_kwargs: passed to ``attack``, e.g. ``robust_accuracy(m, loader, pgd, 0.03,
             steps=50, restarts=5)``.
 
@@ -229,12 +252,12 @@ def robust_accuracy(model: nn.Module, loader: DataLoader, attack: Attack = fgsm,
 
     Used by chapters 00-05.
     """
-    outcome = robust_correct(model, loader, attack, eps, **attack_kwargs)
+    outcome = robust_correct(model, loader, attack, eps, runtime=runtime, **attack_kwargs)
     return int(outcome.sum()) / max(len(outcome), 1)  # integer division: exactly clean accuracy at eps 0
 
 
 def robust_curve(model: nn.Module, loader: DataLoader, epsilons, attack: Attack = fgsm,
-                 **attack_kwargs: Any) -> list[float]:
+                 *, runtime: Runtime | None = None, **attack_kwargs: Any) -> list[float]:
     """``robust_accuracy`` at each epsilon (a figure's y values); ``attack_kwargs`` go to the
-    attack. Used by chapters 00, 01 and 05."""
-    return [robust_accuracy(model, loader, attack, float(e), **attack_kwargs) for e in epsilons]
+    attack, ``runtime`` to :func:`robust_correct`. Used by chapters 00, 01 and 05."""
+    return [robust_accuracy(model, loader, attack, float(e), runtime=runtime, **attack_kwargs) for e in epsilons]

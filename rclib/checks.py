@@ -72,8 +72,10 @@ def _folder_shape(cfg: Config) -> DataShape:
                  f"{', ...' if len(empty) > 5 else ''})" if empty else ""))
         _fail("data_dir", cfg.data_dir, f"dataset {cfg.dataset!r} needs an ImageFolder: at least two class "
               f"sub-folders, each holding images (.jpg, .png, ...); {what}")
+    from .data import split_test_count  # data needs torch; imported only for folder datasets
+
     n = sum(counts.values())
-    n_test = min(n - 1, max(1, round(n * cfg.test_fraction)))  # as data._seeded_split
+    n_test = split_test_count(list(counts.values()), cfg.test_fraction)
     return DataShape(n - n_test, n_test, len(counts), (3, cfg.image_size, cfg.image_size))
 
 

@@ -9,22 +9,32 @@ Datasets:
     mnist, fashion_mnist, cifar10
                    torchvision, downloaded into ``data_dir`` when missing.
     imagenet       an ILSVRC2012 validation folder laid out as ImageFolder (one sub-folder per
-                   class), resized 256 / centre-cropped 224, split 40k/10k by a seeded permutation
-                   as in the paper (``test_fraction`` of the images, 0.2 by default, are the test set).
-    folder         any ImageFolder, resized and centre-cropped to ``image_size``, same seeded split.
+                   class), resized 256 / centre-cropped 224, split 40k/10k as in the paper
+                   (``test_fraction`` of the images, 0.2 by default, are the test set) by a
+                   stratified seeded split (:func:`stratified_split`): 10 of each class's 50.
+    folder         any ImageFolder, resized and centre-cropped to ``image_size``, same split.
 
-Used by every chapter (``data.load(cfg)``).
+Folder images of any mode (grayscale, CMYK, RGBA, palette, 16-bit) load as RGB
+(:func:`rgb_loader`). With ``decoded_cache`` the folder test set is decoded once and read back as
+uint8 tensors (:mod:`rclib.decoded`). Loaders take ``num_workers``, ``pin_memory`` (only on
+CUDA) and ``persistent_workers`` (only with workers) from the config (:func:`loader_options`).
+
+Used by every chapter (``data.load(cfg)``; ``spread_sample`` for the decision maps' inputs).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .config import Config, resolve_path
+from .config import Config, resolve_device, resolve_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,10 +53,81 @@ class Splits:
     class_names: list[str]
 
 
-def _seeded_split(n: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = min(n - 1, max(1, int(round(n * test_fraction))))  # both sides keep >= 1 image
-    return sorted(perm[n_test:]), sorted(perm[:n_test])
+def _rank(seed: int, text: str) -> bytes:
+    """A seeded sort key that is the same on every machine and Python (``hash`` is salted)."""
+    return hashlib.sha256(f"{seed}\0{text}".encode()).digest()
+
+
+def class_test_count(n: int, test_fraction: float) -> int:
+    """How many of a class's ``n`` images go to the test set: ``round(n * test_fraction)``, but at
+    least one on each side when ``n >= 2`` (a lone image goes to test only if that rounds to 1)."""
+    k = int(round(n * test_fraction))
+    return k if n < 2 else min(n - 1, max(1, k))
+
+
+def split_test_count(counts: Sequence[int], test_fraction: float) -> int:
+    """Test images of :func:`stratified_split` for classes of ``counts`` images (at least one on
+    each side overall). Used here and by ``checks``, which sizes the split without reading it."""
+    n = sum(counts)
+    return min(n - 1, max(1, sum(class_test_count(c, test_fraction) for c in counts)))
+
+
+Groups = dict[int, list[int]]  # class -> indices, in the class's seeded order
+
+
+def stratified_split(paths: Sequence[str], labels: Sequence[int], test_fraction: float,
+                     seed: int) -> tuple[Groups, Groups]:
+    """Split a folder dataset class by class: ``(train, test)`` as ``{class: indices}``.
+
+    Within each class the images are ordered by a seeded hash of ``(seed, relative path)`` and
+    the first :func:`class_test_count` of them are the test set. So every class with two or more
+    images is on both sides, and adding or removing files in one class never moves an image of
+    another class. Only a folder of single-image classes can leave a side empty; then the image
+    with the first hash of all changes sides.
+
+    Args:
+        paths: each image's path relative to the folder (``/``-separated), as identity.
+        labels: each image's class index; test_fraction: in (0, 1); seed: any int.
+
+    Returns:
+        Two dicts ``{class: [index, ...]}`` in the seeded order (a prefix of a class's test list
+        is what :func:`take_round_robin` keeps when ``test_size`` limits it).
+    """
+    by_class: Groups = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    train: Groups = {}
+    test: Groups = {}
+    for label, members in sorted(by_class.items()):
+        members.sort(key=lambda i: (_rank(seed, paths[i]), paths[i]))
+        k = class_test_count(len(members), test_fraction)
+        test[label], train[label] = members[:k], members[k:]
+    _keep_both_sides(train, test, paths, seed)
+    return train, test
+
+
+def _keep_both_sides(train: Groups, test: Groups, paths: Sequence[str], seed: int) -> None:
+    for src, dst in ((train, test), (test, train)):
+        if not any(dst.values()):
+            first = min((i for members in src.values() for i in members), key=lambda i: _rank(seed, paths[i]))
+            label = next(c for c, members in src.items() if first in members)
+            src[label].remove(first)
+            dst[label].append(first)
+
+
+def take_round_robin(groups: Groups, size: int, seed: int, names: Sequence[str] | None = None) -> list[int]:
+    """Up to ``size`` indices (all when 0), one per class in turn: the first of every class, then
+    the second, and so on, in a seeded order of classes (hashed from ``names[c]``, else ``c``, so
+    it does not depend on which other classes exist). Returns them in the order taken."""
+    order = sorted(groups, key=lambda c: _rank(seed, f"class\0{names[c] if names else c}"))
+    total = sum(len(groups[c]) for c in order)
+    size = total if size == 0 else min(size, total)
+    taken: list[int] = []
+    depth = 0
+    while len(taken) < size:
+        taken += [groups[c][depth] for c in order if depth < len(groups[c])][:size - len(taken)]
+        depth += 1
+    return taken
 
 
 def _limit(indices: list[int], size: int, seed: int) -> list[int]:
@@ -106,7 +187,26 @@ def _torchvision(cfg: Config):
     return train, test, len(train.dataset.classes), list(train.dataset.classes), mean, std
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
+
+
+def rgb_loader(path: str) -> Any:
+    """The folder datasets' image loader: torchvision's (``Image.convert("RGB")``, which handles
+    grayscale, 1-bit, palette, RGBA and CMYK), except for 16-bit grayscale, which Pillow's
+    convert clips at 255 (nearly white images); those are scaled to 8 bits first."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.mode in SIXTEEN_BIT_MODES:
+            wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+            img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # rounded to 8 bits
+        return img.convert("RGB")
+
+
 def _image_folder(cfg: Config):
+    import copy
+
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -116,23 +216,54 @@ def _image_folder(cfg: Config):
         resize = round(cfg.image_size * 256 / 224)
     else:
         resize = cfg.image_size
-    tf = T.Compose([T.Resize(resize), T.CenterCrop(cfg.image_size), T.ToTensor()])
-    full = datasets.ImageFolder(str(root), transform=tf)
+    geometry = [T.Resize(resize), T.CenterCrop(cfg.image_size)]
+    full = datasets.ImageFolder(str(root), transform=T.Compose([*geometry, T.ToTensor()]), loader=rgb_loader)
     if len(full) < 2:
         raise ValueError(f"data_dir={cfg.data_dir!r} holds {len(full)} images; an ImageFolder needs at least 2")
-    train_idx, test_idx = _seeded_split(len(full), cfg.test_fraction, cfg.seed)
-    train = Subset(full, _limit(train_idx, cfg.train_size, cfg.seed))
-    test = Subset(full, _limit(test_idx, cfg.test_size, cfg.seed))
+    paths = [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in full.samples]
+    train_groups, test_groups = stratified_split(paths, full.targets, cfg.test_fraction, cfg.seed)
+    train = Subset(full, sorted(take_round_robin(train_groups, cfg.train_size, cfg.seed, full.classes)))
+    test_idx = sorted(take_round_robin(test_groups, cfg.test_size, cfg.seed, full.classes))
+    if cfg.decoded_cache:
+        from . import decoded
+
+        pixels = copy.copy(full)  # same samples, uint8 pixels: what the cache stores
+        pixels.transform = T.Compose([*geometry, T.PILToTensor()])
+        test = decoded.load_or_build(cfg, pixels, test_idx, [full.targets[i] for i in test_idx], resize,
+                                     workers=cfg.num_workers)
+    else:
+        test = Subset(full, test_idx)
     return train, test, len(full.classes), list(full.classes), IMAGENET_MEAN, IMAGENET_STD
 
 
-def load(cfg: Config) -> Splits:
+def loader_options(cfg: Config, device: str | torch.device, dataset: Dataset | None = None) -> dict[str, Any]:
+    """``DataLoader`` keywords from the config: ``num_workers``; ``pin_memory`` only when
+    ``device`` is CUDA (page-locked batches only help copies to a GPU); ``persistent_workers``
+    only with workers (torch refuses it without). A dataset already in memory as tensors
+    (digits, the decoded cache) is read in the main process: workers would only add copies."""
+    workers = 0 if _in_memory(dataset) else cfg.num_workers
+    return dict(num_workers=workers, pin_memory=cfg.pin_memory and torch.device(device).type == "cuda",
+                persistent_workers=cfg.persistent_workers and workers > 0)
+
+
+def _in_memory(dataset: Dataset | None) -> bool:
+    from .decoded import DecodedImages
+
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, (TensorDataset, DecodedImages))
+
+
+def load(cfg: Config, device: str | torch.device | None = None) -> Splits:
     """Build the train/test loaders of ``cfg.dataset``.
 
     Args:
         cfg: a validated :class:`rclib.config.Config`; uses ``dataset``, ``data_dir``,
             ``image_size``, ``train_size``, ``test_size``, ``test_fraction``, ``batch_size``
-            (training), ``eval_batch_size`` (test), ``num_workers`` and ``seed``.
+            (training), ``eval_batch_size`` (test), ``seed``, ``decoded_cache`` and the loader
+            options of :func:`loader_options`.
+        device: where the batches will go, for ``pin_memory``; default
+            ``config.resolve_device(cfg.device)``.
 
     Returns:
         :class:`Splits`; batches are ``(x, y)`` with ``x`` of shape (B, C, H, W) in [0, 1] and
@@ -156,10 +287,12 @@ def load(cfg: Config) -> Splits:
         raise ValueError(f"dataset={cfg.dataset!r} is not known")
     x0, _ = train[0]
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = resolve_device(cfg.device) if device is None else device
     return Splits(
-        train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=cfg.num_workers),
+        train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                         **loader_options(cfg, device, train)),
         # evaluation and attacks keep no parameter gradients, so they afford larger batches
-        test=DataLoader(test, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers),
+        test=DataLoader(test, batch_size=cfg.eval_batch_size, shuffle=False, **loader_options(cfg, device, test)),
         num_classes=k,
         input_shape=tuple(x0.shape),
         mean=tuple(mean),
@@ -177,6 +310,57 @@ def first_batch(loader: DataLoader, n: int) -> tuple[torch.Tensor, torch.Tensor]
         if sum(len(b) for b in ys) >= n:
             break
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+def labels(dataset: Dataset) -> list[int]:
+    """Every example's class index, without decoding images where the dataset lists its targets
+    (``Subset`` of an ImageFolder, TensorDataset, torchvision datasets, the decoded cache)."""
+    if isinstance(dataset, Subset):
+        parent = labels(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets).tolist()
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def spread_sample(source: Dataset | DataLoader, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` examples spread across the classes: seeded, round-robin over classes.
+
+    Each class's examples are put in a seeded order, the classes too; the sample takes the first
+    example of every class, then the second, and so on (:func:`take_round_robin`). So any
+    prefix ``x[:k]`` covers ``min(k, classes)`` classes, and ``spread_sample(d, k, s)`` is the
+    first ``k`` of ``spread_sample(d, n, s)``. Only the chosen examples are read.
+
+    Args:
+        source: a dataset, or a loader (its ``dataset`` is used; its order and batches are not).
+        n: how many (>= 1); all examples, in the spread order, when the dataset has fewer.
+        seed: chooses the order within and across classes.
+
+    Returns:
+        ``(x, y)``: x (n, C, H, W), y (n,) long, in the order taken (on the CPU).
+
+    Raises:
+        ValueError: naming ``n`` when it is not a whole number >= 1.
+
+    Example:
+        >>> x, y = spread_sample(splits.test, 1000, cfg.seed)  # inputs of a PCA decision map
+
+    Used by chapters 03 and 04 (the inputs of decision maps and the local maps' examples).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} is not allowed: a whole number >= 1")
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    groups: Groups = {}
+    for i, label in enumerate(labels(dataset)):
+        groups.setdefault(label, []).append(i)
+    for label, members in groups.items():
+        members.sort(key=lambda i: _rank(seed, f"{label}\0{i}"))
+    chosen = take_round_robin(groups, n, seed)
+    items = [dataset[i] for i in chosen]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
 
 
 def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,9 @@
 """Cached steps shared by the chapters: each trains or loads what it needs, so any chapter runs
 on its own (papermill) and recomputes only what is missing or stale.
 
+Every loop runs with ``accel.runtime(cfg, device)`` (:func:`runtime_of`): plain fp32 on a CPU,
+bf16 autocast, channels_last and asynchronous copies on CUDA, as the config says.
+
 Used by chapter 00 (``baseline``) and every later chapter.
 """
 
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, attacks, codec, config, data, models, prune, sizes, train
+from . import accel, artifacts, attacks, codec, config, data, models, prune, sizes, train
 from .config import Config
 from .retrain import ABLATION_ROWS, TABLE1_ROWS  # noqa: F401  (chapters read them here)
 
@@ -22,6 +25,20 @@ DATA_FIELDS = ("seed", "dataset", "data_dir", "image_size", "train_size", "test_
 MODEL_FIELDS = ("model", "width", "hidden", "batch_norm", "dropout", "weights")
 TRAIN_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs")
 BASELINE_FIELDS = DATA_FIELDS + MODEL_FIELDS + TRAIN_FIELDS
+
+
+def runtime_of(cfg: Config, model: nn.Module) -> accel.Runtime:
+    """The :class:`rclib.accel.Runtime` of ``cfg`` on the device ``model`` lives on."""
+    return accel.runtime(cfg, train.model_device(model))
+
+
+def kind_of(cfg: Config, model: nn.Module) -> str:
+    """The artifact key's compute kind for work done on ``model``'s device (which may differ
+    from ``cfg.device`` when a caller passes another device)."""
+    return accel.compute_kind(cfg, train.model_device(model))
+
+
+HOST_KIND = "cpu/fp32"  # steps that never leave the CPU, whatever the device: keyed as such
 
 
 def new_model(cfg: Config, splits: data.Splits) -> models.VGG:
@@ -45,12 +62,16 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
 
     Used by chapter 00 and, as the starting point, by chapters 01-04.
     """
+    rt = accel.runtime(cfg, device)
+
     def compute():
-        model = new_model(cfg, splits).to(device)
+        model = accel.prepare(new_model(cfg, splits).to(device), rt)
         history = train.fit(model, splits.train, cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                            desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})")
-        return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test), "history": history}
+                            desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})",
+                            runtime=rt)
+        return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test, runtime=rt),
+                                    "history": history}
 
     built: dict[str, nn.Module] = {}
 
@@ -60,10 +81,11 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
         built["model"] = new_model(cfg, splits)
         built["model"].load_state_dict(tensors, strict=True)
 
-    tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check)
+    tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check,
+                                             kind=accel.compute_kind(cfg, device))
     if not hit:
         check(tensors, metrics)
-    return built["model"].to(device).eval(), metrics, hit
+    return accel.prepare(built["model"].to(device), rt).eval(), metrics, hit
 
 
 def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], list[dict[str, Any]]],
@@ -77,7 +99,7 @@ def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], lis
     rows: list[dict[str, Any]] = []
     for s in tqdm(cfg.seeds, desc="seeds", disable=not progress):
         cfg_s = dataclasses.replace(cfg, seed=s)
-        splits_s = data.load(cfg_s)
+        splits_s = data.load(cfg_s, device)
         base_s, _, _ = baseline(cfg_s, splits_s, device, progress=False)
         rows += [dict(r, seed=s) for r in step(cfg_s, splits_s, base_s)]
     return rows
@@ -95,7 +117,7 @@ def retrainer(cfg: Config, splits: data.Splits, desc: str = "retrain") -> Callab
         return train.fit(model, splits.train, cfg.retrain_epochs, lr=cfg.retrain_lr,
                          optimizer=cfg.retrain_optimizer, momentum=cfg.retrain_momentum,
                          weight_decay=cfg.retrain_weight_decay, seed=cfg.seed, desc=desc,
-                         progress=False, blame=f"retrain_lr={cfg.retrain_lr:g}")
+                         progress=False, blame=f"retrain_lr={cfg.retrain_lr:g}", runtime=runtime_of(cfg, model))
     return retrain
 
 
@@ -130,10 +152,12 @@ def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rate
     return out
 
 
-def measure(model: nn.Module, splits: data.Splits, eps: float) -> dict[str, Any]:
-    """Clean and FGSM robust test accuracy, and the model's size by every yardstick we use."""
-    return dict(accuracy=train.evaluate(model, splits.test),
-                robust_accuracy=attacks.robust_accuracy(model, splits.test, attacks.fgsm, eps),
+def measure(model: nn.Module, splits: data.Splits, eps: float,
+            runtime: accel.Runtime | None = None) -> dict[str, Any]:
+    """Clean and FGSM robust test accuracy (computed with ``runtime``), and the model's size by
+    every yardstick we use."""
+    return dict(accuracy=train.evaluate(model, splits.test, runtime=runtime),
+                robust_accuracy=attacks.robust_accuracy(model, splits.test, attacks.fgsm, eps, runtime=runtime),
                 nonzero=sizes.nonzero_parameters(model),
                 parameters=sum(t.numel() for t in sizes.effective_state(model).values()),
                 approx_mb=sizes.approx_size_mb(model),
@@ -156,6 +180,7 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     Used by chapter 01.
     """
     rates = sorted(cfg.prune_rates)
+    rt = runtime_of(cfg, base)
 
     def compute():
         rows = []
@@ -163,18 +188,18 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
         bar = tqdm(total=len(one_shot) * len(rates) + 1, desc="prune sweep", disable=not progress)
         for method in one_shot:
             for r in rates:
-                rows.append(dict(method=method, rate=r, **measure(pruned(base, method, r), splits, cfg.epsilon)))
+                rows.append(dict(method=method, rate=r, **measure(pruned(base, method, r), splits, cfg.epsilon, rt)))
                 bar.update()
 
         for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
-            rows.append(dict(method="iterative (hardened)", rate=r, **measure(hardened, splits, cfg.epsilon)))
+            rows.append(dict(method="iterative (hardened)", rate=r, **measure(hardened, splits, cfg.epsilon, rt)))
         bar.update()
         bar.close()
         return None, {"rows": rows}
 
     check = artifacts.rows_with("method", "rate", "accuracy", "robust_accuracy", "nonzero", "parameters",
                                 "approx_mb", "dense_bytes")
-    _, metrics, hit = artifacts.cached(cfg, "prune_sweep", SWEEP_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(cfg, "prune_sweep", SWEEP_FIELDS, compute, check=check, kind=kind_of(cfg, base))
     return metrics["rows"], hit
 
 
@@ -183,11 +208,12 @@ def recalibration_rows(cfg: Config, splits: data.Splits, base: nn.Module) -> lis
     and after re-estimating BatchNorm statistics (``train.recalibrate_batchnorm``, seeded with
     ``cfg.seed``), no weight changed. Cheap, so not cached. Used by chapter 01."""
     rows = []
+    rt = runtime_of(cfg, base)
     for r in sorted(cfg.prune_rates):
         m = pruned(base, "channel", r)
-        before = train.evaluate(m, splits.test)
-        train.recalibrate_batchnorm(m, splits.train, seed=cfg.seed)
-        rows.append(dict(rate=r, one_shot=before, recalibrated=train.evaluate(m, splits.test)))
+        before = train.evaluate(m, splits.test, runtime=rt)
+        train.recalibrate_batchnorm(m, splits.train, seed=cfg.seed, runtime=rt)
+        rows.append(dict(rate=r, one_shot=before, recalibrated=train.evaluate(m, splits.test, runtime=rt)))
     return rows
 
 
@@ -259,10 +285,12 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             return sizes.effective_state(m)
         return retrain.retrained(cfg, splits, base, rate, retrain.STEP_OF[name])[0]
 
+    rt = runtime_of(cfg, base)
+
     def model_of(name: str) -> nn.Module:
         m = new_model(cfg, splits)
         m.load_state_dict(state_of(name), strict=True)
-        return m.to(device).eval()
+        return accel.prepare(m.to(device), rt).eval()
 
     def compute():
         rows = []
@@ -270,8 +298,8 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             m = base if name == "Baseline" else model_of(name)
             rows.append(dict(
                 variant=name, seed=cfg.seed, rate=rate,
-                accuracy=train.evaluate(m, splits.test),
-                robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
+                accuracy=train.evaluate(m, splits.test, runtime=rt),
+                robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon, runtime=rt),
                 approx_mb=share.shared_size_mb(m, share_bits(cfg)) if name.endswith(" + WS") else sizes.approx_size_mb(m),
                 file_bytes=sizes.size_report(m)["file_bytes"]))
             del m
@@ -286,7 +314,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
     _, metrics, hit = artifacts.cached(step_cfg, "robust_table", ROBUST_FIELDS + ("prune_rate",), compute,
-                                       check=check)
+                                       check=check, kind=kind_of(cfg, base))
     return metrics["rows"], retrain.LazyStates(names, state_of), hit
 
 
@@ -363,9 +391,11 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
             m = v["model"]
             dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca)
             pca = dmap.pca
+            rt = runtime_of(cfg, m)
             row = dict(label=label, method=v["method"], rate=v["rate"], shared=v["shared"],
-                       accuracy=train.evaluate(m, splits.test),
-                       robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon))
+                       accuracy=train.evaluate(m, splits.test, runtime=rt),
+                       robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon,
+                                                               runtime=rt))
             row.update({f"pca_{k}": float(val) for k, val in boundary.roughness(dmap).items()})
             row.update({f"local_{k}": float(val) for k, val in
                         boundary.local_roughness(m, x[:n], y[:n], seed=cfg.seed).items()})
@@ -375,7 +405,8 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     check = artifacts.rows_with("label", "method", "rate", "shared", "accuracy", "robust_accuracy",
                                 "pca_boundary_length", "pca_confidence_tv", "pca_regions",
                                 "local_boundary_length", "local_confidence_tv")
-    _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(cfg, "boundary_sweep", BOUNDARY_FIELDS, compute, check=check,
+                                       kind=kind_of(cfg, base))
     return metrics["rows"], hit
 
 
@@ -403,8 +434,10 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
             share.weight_share(shared, share_bits(cfg))
             for ws, m in ((False, plain), (True, shared)):
                 report = sizes.size_report(m)
-                rows.append(dict(rate=r, shared=ws, accuracy=train.evaluate(m, splits.test),
-                                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon),
+                rt = runtime_of(cfg, m)
+                rows.append(dict(rate=r, shared=ws, accuracy=train.evaluate(m, splits.test, runtime=rt),
+                                 robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon,
+                                                                         runtime=rt),
                                  dense_bytes=report["dense_bytes"],
                                  approx_bytes=report["shared_approx_bytes"] if ws else report["approx_bytes"],
                                  file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"]))
@@ -412,7 +445,7 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
 
     check = artifacts.rows_with("rate", "shared", "accuracy", "robust_accuracy", "dense_bytes", "approx_bytes",
                                 "file_bytes", "entropy_bytes")
-    _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute, check=check)
+    _, metrics, hit = artifacts.cached(cfg, "share_sweep", SHARE_FIELDS, compute, check=check, kind=kind_of(cfg, base))
     return metrics["rows"], hit
 
 
@@ -444,7 +477,7 @@ def vgg16_formula(cfg: Config, rate: float = 0.5) -> list[dict[str, Any]]:
     names = ("seeds", "conv_bits", "linear_bits", "prune_rate")
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
     check = artifacts.rows_with("seed", "rate", "dense_mib", "pruned_mib", "shared_mib")
-    _, metrics, _ = artifacts.cached(step_cfg, "vgg16_formula", names, compute, check=check)
+    _, metrics, _ = artifacts.cached(step_cfg, "vgg16_formula", names, compute, check=check, kind=HOST_KIND)
     return metrics["rows"]
 
 
@@ -507,5 +540,6 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
     check = artifacts.rows_with("rate", "nonzero", "dense_bytes", "approx_bytes", "shared_approx_bytes",
                                 "file_bytes", "entropy_bytes", "share_seconds", "encode_seconds",
                                 "decode_seconds", "exact")
-    _, metrics, hit = artifacts.cached(step_cfg, "vgg16_sizes", names + ("prune_rates",), compute, check=check)
+    _, metrics, hit = artifacts.cached(step_cfg, "vgg16_sizes", names + ("prune_rates",), compute, check=check,
+                                       kind=HOST_KIND)
     return metrics["rows"], hit

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import artifacts, prune, sizes
+from . import accel, artifacts, prune, sizes
 from .config import Config
 
 TABLE1_ROWS = ("Baseline", "Pruned", "Pruned + Retrained", "Pruned + Adv Ret.", "Pruned + Adv Ret. + WS")
@@ -65,18 +65,20 @@ def check_step(step: str) -> None:
         raise ValueError(f"step={step!r} is not allowed; choose one of {', '.join(STEPS)}")
 
 
-def retrain_in_place(cfg: Config, model: nn.Module, loader, step: str, progress: bool = False) -> list[dict[str, Any]]:
+def retrain_in_place(cfg: Config, model: nn.Module, loader, step: str, progress: bool = False,
+                     runtime: accel.Runtime | None = None) -> list[dict[str, Any]]:
     """Run ``step``'s retraining on ``model`` (already pruned) in place; returns the history.
 
     The one place that maps a step to ``train.fit`` or ``robust.adversarial_retrain`` with the
-    retraining optimiser of ``cfg``, so every caller (chapters, command line) trains alike.
+    retraining optimiser of ``cfg`` (and ``runtime``'s precision and copies, see
+    :mod:`rclib.accel`), so every caller (chapters, command line) trains alike.
     """
     from . import robust, train
 
     check_step(step)
     kw = dict(epochs=cfg.adv_epochs, lr=cfg.retrain_lr, momentum=cfg.retrain_momentum,
               weight_decay=cfg.retrain_weight_decay, optimizer=cfg.retrain_optimizer, seed=cfg.seed,
-              progress=progress)
+              progress=progress, runtime=runtime)
     if step == "clean":
         return train.fit(model, loader, kw.pop("epochs"), desc="retrain", blame=f"retrain_lr={cfg.retrain_lr:g}", **kw)
     eps = 0.0 if step == "alg7-margin-only" else cfg.adv_epsilon
@@ -105,12 +107,14 @@ def retrained(cfg: Config, splits, base: nn.Module, rate: float, step: str,
 
     Used by chapters 04 and 05.
     """
+    from .pipeline import kind_of, runtime_of
+
     want = {k: v.shape for k, v in sizes.effective_state(base).items()}
 
     def compute():
         m = prune.clone(base)
         prune.global_unstructured(m, rate)
-        history = retrain_in_place(cfg, m, splits.train, step, progress)
+        history = retrain_in_place(cfg, m, splits.train, step, progress, runtime_of(cfg, base))
         return sizes.effective_state(m), {"history": history}
 
     def check(tensors, metrics):  # the state must fit the baseline's architecture exactly
@@ -120,7 +124,8 @@ def retrained(cfg: Config, splits, base: nn.Module, rate: float, step: str,
             raise KeyError("metrics lack history")
 
     step_cfg = dataclasses.replace(cfg, prune_rate=rate)
-    return artifacts.cached(step_cfg, f"retrained-{step}", step_fields(step), compute, check=check)
+    return artifacts.cached(step_cfg, f"retrained-{step}", step_fields(step), compute, check=check,
+                            kind=kind_of(cfg, base))
 
 
 class LazyStates(Mapping):

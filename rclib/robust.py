@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .accel import Runtime
 from .attacks import fgsm, pgd
 from .train import fit
 
@@ -147,7 +148,8 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
                         epochs: int = 1, lr: float = 0.005, momentum: float = 0.9,
                         weight_decay: float = 0.005, optimizer: str = "sgd", margin: float = 1.0,
                         on: str = "logits", seed: int = 0, progress: bool = True,
-                        blame: str | None = None, attack: str = "fgsm", pgd_steps: int = 7) -> list[dict[str, Any]]:
+                        blame: str | None = None, attack: str = "fgsm", pgd_steps: int = 7,
+                        runtime: Runtime | None = None) -> list[dict[str, Any]]:
     """Alg 7: retrain a (compressed) model in place on clean + FGSM examples with the margin loss.
 
     For every batch ``(x, y)``: ``x_adv = x + eps * sign(grad_x CE(h(x), y))`` (clamped to
@@ -181,6 +183,9 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
             budget. Its random starts come from a generator seeded with ``seed``, so runs repeat.
         pgd_steps: PGD steps per batch when ``attack="pgd"`` (>= 1; default 7, Madry et al.'s
             CIFAR-10 setting); each costs one more forward and backward pass per batch.
+        runtime: copies, layout and precision of :func:`rclib.train.fit`
+            (:class:`rclib.accel.Runtime`; default plain fp32). Under bf16 the loss of Alg 7
+            runs in bf16 autocast, while the FGSM/PGD input gradients stay fp32.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "ce", "mm"}``, the epoch means of the total
@@ -228,7 +233,7 @@ def adversarial_retrain(model: nn.Module, loader: DataLoader, eps: float, margin
     history = fit(model, loader, epochs, lr=lr, optimizer=optimizer, momentum=momentum,
                   weight_decay=weight_decay, seed=seed, loss_fn=loss_fn,
                   desc="Alg 7" if attack == "fgsm" else "Alg 7 with PGD", progress=progress,
-                  blame=blame or f"lr={lr:g} or margin_weight={margin_weight:g}")
+                  blame=blame or f"lr={lr:g} or margin_weight={margin_weight:g}", runtime=runtime)
     per_epoch = len(batches) // max(len(history), 1)
     for i, row in enumerate(history):
         chunk = batches[i * per_epoch:(i + 1) * per_epoch]

@@ -385,7 +385,12 @@ def set_weight_values(module: nn.Module, positions: np.ndarray, values: np.ndarr
     with torch.no_grad():
         idx = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(target.device)
         val = torch.from_numpy(np.ascontiguousarray(values)).to(target.device, target.dtype)
-        target.view(-1)[idx] = val
+        if target.is_contiguous():
+            target.view(-1)[idx] = val
+        else:  # channels_last (accel.prepare on CUDA): positions are in logical order, write through a copy
+            flat = target.flatten()
+            flat[idx] = val
+            target.copy_(flat.view(target.shape))
         if masked:
             setattr(module, name, target * getattr(module, f"{name}_mask"))
 

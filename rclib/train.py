@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .accel import Runtime, autocast, batch_to, to_device
+
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -59,7 +61,8 @@ class Diverged(ValueError):
 def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, optimizer: str = "adam",
         momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
         loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        desc: str = "train", progress: bool = True, blame: str | None = None) -> list[dict[str, float]]:
+        desc: str = "train", progress: bool = True, blame: str | None = None,
+        runtime: Runtime | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place with cross-entropy (or ``loss_fn``) for ``epochs`` epochs.
 
     Args:
@@ -73,6 +76,9 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
         desc, progress: the tqdm bar's label, and whether to show it.
         blame: the settings a diverging run points to, e.g. ``"lr=0.001"``; default the ``lr``
             argument. Named in the error so a reader knows which parameter to change.
+        runtime: copies, layout and precision of the batches (:class:`rclib.accel.Runtime`);
+            default plain fp32. The forward pass and the loss run under its autocast, the
+            backward pass outside it.
 
     Raises:
         Diverged: as soon as a batch's loss is not finite (NaN or infinite), so a diverged model
@@ -94,14 +100,15 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
         for batch, (x, y) in enumerate(loader, 1):
-            x, y = x.to(device), y.to(device)
+            x, y = batch_to(x, y, device, runtime, loader)
             opt.zero_grad(set_to_none=True)
-            if loss_fn is None:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                correct += (logits.argmax(1) == y).sum().item()
-            else:
-                loss = loss_fn(model, x, y)
+            with autocast(device, runtime):
+                if loss_fn is None:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                else:
+                    loss = loss_fn(model, x, y)
             loss.backward()
             mask_gradients(model)
             opt.step()
@@ -121,36 +128,47 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits for a tensor of inputs, in eval mode (the caller's mode is restored). (N, K)."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+            runtime: Runtime | None = None) -> torch.Tensor:
+    """Logits for a tensor of inputs, in eval mode (the caller's mode is restored). (N, K),
+    float32 on the CPU (also when ``runtime`` computes them in bf16)."""
     was_training = model.training
     model.eval()
     device = model_device(model)
-    out = torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    with autocast(device, runtime):
+        out = torch.cat([model(to_device(x[i:i + batch_size], device, runtime)).float().cpu()
+                         for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime | None = None) -> float:
     """Top-1 accuracy in [0, 1] over ``loader``, in eval mode (the caller's mode is restored).
+
+    ``runtime``: copies, layout and precision (:class:`rclib.accel.Runtime`; default plain fp32).
+    Correct predictions are counted on the device and read back once, so a GPU never waits for
+    the host between batches.
 
     Used by every chapter.
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
-    correct = total = 0
-    for x, y in loader:
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        total += len(y)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    with autocast(device, runtime):
+        for x, y in loader:
+            x, y = batch_to(x, y, device, runtime, loader)
+            correct += (model(x).argmax(1) == y).sum()
+            total += len(y)
     model.train(was_training)
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int | None = None,
-                          seed: int = 0) -> nn.Module:
+                          seed: int = 0, runtime: Runtime | None = None) -> nn.Module:
     """Re-estimate every BatchNorm's running mean and variance on ``loader``'s data (no weight
     changes).
 
@@ -160,7 +178,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int | N
     not matter, but which images share a batch does (each batch contributes its own variance):
     the pass draws its batches from ``loader.dataset`` with its own generator seeded by
     ``seed``, so the result never depends on how far another step had advanced ``loader``'s
-    shuffling. Returns ``model`` in its original mode. Used by chapter 01.
+    shuffling. ``runtime``: copies and layout (statistics are always accumulated in fp32: bf16
+    would round the running means). Returns ``model`` in its original mode. Used by chapter 01.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -175,11 +194,12 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int | N
         m.train()
     device = model_device(model)
     own = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
-                     generator=torch.Generator().manual_seed(seed), num_workers=loader.num_workers)
+                     generator=torch.Generator().manual_seed(seed), num_workers=loader.num_workers,
+                     pin_memory=loader.pin_memory)
     for i, (x, _) in enumerate(own):
         if batches is not None and i >= batches:
             break
-        model(x.to(device))
+        model(to_device(x, device, runtime, pinned=own.pin_memory))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.train(was_training)

@@ -299,11 +299,32 @@ def test_rows_with_check():
 
 # --- content keys -------------------------------------------------------------------------------
 
-def test_key_without_disk_content_is_the_config_digest(tmp_path):
+def test_key_without_disk_content_is_the_config_digest_and_compute_kind(tmp_path):
     cfg = config.load("smoke", data_dir=str(tmp_path))  # digits come with scikit-learn, not from disk
     (tmp_path / "anything.txt").write_text("x")
     assert artifacts.content_fingerprint(cfg, NAMES + ("data_dir", "weights")) == ""
-    assert artifacts.location(cfg, "s", NAMES).name == f"s-{cfg.digest(NAMES)}"
+    assert artifacts.location(cfg, "s", NAMES).name == f"s-{artifacts.key(cfg.digest(NAMES), 'cpu/fp32')}"
+
+
+def test_compute_kind_is_in_the_key():
+    cfg = config.load("smoke")
+    cpu = artifacts.location(cfg, "s", NAMES)
+    assert artifacts.location(cfg, "s", NAMES, kind="cpu/fp32") == cpu  # this machine has no GPU
+    gpu = artifacts.location(cfg, "s", NAMES, kind="cuda:NVIDIA H200/bf16/channels_last")
+    assert gpu != cpu and gpu.parent == cpu.parent
+    assert artifacts.location(cfg, "s", NAMES, kind="cuda:NVIDIA H200/fp32/channels_last") != gpu
+    assert artifacts.location(cfg, "s", NAMES, kind="cuda:NVIDIA A100-SXM4-40GB/bf16/channels_last") != gpu
+    assert artifacts.location(dataclasses.replace(cfg, precision="bf16"), "s", NAMES) != cpu
+
+
+def test_cached_results_of_other_devices_are_not_served():
+    cfg = config.load("smoke")
+    compute = Counter()
+    artifacts.cached(cfg, "s", NAMES, compute, kind="cuda:NVIDIA H200/bf16/channels_last")
+    _, _, hit = artifacts.cached(cfg, "s", NAMES, compute)
+    assert not hit and compute.calls == 2
+    manifest = json.loads((artifacts.location(cfg, "s", NAMES) / artifacts.MANIFEST).read_text())
+    assert manifest["info"]["compute"] == "cpu/fp32"
 
 
 def _unchecked(**changes) -> config.Config:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import pickle
 import struct
+import warnings
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset, TensorDataset
 
 from rclib import config, data
 
-from toys import image_folder
+from toys import ODD_MODES, image_folder, odd_mode_folder
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -110,7 +112,8 @@ def test_folder_dataset(tmp_path):
     assert s.num_classes == 3 and s.class_names == ["cat", "dog", "emu"]
     assert s.input_shape == (3, 32, 32)
     assert len(s.train.dataset) + len(s.test.dataset) == 12
-    assert len(s.test.dataset) == round(12 * cfg.test_fraction)
+    assert len(s.test.dataset) == 3  # round(4 * 0.2) = 1 of each class (stratified)
+    assert sorted(data.labels(s.test.dataset)) == [0, 1, 2]
     for loader in (s.train, s.test):
         x, y = data.as_tensors(loader.dataset)
         assert x.shape[1:] == (3, 32, 32)
@@ -253,3 +256,268 @@ def test_test_loader_uses_the_evaluation_batch_size():
     s = data.load(config.load("smoke", train_size=64, test_size=40, batch_size=16, eval_batch_size=32))
     assert s.train.batch_size == 16 and s.test.batch_size == 32
     assert [len(y) for _, y in s.test] == [32, 8]
+
+
+# ---------------------------------------------------------------- stratified folder split
+
+def _fake_folder(sizes: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Relative paths and labels as ImageFolder lists them (sorted by class, then path)."""
+    paths, labels = [], []
+    for c, (name, n) in enumerate(sorted(sizes.items())):
+        paths += [f"{name}/img{i:05d}.JPEG" for i in range(n)]
+        labels += [c] * n
+    return paths, labels
+
+
+def _members(groups: dict[int, list[int]], paths: list[str]) -> dict[str, set[str]]:
+    return {paths[g[0]].split("/")[0]: {paths[i] for i in g} for g in groups.values() if g}
+
+
+def test_stratified_split_per_class_counts_and_both_sides():
+    sizes = {"a": 50, "b": 50, "c": 2, "d": 1, "e": 7, "f": 3}
+    paths, labels = _fake_folder(sizes)
+    train, test = data.stratified_split(paths, labels, 0.2, seed=0)
+    counts = {name: len(test[c]) for c, name in enumerate(sorted(sizes))}
+    assert counts == {"a": 10, "b": 10, "c": 1, "d": 0, "e": 1, "f": 1}
+    for c, name in enumerate(sorted(sizes)):
+        assert len(train[c]) + len(test[c]) == sizes[name]
+        assert {labels[i] for i in train[c] + test[c]} == {c}
+        if sizes[name] >= 2:
+            assert train[c] and test[c]
+    every = [i for g in (*train.values(), *test.values()) for i in g]
+    assert sorted(every) == list(range(len(paths)))
+    assert sum(counts.values()) == data.split_test_count(list(sizes.values()), 0.2)
+
+
+def test_paper_split_is_10k_of_50k_with_10_per_class():
+    paths, labels = _fake_folder({f"n{c:08d}": 50 for c in range(1000)})
+    train, test = data.stratified_split(paths, labels, 0.2, seed=0)
+    assert {len(g) for g in test.values()} == {10} and {len(g) for g in train.values()} == {40}
+    assert data.split_test_count([50] * 1000, 0.2) == 10_000
+
+
+def test_stratified_split_is_seeded_and_keeps_other_classes_when_one_changes():
+    sizes = {"a": 20, "b": 20, "c": 20}
+    paths, labels = _fake_folder(sizes)
+    train, test = data.stratified_split(paths, labels, 0.25, seed=5)
+    again = data.stratified_split(paths, labels, 0.25, seed=5)
+    assert (train, test) == again
+    assert data.stratified_split(paths, labels, 0.25, seed=6)[1] != test
+    before = _members(test, paths)
+    # class b loses 7 images and gains 3; a and c must keep exactly their test images
+    changed = {"a": 20, "b": 16, "c": 20}
+    paths2, labels2 = _fake_folder(changed)
+    paths2 = [p.replace("b/img0001", "b/new0001") for p in paths2]
+    after = _members(data.stratified_split(paths2, labels2, 0.25, seed=5)[1], paths2)
+    assert after["a"] == before["a"] and after["c"] == before["c"]
+
+
+def test_take_round_robin_covers_classes_first():
+    groups = {0: [0, 1, 2, 3], 1: [10, 11], 2: [20, 21, 22]}
+    names = ["x", "y", "z"]
+    three = data.take_round_robin(groups, 3, 0, names)
+    assert sorted(three) == [0, 10, 20]
+    five = data.take_round_robin(groups, 5, 0, names)
+    assert five[:3] == three and sorted(five[3:]) in ([1, 11], [1, 21], [11, 21])
+    assert sorted(data.take_round_robin(groups, 0, 0, names)) == sorted(sum(groups.values(), []))
+    assert sorted(data.take_round_robin(groups, 99, 0, names)) == sorted(sum(groups.values(), []))
+    # the class order hangs on class names: adding a class keeps the others' relative order
+    more = data.take_round_robin({**groups, 3: [30]}, 4, 0, names + ["w"])
+    assert [i for i in more if i < 30] == three
+
+
+def test_folder_limits_are_stratified(tmp_path):
+    root = image_folder(tmp_path / "imgs", ["a", "b", "c"], 10, size=(12, 12))
+    s = data.load(config.load("smoke", dataset="folder", data_dir=str(root), image_size=8,
+                              train_size=7, test_size=3, local_examples=1))
+    assert sorted(data.labels(s.test.dataset)) == [0, 1, 2]
+    assert sorted(Counter(data.labels(s.train.dataset)).values()) == [2, 2, 3]
+
+
+def test_checks_size_the_stratified_split_without_reading_it(tmp_path):
+    from rclib import checks
+
+    root = image_folder(tmp_path / "imgs", ["a", "b", "c"], 4, size=(12, 12))
+    for i in range(4, 7):  # class c gets 7 images: 1 + 1 + 1 test images at 0.2
+        Image.new("RGB", (12, 12), (0, 0, i)).save(root / "c" / f"more{i}.png")
+    cfg = config.load("smoke", dataset="folder", data_dir=str(root), image_size=8, train_size=0, test_size=0,
+                      local_examples=1)
+    shape = checks.dataset_shape(cfg)
+    s = data.load(cfg)
+    assert (shape.n_train, shape.n_test) == (len(s.train.dataset), len(s.test.dataset)) == (12, 3)
+    with pytest.raises(ValueError, match="test_size=4"):
+        config.load("smoke", dataset="folder", data_dir=str(root), image_size=8, train_size=0, test_size=4,
+                    local_examples=1)
+
+
+# ---------------------------------------------------------------- image modes
+
+def test_images_of_every_mode_load_as_rgb(tmp_path):
+    root = odd_mode_folder(tmp_path / "modes")
+    s = data.load(config.load("smoke", dataset="folder", data_dir=str(root), image_size=12, train_size=0,
+                              test_size=0, local_examples=1, test_fraction=0.5))
+    full = s.train.dataset.dataset
+    assert len(full) == 2 * len(ODD_MODES)
+    for i, (path, _) in enumerate(full.samples):
+        img = data.rgb_loader(path)
+        assert img.mode == "RGB"
+        x = full[i][0]
+        assert x.shape == (3, 12, 12) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        if "I_16" in path:  # 16-bit gray is scaled to 8 bits, not clipped to white
+            gray = np.asarray(img)[..., 0].astype(int)
+            with Image.open(path) as raw:
+                want = (np.asarray(raw).astype(int) * 255 + 32767) // 65535
+            assert np.array_equal(gray, want) and gray.min() == 0 and (gray < 128).mean() > 0.4
+        elif "_L." in path:
+            with Image.open(path) as raw:
+                assert np.array_equal(np.asarray(img)[..., 1], np.asarray(raw))
+
+
+# ---------------------------------------------------------------- spread_sample
+
+def test_spread_sample_covers_classes_and_is_seeded(tiny_cfg):
+    s = data.load(config.load("smoke", train_size=0, test_size=0))
+    x, y = data.spread_sample(s.test, 10, seed=0)
+    assert x.shape == (10, 1, 8, 8) and sorted(y.tolist()) == list(range(10))
+    x25, y25 = data.spread_sample(s.test.dataset, 25, seed=0)
+    assert torch.equal(x25[:10], x) and torch.equal(y25[:10], y)  # a prefix of a larger sample
+    counts = Counter(y25.tolist()).values()
+    assert max(counts) - min(counts) <= 1
+    xa, ya = data.as_tensors(s.test.dataset)
+    assert _rows(x25) <= _rows(xa) and len(_rows(x25)) == 25
+    for xi, yi in zip(x25, y25):  # each example keeps its own label
+        assert ya[(xa == xi).flatten(1).all(1)].tolist() == [yi.item()]
+    assert not torch.equal(data.spread_sample(s.test, 25, seed=1)[0], x25)
+    assert torch.equal(data.spread_sample(s.test, 25, seed=0)[0], x25)
+
+
+def test_spread_sample_takes_all_when_asked_for_more_and_refuses_bad_n(tiny_cfg):
+    s = data.load(tiny_cfg)
+    x, y = data.spread_sample(s.test, 10_000, seed=0)
+    assert len(y) == len(s.test.dataset) and sorted(y.tolist()) == sorted(data.labels(s.test.dataset))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"n={bad!r}"):
+            data.spread_sample(s.test, bad, seed=0)
+
+
+def test_spread_sample_of_a_folder_reads_labels_without_decoding(tmp_path):
+    root = image_folder(tmp_path / "imgs", ["a", "b", "c"], 6, size=(12, 12))
+    s = data.load(config.load("smoke", dataset="folder", data_dir=str(root), image_size=8, train_size=0,
+                              test_size=0, local_examples=1, test_fraction=0.5, decoded_cache=False))
+    x, y = data.spread_sample(s.test, 4, seed=0)
+    assert x.shape == (4, 3, 8, 8) and set(y[:3].tolist()) == {0, 1, 2}
+    red = (x[:, 0].mean(dim=(1, 2)) * 255).round()
+    assert torch.equal(red, (60 * y + 20).float())
+
+
+# ---------------------------------------------------------------- decoded cache
+
+def _folder_cfg(root, **changes):
+    base = dict(dataset="imagenet", data_dir=str(root), image_size=16, train_size=0, test_size=0,
+                local_examples=1, test_fraction=0.5)
+    return config.load("smoke", **{**base, **changes})
+
+
+def test_decoded_cache_is_bit_identical_to_decoding(tmp_path, monkeypatch):
+    from rclib import decoded
+
+    root = odd_mode_folder(tmp_path / "modes", size=(40, 30))
+    plain = data.load(_folder_cfg(root, decoded_cache=False))
+    built = data.load(_folder_cfg(root))
+    assert isinstance(built.test.dataset, decoded.DecodedImages)
+    assert isinstance(built.train.dataset, Subset)  # only the test set is cached
+    monkeypatch.setattr(decoded, "_build", lambda *a: pytest.fail("the cache was not used"))
+    read = data.load(_folder_cfg(root))
+    want_x, want_y = data.as_tensors(plain.test.dataset)
+    for s in (built, read):
+        x, y = data.as_tensors(s.test.dataset)
+        assert x.dtype == torch.float32 and torch.equal(x, want_x) and torch.equal(y, want_y)
+        assert s.test.dataset.indices == plain.test.dataset.indices
+        assert s.test.num_workers == 0  # in memory already: no worker processes
+    files = list((tmp_path / "artifacts" / decoded.FOLDER).iterdir())
+    assert len(files) == 1
+    images = read.test.dataset.images
+    assert images.dtype == torch.uint8 and images.shape == (len(want_y), 3, 16, 16)
+
+
+def test_decoded_cache_key_follows_folder_size_and_split(tmp_path):
+    from rclib import decoded
+
+    root = image_folder(tmp_path / "imgs", ["a", "b"], 6, size=(20, 20))
+    data.load(_folder_cfg(root))
+    data.load(_folder_cfg(root, image_size=12))
+    data.load(_folder_cfg(root, seed=1))
+    data.load(_folder_cfg(root))  # a hit: nothing new
+    folder = tmp_path / "artifacts" / decoded.FOLDER
+    assert len(list(folder.iterdir())) == 3
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(root / "a" / "extra.png")
+    data.load(_folder_cfg(root))
+    assert len(list(folder.iterdir())) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "labels"])
+def test_damaged_or_unusable_decoded_cache_warns_and_is_rebuilt(tmp_path, damage):
+    from safetensors.torch import load_file
+
+    from rclib import artifacts, decoded
+
+    root = image_folder(tmp_path / "imgs", ["a", "b"], 6, size=(20, 20))
+    first = data.load(_folder_cfg(root))
+    want = data.as_tensors(first.test.dataset)
+    path = next((tmp_path / "artifacts" / decoded.FOLDER).iterdir())
+    if damage == "truncate":
+        (path / artifacts.WEIGHTS).write_bytes((path / artifacts.WEIGHTS).read_bytes()[:100])
+        match = "ignoring damaged artifact"
+    else:  # a consistent artifact (checksums fine) holding the wrong labels
+        tensors = load_file(str(path / artifacts.WEIGHTS))
+        artifacts.discard(path)
+        artifacts.save(path, {**tensors, "labels": 1 - tensors["labels"]}, {"n": 0})
+        match = "ignoring unusable decoded cache"
+    with pytest.warns(UserWarning, match=match):
+        again = data.load(_folder_cfg(root))
+    got = data.as_tensors(again.test.dataset)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.load(_folder_cfg(root))  # rebuilt and intact
+
+
+# ---------------------------------------------------------------- loader options
+
+def test_loader_options_follow_the_device_and_workers():
+    cfg = config.load("smoke", num_workers=2)
+    assert data.loader_options(cfg, "cpu") == dict(num_workers=2, pin_memory=False, persistent_workers=True)
+    assert data.loader_options(cfg, "cuda")["pin_memory"] is True
+    assert data.loader_options(config.load("smoke", num_workers=2, pin_memory=False), "cuda")["pin_memory"] is False
+    assert data.loader_options(config.load("smoke"), "cuda")["persistent_workers"] is False  # no workers
+    digits = TensorDataset(torch.zeros(2, 1, 8, 8), torch.zeros(2))
+    assert data.loader_options(cfg, "cuda", Subset(digits, [0]))["num_workers"] == 0
+    s = data.load(cfg)  # no device given: the config's (the CPU here)
+    assert not s.train.pin_memory and s.train.num_workers == 0  # digits are in memory
+    pinned = data.load(cfg, device="cuda")
+    assert pinned.train.pin_memory and pinned.test.pin_memory
+
+
+def test_folder_loader_with_persistent_workers(tmp_path):
+    root = image_folder(tmp_path / "imgs", ["a", "b"], 4, size=(12, 12))
+    s = data.load(_folder_cfg(root, image_size=8, num_workers=1, decoded_cache=False))
+    assert s.train.num_workers == 1 and s.train.persistent_workers and not s.train.pin_memory
+    assert sum(len(y) for _, y in s.train) == len(s.train.dataset)
+
+
+def test_decoded_images_batch_and_item_agree_with_to_tensor():
+    from torchvision.transforms.functional import to_tensor
+
+    from rclib import decoded
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 4, 6), dtype=torch.uint8, generator=g)
+    ds = decoded.DecodedImages(images, torch.tensor([3, 1, 4, 1, 5]))
+    for i in range(5):
+        x, y = ds[i]
+        assert torch.equal(x, to_tensor(Image.fromarray(images[i].permute(1, 2, 0).numpy())))
+        assert isinstance(y, int) and y == [3, 1, 4, 1, 5][i]
+    batch = ds.__getitems__([4, 0, 2])
+    assert all(torch.equal(bx, ds[i][0]) and by == ds[i][1] for (bx, by), i in zip(batch, [4, 0, 2]))
+    with pytest.raises(ValueError, match="uint8"):
+        decoded.DecodedImages(images.float(), torch.zeros(5))

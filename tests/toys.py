@@ -63,3 +63,30 @@ def ilsvrc_folder(root: Path, classes: int = 10, per_class: int = 12, size=(48, 
             suffix = "png" if mode in ("RGBA", "P") else "JPEG"
             img.save(root / wnid / f"ILSVRC2012_val_{c * per_class + i + 1:08d}.{suffix}")
     return root
+
+
+ODD_MODES = ("L", "1", "LA", "P", "RGBA", "CMYK", "I;16")  # what real folders hold besides RGB
+
+
+def odd_mode_folder(root: Path, size=(20, 14)) -> Path:
+    """An ImageFolder with one image per mode of ``ODD_MODES`` in each of two classes (CMYK as
+    JPEG, the way ImageNet's few CMYK images come; the rest as PNG); every image is a gradient,
+    so a wrong channel order or scale shows."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    ramp = (np.arange(size[0] * size[1]).reshape(size[1], size[0]) * 255 // (size[0] * size[1] - 1))
+    rgb = Image.fromarray(np.stack([ramp, ramp[::-1], np.full_like(ramp, 90)], -1).astype(np.uint8))
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        for i, mode in enumerate(ODD_MODES):
+            if mode == "I;16":
+                img = Image.fromarray((ramp * 257).astype(np.uint16))  # 16-bit grayscale
+            elif mode == "P":
+                img = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+            else:
+                img = rgb.convert(mode)
+            ext = "jpg" if mode == "CMYK" else "png"
+            img.save(root / name / f"{i}_{mode.replace(';', '_')}.{ext}")
+    return root
