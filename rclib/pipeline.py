@@ -258,8 +258,10 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
     Each row has clean and FGSM (``cfg.epsilon``) test accuracy, the paper's approximate size
     (weight-shared formula for the WS row) and the bytes of our compressed file. The retrained
-    models are :func:`rclib.retrain.retrained`'s cached steps; they are evaluated one at a time
-    with their masks folded in, so at most two models (``base`` and one variant) exist at once.
+    models are :func:`rclib.retrain.retrained`'s cached steps and their accuracies
+    :func:`rclib.retrain.evaluated`'s (the same counts ``train.evaluate`` and ``robust_accuracy``
+    give, or those ``python -m rclib evaluate`` wrote under torchrun); they are loaded one at a
+    time with their masks folded in, so at most two models (``base`` and one variant) exist at once.
 
     Returns:
         ``(rows, states, cached)``; ``states`` maps every variant's name to its effective state
@@ -295,11 +297,15 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     def compute():
         rows = []
         for name in tqdm(names, desc=f"Table 1 at r={rate:g}", disable=not progress):
+            if name in retrain.STEP_OF:  # a retrained model's evaluation is its own cached step
+                counts = retrain.evaluated(cfg, splits, base, rate, retrain.STEP_OF[name])[1]
+                acc = {k: counts[k]["correct"] / max(counts[k]["n"], 1) for k in ("clean", "fgsm")}
             m = base if name == "Baseline" else model_of(name)
+            if name not in retrain.STEP_OF:
+                acc = dict(clean=train.evaluate(m, splits.test, runtime=rt),
+                           fgsm=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon, runtime=rt))
             rows.append(dict(
-                variant=name, seed=cfg.seed, rate=rate,
-                accuracy=train.evaluate(m, splits.test, runtime=rt),
-                robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon, runtime=rt),
+                variant=name, seed=cfg.seed, rate=rate, accuracy=acc["clean"], robust_accuracy=acc["fgsm"],
                 approx_mb=share.shared_size_mb(m, share_bits(cfg)) if name.endswith(" + WS") else sizes.approx_size_mb(m),
                 file_bytes=sizes.size_report(m)["file_bytes"]))
             del m

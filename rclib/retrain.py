@@ -88,6 +88,39 @@ def retrain_in_place(cfg: Config, model: nn.Module, loader, step: str, progress:
                                       blame=f"retrain_lr={cfg.retrain_lr:g} or margin_weight={weight:g}", **pgd, **kw)
 
 
+def artifact(cfg: Config, rate: float, step: str, base: nn.Module) -> dict[str, Any]:
+    """The key under which ``step``'s model at ``rate``, retrained from ``base`` on ``base``'s
+    device, is cached: ``artifacts.cached(**key, ...)`` and ``artifacts.location(**key)`` take it.
+    One definition for the chapters and for ``python -m rclib retrain`` (one process or many),
+    so both find the same artifact."""
+    from .pipeline import kind_of
+
+    check_step(step)
+    return dict(cfg=dataclasses.replace(cfg, prune_rate=rate), step=f"retrained-{step}", names=step_fields(step),
+                kind=kind_of(cfg, base))
+
+
+def state_check(base: nn.Module, step: str) -> Callable[[dict | None, dict], None]:
+    """The ``check`` of a step's artifact: its tensors fit ``base``'s architecture exactly (names
+    and shapes) and its metrics hold a history; raises ``RuntimeError`` or ``KeyError`` otherwise."""
+    want = {k: v.shape for k, v in sizes.effective_state(base).items()}
+
+    def check(tensors, metrics):
+        if tensors is None or {k: v.shape for k, v in tensors.items()} != want:
+            raise RuntimeError(f"the {step!r} tensors do not fit the model (names or shapes)")
+        if "history" not in metrics:
+            raise KeyError("metrics lack history")
+    return check
+
+
+def pruned_copy(base: nn.Module, rate: float) -> nn.Module:
+    """A copy of ``base`` globally pruned (Alg 1) at ``rate``, masks attached: where every step
+    starts. Deterministic, so every process of a distributed run computes the same masks."""
+    m = prune.clone(base)
+    prune.global_unstructured(m, rate)
+    return m
+
+
 def retrained(cfg: Config, splits, base: nn.Module, rate: float, step: str,
               progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
     """One Table 1 model: ``base`` globally pruned at ``rate`` and retrained by ``step`` (cached).
@@ -102,30 +135,90 @@ def retrained(cfg: Config, splits, base: nn.Module, rate: float, step: str,
     Returns:
         ``(state, metrics, cached)``: the effective state dict on the host (masks folded in, so
         pruned weights are stored as exact zeros; load it with ``strict=True`` into a model built
-        like ``base``), ``{"history": [...]}`` and whether it came from disk. Only one retrained
-        copy of ``base`` exists at a time, and it is gone when this returns.
+        like ``base``), ``{"history": [...], "world_size": 1}`` and whether it came from disk.
+        Only one retrained copy of ``base`` exists at a time, and it is gone when this returns.
+        ``python -m rclib retrain`` under torchrun writes the same artifact with
+        ``world_size`` processes (:mod:`rclib.distributed`).
 
-    Used by chapters 04 and 05.
+    Used by chapters 04 and 05, and by ``python -m rclib retrain`` in one process.
     """
-    from .pipeline import kind_of, runtime_of
-
-    want = {k: v.shape for k, v in sizes.effective_state(base).items()}
+    from .pipeline import runtime_of
 
     def compute():
-        m = prune.clone(base)
-        prune.global_unstructured(m, rate)
+        m = pruned_copy(base, rate)
         history = retrain_in_place(cfg, m, splits.train, step, progress, runtime_of(cfg, base))
-        return sizes.effective_state(m), {"history": history}
+        return sizes.effective_state(m), {"history": history, "world_size": 1}
 
-    def check(tensors, metrics):  # the state must fit the baseline's architecture exactly
-        if tensors is None or {k: v.shape for k, v in tensors.items()} != want:
-            raise RuntimeError(f"the {step!r} tensors do not fit the model (names or shapes)")
-        if "history" not in metrics:
-            raise KeyError("metrics lack history")
+    return artifacts.cached(**artifact(cfg, rate, step, base), compute=compute, check=state_check(base, step))
 
-    step_cfg = dataclasses.replace(cfg, prune_rate=rate)
-    return artifacts.cached(step_cfg, f"retrained-{step}", step_fields(step), compute, check=check,
-                            kind=kind_of(cfg, base))
+
+EVAL_ATTACKS = ("clean", "fgsm", "pgd")
+EVAL_PGD_STEPS = 10  # PGD-10 with a random start, chapter 05's cheap white-box attack
+
+
+def evaluation_artifact(cfg: Config, rate: float, step: str, base: nn.Module) -> dict[str, Any]:
+    """The key of the robust evaluation of ``step``'s model (see :func:`evaluated`): that of
+    :func:`artifact` with ``epsilon`` added to the fields."""
+    key = artifact(cfg, rate, step, base)
+    return dict(key, step=f"evaluated-{step}", names=key["names"] + ("epsilon",))
+
+
+def outcomes(model: nn.Module, loader, eps: float, seed: int,
+             runtime: accel.Runtime | None = None) -> dict[str, torch.Tensor]:
+    """Per-example outcomes (bool, loader order, True where still correct) of ``model`` on
+    ``loader``: clean, FGSM at ``eps`` and PGD-10 at ``eps`` whose random starts come from a
+    generator seeded with ``seed``; ``runtime`` as in :func:`rclib.attacks.robust_correct`.
+    Used by :func:`evaluated` and ``rclib.distributed``."""
+    from . import attacks
+
+    device = next(model.parameters()).device
+    return {"clean": attacks.robust_correct(model, loader, attacks.fgsm, 0.0, runtime=runtime),
+            "fgsm": attacks.robust_correct(model, loader, attacks.fgsm, eps, runtime=runtime),
+            "pgd": attacks.robust_correct(model, loader, attacks.pgd, eps, runtime=runtime, steps=EVAL_PGD_STEPS,
+                                          generator=torch.Generator(device=device).manual_seed(seed))}
+
+
+def counts(found: dict[str, torch.Tensor], eps: float, world_size: int = 1) -> dict[str, Any]:
+    """The metrics of an evaluation: for each attack ``{"correct", "n"}`` (counts, so results of
+    several processes add up exactly), plus ``epsilon``, ``pgd_steps`` and ``world_size``."""
+    out: dict[str, Any] = {k: {"correct": int(found[k].sum()), "n": len(found[k])} for k in EVAL_ATTACKS}
+    return dict(out, epsilon=eps, pgd_steps=EVAL_PGD_STEPS, world_size=world_size)
+
+
+def evaluation_check(tensors, metrics) -> None:
+    """The ``check`` of an evaluation artifact: counts and per-example outcomes of every attack."""
+    for k in EVAL_ATTACKS:
+        if not {"correct", "n"} <= set(metrics[k]) or tensors is None or len(tensors[k]) != metrics[k]["n"]:
+            raise KeyError(f"the evaluation lacks counts or outcomes of {k!r}")
+
+
+def evaluated(cfg: Config, splits, base: nn.Module, rate: float, step: str,
+              progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """Clean, FGSM and PGD-10 test accuracy of ``step``'s model at ``rate`` (cached).
+
+    All at ``cfg.epsilon`` on ``splits.test``; PGD's random starts are seeded with ``cfg.seed``.
+
+    Returns:
+        ``(outcomes, metrics, cached)``: per-example outcomes as uint8 tensors (test order, 1 =
+        still correct), :func:`counts` and whether it came from disk. ``python -m rclib
+        evaluate`` under torchrun writes the same artifact from N shards of the test set.
+
+    Used by chapter 04 (``pipeline.robust_table``'s accuracy columns of the retrained rows) and
+    by ``python -m rclib evaluate`` in one process.
+    """
+    from .pipeline import new_model, runtime_of
+
+    rt = runtime_of(cfg, base)
+
+    def compute():
+        state, _, _ = retrained(cfg, splits, base, rate, step, progress)
+        m = new_model(cfg, splits)
+        m.load_state_dict(state, strict=True)
+        m = accel.prepare(m.to(next(base.parameters()).device), rt).eval()
+        found = outcomes(m, splits.test, cfg.epsilon, cfg.seed, rt)
+        return {k: v.to(torch.uint8) for k, v in found.items()}, counts(found, cfg.epsilon)
+
+    return artifacts.cached(**evaluation_artifact(cfg, rate, step, base), compute=compute, check=evaluation_check)
 
 
 class LazyStates(Mapping):
