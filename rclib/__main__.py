@@ -3,12 +3,20 @@
     python -m rclib book [--profile P] [-p NAME VALUE ...] [--timeout S] [--no-build]
     python -m rclib run notebooks/00_baseline.ipynb [--profile P] [-p NAME VALUE ...] [-o OUT]
     python -m rclib build            # render what was executed last, without re-running
+    python -m rclib retrain  --step STEP [STEP ...] [--rate R ...] [--all-seeds] [--profile P] [-p NAME VALUE ...]
+    python -m rclib evaluate --step STEP [STEP ...] [--rate R ...] [--all-seeds] [--profile P] [-p NAME VALUE ...]
+    torchrun --nproc_per_node=N -m rclib retrain ...   # the same on N processes (rclib.distributed)
 
 Why papermill first and not Jupyter Book's own execution: its cache runs notebooks in file-name
 order, reports a failing notebook only as a warning, and cannot see changed artifacts. Here each
 chapter listed in ``_toc.yml`` runs in toc order into ``_build/src/`` (a copy of the book
 sources), a failure stops everything with the notebook and cell named, and then
 ``jupyter-book build -W -n --keep-going`` renders those executed copies into ``_build/html``.
+
+``retrain`` and ``evaluate`` compute Table 1's retrained models and their clean / FGSM / PGD-10
+test counts as the cached artifacts chapters 04 and 05 read (``rclib.retrain``), in this process
+or, launched by torchrun, on N processes with DistributedDataParallel (``rclib.distributed``);
+a book built afterwards finds them and does not recompute them.
 
 Used by ``make book``, the README and the notebook smoke tests.
 """
@@ -175,6 +183,38 @@ def _environment() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+STEP_COMMANDS = ("retrain", "evaluate")
+
+
+def step_command(args: argparse.Namespace) -> int:
+    """``retrain`` / ``evaluate``: check the config, the steps and the rates (exit 2, before any
+    process group or training starts), then run them (``rclib.distributed.run``)."""
+    overrides = {k: parse_value(v) for k, v in args.parameter}
+    try:
+        cfg = config.load(args.profile, **overrides)
+        from . import retrain
+
+        for step in args.step:
+            retrain.check_step(step)
+        rates = args.rate or [cfg.prune_rate]
+        for r in rates:
+            if not 0 < r < 1:
+                raise ValueError(f"--rate {r!r} is not allowed: a prune rate in (0, 1)")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout {args.timeout!r} is not allowed: a number of seconds > 0")
+    except ValueError as err:
+        print(f"FAILED before running anything: {err}", file=sys.stderr)
+        return 2
+    from . import distributed
+
+    started = time.perf_counter()
+    distributed.run(args.command, cfg, list(args.step), rates, list(cfg.seeds) if args.all_seeds else [cfg.seed],
+                    timeout_s=args.timeout, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.command} done in {time.perf_counter() - started:.1f} s", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rclib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,9 +236,26 @@ def main(argv: list[str] | None = None) -> int:
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=None,
                        help="folder that receives _build/ (default: the project root)")
+    for name in STEP_COMMANDS:
+        p = sub.add_parser(name, help="retrain Table 1 models (cached artifacts); torchrun can launch it"
+                           if name == "retrain" else "clean, FGSM and PGD-10 test counts of retrained models (cached)")
+        p.add_argument("--step", nargs="+", required=True, metavar="STEP",
+                       help="clean, alg7, alg7-no-margin, alg7-margin-only, alg7-pgd (rclib.retrain.STEPS)")
+        p.add_argument("--rate", nargs="+", type=float, default=None, metavar="R",
+                       help="global prune rates (default: the config's prune_rate)")
+        p.add_argument("--all-seeds", action="store_true",
+                       help="every seed of the config's seeds, as chapters 04 and 05 use them (default: seed)")
+        p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
+        p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                       help="override a Config field; checked before anything runs")
+        p.add_argument("--timeout", type=float, default=1800,
+                       help="seconds a process waits for the others at a barrier or collective (default 1800)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     _environment()
+    if args.command in STEP_COMMANDS:
+        return step_command(args)
     root = project_root()
     out = (args.out or root).resolve()
     if args.command == "build":

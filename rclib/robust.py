@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .accel import Runtime
 from .attacks import fgsm, pgd
+from .distributed import unwrap
 from .train import fit
 
 MARGIN_SPACES = ("logits", "probs")
@@ -101,7 +102,9 @@ def adversarial_margin_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     Clean and adversarial inputs are then concatenated into one batch of 2B, labels ``[y; y]``,
     and passed through the model in the caller's mode (train mode during ``fit``, so BatchNorm
     normalises clean and adversarial examples with shared batch statistics, as in the paper).
-    Both terms are batch means over the 2B examples.
+    Both terms are batch means over the 2B examples. A model wrapped in
+    ``DistributedDataParallel`` crafts ``x_adv`` with its inner module (an input gradient must
+    not touch DDP's gradient reducer), and trains through the wrapper.
 
     With ``eps = 0`` the adversarial half would duplicate the clean half; the forward pass then
     uses ``x`` once, which gives the same loss value and the same gradients (BatchNorm's batch
@@ -128,10 +131,11 @@ def adversarial_margin_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
     Used by chapter 04 through :func:`adversarial_retrain`.
     """
+    plain = unwrap(model)  # input gradients bypass DistributedDataParallel: no gradient sync, no hooks
     if attack == "pgd":
-        x_adv = pgd(model, x, y, eps, steps=pgd_steps, generator=generator)
+        x_adv = pgd(plain, x, y, eps, steps=pgd_steps, generator=generator)
     else:
-        x_adv = fgsm(model, x, y, eps)
+        x_adv = fgsm(plain, x, y, eps)
     if eps == 0:
         xs, ys = x, y
     else:

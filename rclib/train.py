@@ -67,7 +67,8 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
 
     Args:
         model: any classifier; its device is used for the batches.
-        loader: yields ``(x, y)``, x (B, C, H, W), y (B,).
+        loader: yields ``(x, y)``, x (B, C, H, W), y (B,). A loader whose sampler has
+            ``set_epoch`` (a ``DistributedSampler``, see :mod:`rclib.distributed`) gets each epoch's number.
         epochs: full passes over ``loader`` (0 does nothing).
         lr, optimizer ("adam" | "sgd"), momentum, weight_decay: the optimiser.
         seed: reseeds torch and the loader's shuffling first, so equal seeds give equal runs.
@@ -97,6 +98,8 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, opt
     was_training = model.training
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # a DistributedSampler reshuffles per epoch
+            loader.sampler.set_epoch(epoch)
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
         for batch, (x, y) in enumerate(loader, 1):
