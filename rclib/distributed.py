@@ -53,6 +53,7 @@ import hashlib
 import inspect
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -413,7 +414,8 @@ def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: 
         env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """``python -m rclib retrain|evaluate``: every step at every rate for every seed, on the
     processes torchrun started (or this one). Returns one row per (seed, rate, step) with the
-    evaluation counts for ``evaluate``; rank 0 prints them. Used by ``rclib.__main__``."""
+    evaluation counts for ``evaluate`` and the step's seconds; rank 0 prints them. Used by
+    ``rclib.__main__``."""
     from . import config, data, retrain
 
     if command not in COMMANDS:
@@ -429,14 +431,17 @@ def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: 
             base = baseline(ctx, cfg_s, splits, progress and ctx.rank == 0)
             for rate in rates:
                 for step in steps:
+                    started = time.perf_counter()
                     row = dict(seed=seed, rate=rate, step=step)
                     if command == "retrain":
                         retrained(ctx, cfg_s, splits, base, rate, step, progress)
                     else:
                         row.update(evaluated(ctx, cfg_s, splits, base, rate, step, progress))
-                        if ctx.rank == 0:
-                            print("  " + "  ".join(f"{k} {row[k]['correct']}/{row[k]['n']}"
-                                                   for k in retrain.EVAL_ATTACKS), flush=True)
+                    row["seconds"] = time.perf_counter() - started
+                    if ctx.rank == 0:
+                        counts = "".join(f"  {k} {row[k]['correct']}/{row[k]['n']}" for k in retrain.EVAL_ATTACKS
+                                         if k in row)
+                        print(f"  {step} r={rate:g} seed {seed}: {row['seconds']:.1f} s{counts}", flush=True)
                     rows.append(row)
     sys.stdout.flush()
     return rows
