@@ -97,7 +97,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def context(env: Mapping[str, str], device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Context:
     """The :class:`Context` torchrun's environment describes (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``; rank 0 of 1 when they are absent) on ``device`` (``cfg.device``: with
-    CUDA and several processes, ``cuda:LOCAL_RANK``). Raises ValueError naming a bad variable."""
+    CUDA and several processes, ``cuda:LOCAL_RANK``). Raises ValueError naming a bad variable.
+    Used by :func:`run`."""
     values = {}
     for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
         text = env.get(name, str(default))
@@ -123,7 +124,8 @@ def context(env: Mapping[str, str], device: str = "auto", timeout_s: float = DEF
 def process_group(ctx: Context) -> Iterator[Context]:
     """Join torchrun's process group for the duration (nothing to do for one process). On
     success every rank passes a last barrier and leaves the group; on an error the group is left
-    as it is (torchrun stops the other ranks; tearing down NCCL after a failure can block)."""
+    as it is (torchrun stops the other ranks; tearing down NCCL after a failure can block).
+    Used by :func:`run`."""
     if ctx.world == 1:
         yield ctx
         return
@@ -141,7 +143,8 @@ def say(ctx: Context, message: str) -> None:
     print(f"[rank {ctx.rank}/{ctx.world}] {message}", flush=True)
 
 
-# ---- collectives (each takes the context explicitly; the process group is torch's own state) ----
+# ---- collectives, used by the steps below (each takes the context explicitly; the process
+# group is torch's own state) ----
 
 def _comm(ctx: Context) -> str:
     return ctx.device if ctx.backend == "nccl" else "cpu"  # NCCL moves only GPU tensors
@@ -237,7 +240,8 @@ def _loader_like(loader: DataLoader, batch_size: int, sampler: DistributedSample
 
 def train_shard(ctx: Context, loader: DataLoader, seed: int) -> DataLoader:
     """This rank's training loader: ``loader``'s dataset through a shuffling ``DistributedSampler``
-    (seed ``seed``; ``train.fit`` calls ``set_epoch``), ``loader.batch_size // N`` per batch."""
+    (seed ``seed``; ``train.fit`` calls ``set_epoch``), ``loader.batch_size // N`` per batch.
+    Used by :func:`retrained` (``python -m rclib retrain``)."""
     if loader.batch_size < ctx.world:
         raise ValueError(f"batch_size={loader.batch_size} is not allowed with {ctx.world} processes: "
                          f"at least one example per process and batch")
@@ -248,7 +252,7 @@ def train_shard(ctx: Context, loader: DataLoader, seed: int) -> DataLoader:
 def test_shard(ctx: Context, loader: DataLoader) -> tuple[DataLoader, int]:
     """This rank's evaluation loader (``DistributedSampler`` in order: images r, r + N, ...) and
     how many of its images are real: the sampler's padding repeats up to N - 1 images at the end,
-    which must not be counted twice."""
+    which must not be counted twice. Used by :func:`evaluated` (``python -m rclib evaluate``)."""
     n = len(loader.dataset)
     sampler = DistributedSampler(loader.dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=False)
     mine = range(ctx.rank, n, ctx.world)
@@ -260,7 +264,8 @@ def test_shard(ctx: Context, loader: DataLoader) -> tuple[DataLoader, int]:
 def wrap(ctx: Context, model: nn.Module) -> DistributedDataParallel:
     """``model`` in ``DistributedDataParallel``: SyncBatchNorm on CUDA (unless a BatchNorm carries
     a pruning mask, which the conversion would drop); no buffer broadcast at every forward pass
-    (masks are identical already, and BatchNorm statistics are handled by ``average_batchnorm``)."""
+    (masks are identical already, and BatchNorm statistics are handled by ``average_batchnorm``).
+    Used by :func:`retrained`."""
     cuda = ctx.device.startswith("cuda")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if cuda and bns and not any(n.endswith("_mask") for m in bns for n, _ in m.named_buffers()):
@@ -316,7 +321,8 @@ def _read(ctx: Context, path, what: str) -> tuple[dict, dict]:
 
 def baseline(ctx: Context, cfg: Config, splits, progress: bool = False) -> nn.Module:
     """The baseline on ``ctx.device`` on every rank: rank 0 loads it, or trains and writes it
-    alone when missing; the others wait, then read it. Checked identical across ranks."""
+    alone when missing; the others wait, then read it. Checked identical across ranks.
+    Used by :func:`run`."""
     from . import pipeline
 
     if ctx.rank == 0:
@@ -353,7 +359,8 @@ def _train(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, step
 def retrained(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, step: str,
               progress: bool = False) -> dict[str, torch.Tensor]:
     """:func:`rclib.retrain.retrained` on ``ctx.world`` processes: the same artifact, the same
-    key; trained with DDP unless rank 0 finds it cached. Returns the state on every rank."""
+    key; trained with DDP unless rank 0 finds it cached. Returns the state on every rank.
+    Used by ``python -m rclib retrain`` (through :func:`run`) and :func:`evaluated`."""
     from . import retrain
 
     if ctx.world == 1:
@@ -379,7 +386,8 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
               progress: bool = False) -> dict[str, Any]:
     """:func:`rclib.retrain.evaluated` on ``ctx.world`` processes: each rank attacks its shard
     of the test set, outcomes are gathered in test order and rank 0 writes the same artifact
-    (retraining the model first when it is not cached). Returns the counts on every rank."""
+    (retraining the model first when it is not cached). Returns the counts on every rank.
+    Used by ``python -m rclib evaluate`` (through :func:`run`)."""
     from . import retrain
     from .pipeline import new_model
 
