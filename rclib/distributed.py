@@ -323,17 +323,18 @@ def baseline(ctx: Context, cfg: Config, splits, progress: bool = False) -> nn.Mo
     """The baseline on ``ctx.device`` on every rank: rank 0 loads it, or trains and writes it
     alone when missing; the others wait, then read it. Checked identical across ranks.
     Used by :func:`run`."""
-    from . import pipeline
+    from . import accel, pipeline
 
     if ctx.rank == 0:
         base, _, hit = pipeline.baseline(cfg, splits, ctx.device, progress=progress)
         say(ctx, f"baseline {'read from' if hit else 'trained and written to'} the cache")
     barrier(ctx)
-    if ctx.rank != 0:
-        tensors, _ = _read(ctx, artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS), "baseline")
+    if ctx.rank != 0:  # what pipeline.baseline returns on a cache hit
+        path = artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS, kind=accel.compute_kind(cfg, ctx.device))
+        tensors, _ = _read(ctx, path, "baseline")
         base = pipeline.new_model(cfg, splits)
         base.load_state_dict(tensors, strict=True)
-        base = base.to(ctx.device).eval()
+        base = accel.prepare(base.to(ctx.device), accel.runtime(cfg, ctx.device)).eval()
     check_identical(ctx, base, "the baseline")
     return base
 
@@ -341,13 +342,14 @@ def baseline(ctx: Context, cfg: Config, splits, progress: bool = False) -> nn.Mo
 def _train(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, step: str,
            progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from . import retrain, sizes
+    from .pipeline import runtime_of
 
     model = retrain.pruned_copy(base, rate)
     check_identical(ctx, model, "the pruned model (weights and masks)")
     loader = train_shard(ctx, splits.train, cfg.seed)
     ddp = wrap(ctx, model)
     history = retrain.retrain_in_place(dataclasses.replace(cfg, seed=cfg.seed + ctx.rank), ddp, loader, step,
-                                       progress and ctx.rank == 0)
+                                       progress and ctx.rank == 0, runtime_of(cfg, base))
     model = unwrap(ddp)
     average_batchnorm(ctx, model)
     history = reduce_history(ctx, history, len(loader.sampler))
@@ -367,13 +369,13 @@ def retrained(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
         state, metrics, hit = retrain.retrained(cfg, splits, base, rate, step, progress)
         say(ctx, f"{step} at r={rate:g}, seed {cfg.seed}: {'read from' if hit else 'written to'} the cache")
         return state
-    key, check = retrain.artifact(cfg, rate, step), retrain.state_check(base, step)
-    path = artifacts.location(*key)
+    key, check = retrain.artifact(cfg, rate, step, base), retrain.state_check(base, step)
+    path = artifacts.location(**key)
     found = _usable(path, check) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state, metrics = _train(ctx, cfg, splits, base, rate, step, progress)
         if ctx.rank == 0:
-            found = artifacts.cached(*key, lambda: (state, metrics), check=check)[:2]
+            found = artifacts.cached(**key, compute=lambda: (state, metrics), check=check)[:2]
             say(ctx, f"{step} at r={rate:g}, seed {cfg.seed}: wrote {path}")
     barrier(ctx)  # the others wait for rank 0's artifact
     if ctx.rank != 0:
@@ -388,28 +390,30 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
     of the test set, outcomes are gathered in test order and rank 0 writes the same artifact
     (retraining the model first when it is not cached). Returns the counts on every rank.
     Used by ``python -m rclib evaluate`` (through :func:`run`)."""
-    from . import retrain
-    from .pipeline import new_model
+    from . import accel, retrain
+    from .pipeline import new_model, runtime_of
 
     if ctx.world == 1:
         _, metrics, hit = retrain.evaluated(cfg, splits, base, rate, step, progress)
         say(ctx, f"evaluated {step} at r={rate:g}, seed {cfg.seed}: {'read from' if hit else 'written to'} the cache")
         return metrics
-    key = retrain.evaluation_artifact(cfg, rate, step)
-    path = artifacts.location(*key)
+    key = retrain.evaluation_artifact(cfg, rate, step, base)
+    path = artifacts.location(**key)
     found = _usable(path, retrain.evaluation_check) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state = retrained(ctx, cfg, splits, base, rate, step, progress)
         model = new_model(cfg, splits)
         model.load_state_dict(state, strict=True)
         loader, keep = test_shard(ctx, splits.test)
-        mine = retrain.outcomes(model.to(ctx.device).eval(), loader, cfg.epsilon, cfg.seed + ctx.rank)
+        rt = runtime_of(cfg, base)
+        model = accel.prepare(model.to(ctx.device), rt).eval()
+        mine = retrain.outcomes(model, loader, cfg.epsilon, cfg.seed + ctx.rank, rt)
         n = len(splits.test.dataset)
         tensors = {k: gather_in_order(ctx, v[:keep].to(torch.uint8), n) for k, v in mine.items()}
         metrics = retrain.counts(tensors, cfg.epsilon, ctx.world)
         agree(ctx, f"evaluated-{step}")
         if ctx.rank == 0:
-            found = artifacts.cached(*key, lambda: (tensors, metrics), check=retrain.evaluation_check)[:2]
+            found = artifacts.cached(**key, compute=lambda: (tensors, metrics), check=retrain.evaluation_check)[:2]
             say(ctx, f"evaluated {step} at r={rate:g}, seed {cfg.seed}: wrote {path}")
     barrier(ctx)
     if ctx.rank != 0:
@@ -435,7 +439,7 @@ def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: 
         for seed in seeds:
             cfg_s = dataclasses.replace(cfg, seed=seed)
             config.configure_torch(cfg_s)
-            splits = data.load(cfg_s)
+            splits = data.load(cfg_s, ctx.device)
             base = baseline(ctx, cfg_s, splits, progress and ctx.rank == 0)
             for rate in rates:
                 for step in steps:
