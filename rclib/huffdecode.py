@@ -92,8 +92,8 @@ def by_symbol(bits: np.ndarray, lengths: np.ndarray, starts: np.ndarray, n: int,
 class Machine(NamedTuple):
     """The byte decoder of one canonical code, over S states (the code tree's internal nodes,
     root 0). Tables are indexed by ``state * 256 + byte``."""
-    records: np.ndarray  # symbols the byte completes, little-endian; their count in the top byte unless ``counts``
-    counts: np.ndarray | None  # uint8 counts, when 8 symbols leave no room in a record
+    records: np.ndarray  # the symbols the byte completes, little-endian, in 1, 2, 4 or 8 bytes
+    counts: np.ndarray  # uint8: how many
     base: np.ndarray  # uint16: next state * 256
     inner: np.ndarray  # (S, 2) bool: the child for bit b is an internal node
     child: np.ndarray  # (S, 2) intp: that child's state, or the leaf's symbol
@@ -127,14 +127,8 @@ def machine(lengths: np.ndarray) -> Machine:
         sym = (sym[:, :, None] | (sym[nxt] << (np.uint64(8) * cnt[:, :, None].astype(np.uint64)))).reshape(s, -1)
         cnt = (cnt[:, :, None] + cnt[nxt]).reshape(s, -1)
         nxt = then.reshape(s, -1)
-    slot = int(cnt.max())
-    if slot < 8:  # the count fits in the record's top byte
-        size = 2 if slot < 2 else 4 if slot < 4 else 8
-        records = (sym | (cnt.astype(np.uint64) << np.uint64(8 * size - 8))).astype(_UINT[size])
-        counts = None
-    else:
-        records, counts = sym, cnt.astype(np.uint8)
-    return Machine(records.reshape(-1), None if counts is None else counts.reshape(-1),
+    size = 1 << (int(cnt.max()) - 1).bit_length()  # bytes per record: 1, 2, 4 or 8
+    return Machine(sym.astype(_UINT[size]).reshape(-1), cnt.astype(np.uint8).reshape(-1),
                    (nxt.reshape(-1) << 8).astype(np.uint16), inner, child)
 
 
@@ -142,8 +136,8 @@ def _walk(m: Machine, state: np.ndarray, byte: np.ndarray, lo: np.ndarray, hi: n
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bits ``lo`` to ``hi - 1`` (MSB first) of one byte per block, a bit at a time from
     ``state``: a block's first byte (its first bits belong to the previous block) and its last
-    (only some bits are its own). Returns the states after, the symbols (packed as in
-    ``Machine.records``, without count) and their counts."""
+    (only some bits are its own). Returns the states after, the symbols (little-endian in a uint64, as
+    ``Machine.records``) and their counts."""
     state = state.astype(np.intp)
     byte = byte.astype(np.intp)
     sym = np.zeros(state.size, np.uint64)
@@ -157,12 +151,6 @@ def _walk(m: Machine, state: np.ndarray, byte: np.ndarray, lo: np.ndarray, hi: n
         cnt += leaf
         state = np.where(act, np.where(inner, m.child[state, bit], 0), state)
     return state, sym, cnt
-
-
-def _records(m: Machine, sym: np.ndarray, cnt: np.ndarray) -> np.ndarray:
-    if m.counts is not None:
-        return sym
-    return (sym | (cnt << np.uint64(8 * m.records.itemsize - 8))).astype(m.records.dtype)
 
 
 def by_byte(bits: np.ndarray, nbits: int, m: Machine, starts: np.ndarray, n: int, block: int) -> np.ndarray:
@@ -181,27 +169,29 @@ def by_byte(bits: np.ndarray, nbits: int, m: Machine, starts: np.ndarray, n: int
     first, skip = starts >> 3, starts & 7
     last = ((ends - 1) >> 3) - first  # the step of the block's last byte
     steps = int(last.max()) + 1
-    buf = np.zeros(bits.size + steps + 1, np.uint16)
+    buf = np.zeros(bits.size + steps + 1, np.uint8)
     buf[: bits.size] = bits
+    # byte t of every block, transposed once so that each step reads one contiguous row
+    at = np.empty((steps, nb), np.uint16)
+    rows = max(1, _CACHE // steps)
+    window = np.lib.stride_tricks.sliding_window_view(buf, steps)
+    for b0 in range(0, nb, rows):
+        at[:, b0:b0 + rows] = window[first[b0:b0 + rows]].T
     rec = np.empty((steps, nb), m.records.dtype)
-    cnt = np.empty((steps, nb), np.uint8) if m.counts is not None else None
+    cnt = np.empty((steps, nb), np.uint8)
     state, sym, c = _walk(m, np.zeros(nb, np.intp), buf[first], skip, np.minimum(8, skip + ends - starts))
-    rec[0] = _records(m, sym, c)
-    if cnt is not None:
-        cnt[0] = c
+    rec[0], cnt[0] = sym, c
     base = (state << 8).astype(np.uint16)
     before = np.zeros(nb, np.uint16)  # state * 256 before each block's last byte
     due = set(np.unique(last).tolist())
-    byte, key = np.empty(nb, np.uint16), np.empty(nb, np.uint16)
+    key = np.empty(nb, np.uint16)
     records, counts, nxt = m.records, m.counts, m.base  # ndarray.take, not np.take: the wrapper costs more than a small step
     for t in range(1, steps):  # mode="clip": no bounds checks and no buffering (keys are in range)
         if t in due:
             np.copyto(before, base, where=last == t)
-        buf[t:].take(first, out=byte, mode="clip")
-        np.bitwise_or(base, byte, out=key)
+        np.bitwise_or(base, at[t], out=key)
         records.take(key, out=rec[t], mode="clip")
-        if cnt is not None:
-            counts.take(key, out=cnt[t], mode="clip")
+        counts.take(key, out=cnt[t], mode="clip")
         nxt.take(key, out=base, mode="clip")
     b = np.flatnonzero(last > 0)
     at = first[b] + last[b]
@@ -209,37 +199,38 @@ def by_byte(bits: np.ndarray, nbits: int, m: Machine, starts: np.ndarray, n: int
     state[b] = end_state
     if state.any():
         raise Corrupt("a coded block does not end where the next begins")
-    rec[last[b], b] = _records(m, sym, c)
-    if cnt is not None:
-        cnt[last[b], b] = c
+    rec[last[b], b], cnt[last[b], b] = sym, c
     # records after a block's last byte decoded the next block's bits: they count no symbols
     for t in range(int(last[:-1].min(initial=steps)) + 1, steps):
-        (cnt if cnt is not None else rec)[t, last < t] = 0
-    (cnt if cnt is not None else rec)[last[-1] + 1:, -1] = 0
+        cnt[t, last < t] = 0
+    cnt[last[-1] + 1:, -1] = 0
     return _compact(rec, cnt, n, block)
 
 
-def _compact(rec: np.ndarray, cnt: np.ndarray | None, n: int, block: int) -> np.ndarray:
-    """The used bytes of the (steps, blocks) records, block by block: the n symbols in order."""
+def _compact(rec: np.ndarray, cnt: np.ndarray, n: int, block: int) -> np.ndarray:
+    """The used bytes of the (steps, blocks) records, block by block: the n symbols in order.
+    A slab of blocks at a time is transposed into a buffer that stays in cache, then compacted."""
     steps, nb = rec.shape
     size = rec.itemsize
-    rec = np.ascontiguousarray(rec.T)
-    cnt = None if cnt is None else np.ascontiguousarray(cnt.T)
     c = np.arange(size + 1)
     masks = (np.arange(size) < c[:, None]).astype(np.uint8).view(rec.dtype).reshape(-1)
     out = np.empty(n, np.uint8)
     rows = max(1, _CACHE // (steps * size))
+    r = np.empty((rows, steps), rec.dtype)
+    k = np.empty((rows, steps), np.uint8)
     done = 0
     for b0 in range(0, nb, rows):
-        r = rec[b0:b0 + rows]
-        count = cnt[b0:b0 + rows] if cnt is not None else r >> (8 * size - 8)
-        sel = np.flatnonzero(np.take(masks, count, mode="clip").view(np.bool_))
-        per = np.diff(np.searchsorted(sel, np.arange(r.shape[0] + 1) * (steps * size)))
-        want = np.full(r.shape[0], block)
-        if b0 + r.shape[0] == nb:
+        b1 = min(nb, b0 + rows)
+        rr, kk = r[: b1 - b0], k[: b1 - b0]
+        rr[...] = rec[:, b0:b1].T
+        kk[...] = cnt[:, b0:b1].T
+        sel = np.flatnonzero(masks.take(kk, mode="clip").view(np.bool_))
+        per = np.diff(np.searchsorted(sel, np.arange(b1 - b0 + 1) * (steps * size)))
+        want = np.full(b1 - b0, block)
+        if b1 == nb:
             want[-1] = n - block * (nb - 1)
         if not np.array_equal(per, want):
             raise Corrupt("a coded block holds a wrong number of symbols")
-        np.take(r.reshape(-1).view(np.uint8), sel, out=out[done:done + sel.size])
+        rr.reshape(-1).view(np.uint8).take(sel, out=out[done:done + sel.size], mode="clip")
         done += sel.size
     return out

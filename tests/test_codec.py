@@ -389,3 +389,11 @@ def test_hash_coder_meets_values_its_sample_lacked(seeded, total):
     uniq, got = codec._distinct(values)
     assert np.array_equal(uniq, book) and np.array_equal(got, codes)
     assert got.dtype == (np.uint8 if total <= 256 else np.uint16)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_are_stored_raw(bad):
+    values = np.repeat(np.float32([0.25, -1.5, 3.0]), 100_000)
+    values[250_000] = bad  # after the sample the hash coder starts from
+    assert codec._distinct(values) is None
+    assert codec._distinct(values[:1000]) is not None
