@@ -76,11 +76,11 @@ import torch
 from torch import nn
 
 from . import container
+from .codebook import MAX_CODEBOOK, distinct  # noqa: F401  (MAX_CODEBOOK public here too)
 from .container import FORMAT_VERSION, MAGIC  # noqa: F401  (public here too)
 from .huffman import Corrupt, Payload, counts_of, decode_stream, encode_stream, entropy_bits, field_int, segment
 from .sizes import effective_state, state_shapes
 
-MAX_CODEBOOK = 2**16  # at most this many distinct non-zero values make a "shared" (coded) layer
 # a rebuilt architecture may hold at most max(MIN_ALLOWANCE, ALLOWANCE_PER_BYTE x payload) bytes
 # of tensors: save_compressed's files stay far below (VGG16: 9x at 50% pruning, about 1000x at
 # 99.9%), while a re-signed header cannot make the reader allocate gigabytes for a tiny payload
@@ -103,88 +103,6 @@ def _gap_alphabet(nnz: int, numel: int) -> int:
     wanted = 2 ** math.ceil(math.log2(8 * mean_gap))
     cap = 2 ** math.ceil(math.log2(max(nnz, 2)))
     return int(min(2**16, max(256, min(wanted, cap))))
-
-
-def _perfect_hash(keys: np.ndarray, shift: int, rng: np.random.Generator) -> np.uint32 | None:
-    """A multiplier m with ``(keys * m) >> shift`` (uint32, wrapping) all distinct, or None."""
-    for _ in range(64):
-        mult = np.uint32(rng.integers(1, 2**32) | 1)
-        if np.unique((keys * mult) >> np.uint32(shift)).size == keys.size:
-            return mult
-    return None
-
-
-def _factorize_small(values: np.ndarray, seed: np.ndarray, limit: int = 512) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(sorted distinct values, code of each)`` for float32 values with at most ``limit``
-    distinct ones (a weight-shared layer), else None. ``seed``: the sorted distinct values of a
-    sample of them.
-
-    Why not ``pd.factorize``: a perfect hash of the float bits (multiply-shift into a table of
-    about (number of values)^2 slots, 64 kB for 256 values, so it stays in cache; multiplier
-    drawn until the keys do not collide) codes a chunk in a few cheap passes, checked by
-    looking the values up again. Codes are ranks while every value is one of the seed's; a
-    chunk with unseen values adds them (as ids after the seed's) and is coded again, and one
-    small lookup turns ids into ranks at the end.
-    """
-    keys = values.view(np.uint32)
-    found = seed.astype(np.float32).view(np.uint32)  # sorted by value: ids are ranks
-    ids = np.empty(values.size, dtype=np.uint8 if found.size <= 256 else np.uint16)
-    rng = np.random.default_rng(0)
-    table, extended, s = None, False, 0
-    while s < values.size:
-        if table is None:
-            if found.size > limit:
-                return None
-            shift = 32 - max(10, 2 * (found.size - 1).bit_length())
-            mult = _perfect_hash(found, shift, rng)
-            if mult is None:
-                return None
-            table = np.zeros(1 << (32 - shift), dtype=ids.dtype)
-            table[(found * mult) >> np.uint32(shift)] = np.arange(found.size)
-        k = keys[s:s + _STEP]
-        h = k * mult
-        h >>= np.uint32(shift)
-        c = ids[s:s + k.size]
-        table.take(h, out=c, mode="clip")
-        back = found.take(c)
-        if not np.array_equal(back, k):
-            found = np.concatenate([found, np.unique(k[back != k])])
-            if found.size > 256 and ids.dtype == np.uint8:
-                ids = ids.astype(np.uint16)
-            table, extended = None, True
-            continue
-        s += k.size
-    uniq = found.view(np.float32)
-    if not extended:
-        return uniq, ids
-    order = np.argsort(uniq)
-    rank = np.empty(found.size, dtype=ids.dtype)
-    rank[order] = np.arange(found.size)
-    return uniq[order], rank[ids].astype(np.uint8 if found.size <= 256 else np.uint16)
-
-
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(sorted distinct values, code of each value)`` if there are at most MAX_CODEBOOK
-    distinct values and all are finite; else None."""
-    seed = np.unique(values[:200_000])
-    if seed.size > MAX_CODEBOOK:
-        return None  # early out: a sample already has too many distinct values
-    if values.size > 200_000 and values.dtype == np.float32:
-        found = _factorize_small(values, seed)
-        if found is not None:  # every value is one of found[0]: checking those checks all
-            return found if np.isfinite(found[0]).all() else None
-    if not np.isfinite(values).all():
-        return None
-    if values.size > 200_000:
-        import pandas as pd  # hash-based: one O(N) pass, no sort of 50M values
-
-        codes, uniq = pd.factorize(values, sort=True)
-        uniq = np.asarray(uniq, dtype=values.dtype)
-    else:
-        uniq, codes = np.unique(values, return_inverse=True)
-    if uniq.size > MAX_CODEBOOK:
-        return None
-    return uniq, codes.astype(np.uint8 if uniq.size <= 256 else np.uint16)
 
 
 def _plan_weight(w: np.ndarray) -> dict[str, Any]:
@@ -219,7 +137,7 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
         np.uint32 if flat.size < 2**32 else np.uint64)
     plan = dict(nnz=nnz, gap_alphabet=ga, gaps=gsym, gap_counts=counts_of(gsym, ga), overflow=overflow,
                 encoding="sparse", values=values)
-    found = _distinct(values) if values.size else None
+    found = distinct(values) if values.size else None
     if found is not None:
         uniq, codes = found
         code_counts = counts_of(codes, uniq.size)

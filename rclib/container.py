@@ -29,15 +29,17 @@ FORMAT_NAME = "rclib.compressed"
 
 
 def check_host() -> None:
-    """Raw tensors are written in the host's byte order; the format is little-endian."""
+    """Refuse a big-endian host: raw tensors are written in the host's byte order, and the
+    format is little-endian. Used by chapter 02 and 04, through ``codec``."""
     if sys.byteorder != "little":
         raise ValueError("the rclib compressed format is little-endian; this host is big-endian")
 
 
 def assemble(header: dict[str, Any], payload: list[memoryview]) -> list[bytes | memoryview]:
-    """The file as a list of buffers: prefix (with the checksum of everything after the first
-    28 bytes), the header as compact JSON (``format`` and ``version`` added), the payload
-    segments as they are (no copy of the ~60 MB of a VGG16 file)."""
+    """The file as a list of buffers: the prefix (whose sha256 covers its first 28 bytes, the
+    header and the payload), the header as compact JSON (``format`` and ``version`` added
+    before ``header``'s keys), and the payload segments as they are (no copy of the ~60 MB of
+    a VGG16 file). Used by chapter 02 and 04, through ``codec``."""
     head = json.dumps(dict(format=FORMAT_NAME, version=FORMAT_VERSION, **header),
                       separators=(",", ":")).encode()
     size = sum(p.nbytes for p in payload)
@@ -51,7 +53,8 @@ def assemble(header: dict[str, Any], payload: list[memoryview]) -> list[bytes | 
 
 def write_atomic(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -> int:
     """Write the buffers to ``path`` through a temporary file in the same folder, fsync, then
-    ``os.replace``: a reader never sees half a file. Returns the bytes written."""
+    ``os.replace``: a reader never sees half a file. Returns the bytes written.
+    Used by chapter 02 and 04, through ``codec.save_compressed``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
@@ -72,7 +75,9 @@ def write_atomic(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:
     """The header and payload of a file, checked before anything large is read: a regular file,
     magic, version, flags and the lengths in the prefix against the file's size; then the
-    checksum, and a JSON header of the right format and version. ``ValueError`` otherwise."""
+    checksum, and a JSON header of the right format and version. ``ValueError`` otherwise.
+    The payload is read with one ``readinto`` into a buffer of its size and returned as a
+    memoryview of it. Used by chapter 02 and 04, through ``codec.load_compressed``."""
     try:
         info = os.stat(path)
     except OSError as err:

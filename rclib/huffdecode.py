@@ -3,13 +3,13 @@
 A stream is cut into blocks whose starting bits are stored, so the decoder advances every block
 together, one numpy step at a time. Two decoders, chosen per stream:
 
-- ``by_byte``, a finite-state machine over bytes (the classic table-driven decoder of e.g.
-  Sieminski 1988, "Fast decoding of the Huffman codes", and zlib's inflate fast paths, here
-  vectorised over blocks): the state is a node of the code tree, and one table lookup by
-  ``state * 256 + byte`` gives every symbol that byte completes and the next state. One step
-  per byte instead of per symbol: 4-8x fewer steps on VGG16's gap streams (1-2 bits per symbol).
-  The symbols of each step are packed in a record of up to 8 bytes; the records are then
-  compacted (a mask of each record's used bytes, ``np.flatnonzero``, one gather).
+- ``by_byte``, a finite-state machine over bytes (the table-driven decoder that reads k bits at
+  a time from a node of the code tree, Choueka, Klein & Perl 1985, "Efficient variants of
+  Huffman codes in high level languages", here with k = 8 and vectorised over blocks): one
+  table lookup by ``state * 256 + byte`` gives every symbol that byte completes and the next
+  state. One step per byte instead of per symbol: 4-7x fewer steps on VGG16's gap streams
+  (1.1-2.1 bits per symbol). The symbols of a step are packed in a record of 1-8 bytes; the
+  records are then compacted (a mask of each record's used bytes, ``np.flatnonzero``, a gather).
 - ``by_symbol``: one step per symbol, through a table indexed by the next ``maxlen`` bits; for
   alphabets over 256 symbols (the machine's states times 256 would no longer fit a 16-bit key)
   and for streams of many bits per symbol, where a byte holds about one symbol anyway and the
@@ -31,7 +31,8 @@ from .huffman import Corrupt, canonical
 
 _CACHE = 1 << 18  # bytes per step of the chunked passes: temporaries stay in cache
 # ``by_byte`` when a stream averages fewer bits per symbol (measured on VGG16's streams: gaps at
-# 1-2 bits are 3-5x faster by byte, 8-bit codebook indices at ~7.7 bits slower)
+# 1.1-2.1 bits 1.9-2.5x faster than by symbol, 5-bit codebook indices at 4.7 bits 1.4x faster,
+# 8-bit ones at 7.7 bits 1.5x slower)
 BYTE_MACHINE_BELOW = 6.0
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -57,9 +58,10 @@ def decode_blocks(bits: np.ndarray, nbits: int, lengths: np.ndarray, starts: np.
 def by_symbol(bits: np.ndarray, lengths: np.ndarray, starts: np.ndarray, n: int, block: int,
               dtype: type) -> np.ndarray:
     """Decode with one numpy step per symbol of a block (all blocks at once): the next ``maxlen``
-    bits index a table of ``symbol << 5 | length``. Used by chapter 02 and 04, through ``codec``."""
+    bits index tables of the symbol and its code length. Arguments as :func:`decode_blocks`.
+    Used by chapter 02 and 04, through ``codec``."""
     _, table, maxlen = canonical(lengths)
-    symbol_of, length_of = (table >> 5).astype(dtype), (table & 31).astype(np.uint8)  # small tables stay in cache
+    symbol_of, length_of = (table >> 5).astype(dtype), (table & 31).astype(np.uint8)  # bytes: stay in cache
     nb = starts.size
     # win[i] = 32-bit words i and i+1 of the bits, as one uint64 (padded past the end)
     w = np.zeros((bits.size + 3) // 4 + (block * maxlen + 31) // 32 + 2, dtype=">u4")
@@ -136,8 +138,8 @@ def _walk(m: Machine, state: np.ndarray, byte: np.ndarray, lo: np.ndarray, hi: n
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bits ``lo`` to ``hi - 1`` (MSB first) of one byte per block, a bit at a time from
     ``state``: a block's first byte (its first bits belong to the previous block) and its last
-    (only some bits are its own). Returns the states after, the symbols (little-endian in a uint64, as
-    ``Machine.records``) and their counts."""
+    (only some bits are its own). Returns the states after, the symbols (little-endian in a
+    uint64, as ``Machine.records``) and their counts."""
     state = state.astype(np.intp)
     byte = byte.astype(np.intp)
     sym = np.zeros(state.size, np.uint64)
@@ -154,7 +156,8 @@ def _walk(m: Machine, state: np.ndarray, byte: np.ndarray, lo: np.ndarray, hi: n
 
 
 def by_byte(bits: np.ndarray, nbits: int, m: Machine, starts: np.ndarray, n: int, block: int) -> np.ndarray:
-    """Decode with one numpy step per byte of a block (all blocks at once), through ``m``.
+    """Decode with one numpy step per byte of a block (all blocks at once), through ``m``;
+    other arguments as :func:`decode_blocks`.
 
     Step t reads byte t of every block (counted from the byte its first bit is in), looks up
     ``state * 256 + byte`` and keeps the record; the first and last byte of each block are
@@ -185,8 +188,10 @@ def by_byte(bits: np.ndarray, nbits: int, m: Machine, starts: np.ndarray, n: int
     before = np.zeros(nb, np.uint16)  # state * 256 before each block's last byte
     due = set(np.unique(last).tolist())
     key = np.empty(nb, np.uint16)
-    records, counts, nxt = m.records, m.counts, m.base  # ndarray.take, not np.take: the wrapper costs more than a small step
-    for t in range(1, steps):  # mode="clip": no bounds checks and no buffering (keys are in range)
+    # ndarray.take, not np.take (the wrapper costs more than a small step); mode="clip": no
+    # bounds checks and no buffering (keys are in range)
+    records, counts, nxt = m.records, m.counts, m.base
+    for t in range(1, steps):
         if t in due:
             np.copyto(before, base, where=last == t)
         np.bitwise_or(base, at[t], out=key)
@@ -194,8 +199,8 @@ def by_byte(bits: np.ndarray, nbits: int, m: Machine, starts: np.ndarray, n: int
         counts.take(key, out=cnt[t], mode="clip")
         nxt.take(key, out=base, mode="clip")
     b = np.flatnonzero(last > 0)
-    at = first[b] + last[b]
-    end_state, sym, c = _walk(m, before[b] >> 8, buf[at], np.zeros(b.size, np.int64), ends[b] - 8 * at)
+    final = first[b] + last[b]  # the byte each block ends in
+    end_state, sym, c = _walk(m, before[b] >> 8, buf[final], np.zeros(b.size, np.int64), ends[b] - 8 * final)
     state[b] = end_state
     if state.any():
         raise Corrupt("a coded block does not end where the next begins")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rclib import codec, huffman, models, share, sizes
+from rclib import codebook, codec, huffman, models, share, sizes
 
 SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
             input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
@@ -386,7 +386,7 @@ def test_hash_coder_meets_values_its_sample_lacked(seeded, total):
     codes = rng.integers(0, seeded, 400_000)
     codes[-(total - seeded):] = np.arange(seeded, total)  # the rest only at the end
     values = book[codes]
-    uniq, got = codec._distinct(values)
+    uniq, got = codebook.distinct(values)
     assert np.array_equal(uniq, book) and np.array_equal(got, codes)
     assert got.dtype == (np.uint8 if total <= 256 else np.uint16)
 
@@ -395,5 +395,5 @@ def test_hash_coder_meets_values_its_sample_lacked(seeded, total):
 def test_non_finite_values_are_stored_raw(bad):
     values = np.repeat(np.float32([0.25, -1.5, 3.0]), 100_000)
     values[250_000] = bad  # after the sample the hash coder starts from
-    assert codec._distinct(values) is None
-    assert codec._distinct(values[:1000]) is not None
+    assert codebook.distinct(values) is None
+    assert codebook.distinct(values[:1000]) is not None
