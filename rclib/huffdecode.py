@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .huffman import Corrupt, canonical
+from .huffman import HUFFMAN_LIMIT, Corrupt, canonical
 
 _CACHE = 1 << 18  # bytes per step of the chunked passes: temporaries stay in cache
 # ``by_byte`` when a stream averages fewer bits per symbol (measured on VGG16's streams: gaps at
@@ -167,7 +167,10 @@ def by_byte(bits: np.ndarray, nbits: int, m: Machine, starts: np.ndarray, n: int
     """
     nb = starts.size
     ends = np.append(starts[1:], nbits)
-    if not (ends > starts).all():  # a block holds at least one symbol of at least one bit
+    size = ends - starts
+    # a block holds at least one symbol of at least one bit, and at most ``block`` codes of at
+    # most HUFFMAN_LIMIT bits: so a lying header cannot make the tables below outgrow the model
+    if not (size > 0).all() or int(size.max()) > block * HUFFMAN_LIMIT:
         raise Corrupt("block offsets out of order")
     first, skip = starts >> 3, starts & 7
     last = ((ends - 1) >> 3) - first  # the step of the block's last byte

@@ -120,3 +120,13 @@ def test_inconsistent_streams_are_corrupt(decoder, edit):
             huffdecode.by_byte(bits, nbits, huffdecode.machine(lengths), starts, meta["n"], meta["block"])
         else:
             huffdecode.by_symbol(bits, lengths, starts, meta["n"], meta["block"], np.uint8)
+
+
+def test_lying_block_offsets_cannot_make_the_byte_decoder_allocate_much():
+    sym, alphabet = STREAMS["gaps 50%, 3 chunks + odd"]
+    out = huffman.Payload()
+    meta = huffman.encode_stream(sym[:50_000], alphabet, out)
+    bits, lengths, starts = _parts(meta, memoryview(b"".join(out.parts)))
+    squeezed = np.arange(starts.size)  # every block one bit long but the last: it would span all
+    with pytest.raises(huffman.Corrupt, match="block offsets"):
+        huffdecode.by_byte(bits, meta["nbits"], huffdecode.machine(lengths), squeezed, meta["n"], meta["block"])
