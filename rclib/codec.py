@@ -23,13 +23,13 @@ entry of the model's effective state dict (pruning masks applied) with its name,
 and one of three encodings:
 
 - ``shared`` (a prunable layer's float32 weight with at most 2^16 distinct non-zero values,
-  e.g. after ``share.weight_share``): the sorted distinct non-zero values (the codebook, float32),
-  and two entropy-coded streams over the non-zeros in row-major order: the *codes* (index of
-  each weight's value in the codebook) and the *gaps* between successive non-zero positions,
-  relative indices as in Deep Compression (Han et al. 2016). Gaps are symbols ``gap - 1`` of
-  an alphabet of size A (a power of two from 256 to 65536 chosen from the mean gap); symbol
-  ``A - 1`` escapes to an exact gap in an ``overflow`` array (uint32, or uint64 for layers with
-  2^32 or more weights).
+  e.g. after ``share.weight_share``; found by ``codebook``): the sorted distinct non-zero values
+  (the codebook, float32), and two entropy-coded streams over the non-zeros in row-major order:
+  the *codes* (index of each weight's value in the codebook) and the *gaps* between successive
+  non-zero positions, relative indices as in Deep Compression (Han et al. 2016). Gaps are
+  symbols ``gap - 1`` of an alphabet of size A (a power of two from 256 to 65536 chosen from
+  the mean gap); symbol ``A - 1`` escapes to an exact gap in an ``overflow`` array (uint32, or
+  uint64 for layers with 2^32 or more weights).
 - ``sparse`` (a prunable layer's float32 weight whose values are too many to tabulate, i.e. a
   model that is pruned but not weight-shared, or where a codebook would not pay): the same gap
   stream, and the non-zero values as raw float32. We chose to store such layers exactly rather
@@ -56,11 +56,12 @@ checksum cannot make the reader allocate gigabytes. Nothing is ever unpickled. W
 atomic (a temporary file in the same folder, then ``os.replace``). Reader checks: ``container``
 (file, prefix, checksum, header) and here (tensor records, model, allowance).
 
-Measured on VGG16 (138M weights, random init, 8/5-bit weight sharing, ``bench/bench_share.py``):
-at 50% global pruning the file is 62 MB (dense safetensors 553 MB; the paper's weight-shared
-formula 47 MB, which ignores the positions of the non-zeros) and within 1.1% of the entropy
-bound; writing and reading (with rebuilding the architecture) take about 0.55x the time of the
-first version of this codec, which wrote the same bytes.
+Measured on VGG16 (138M weights, random init, 8/5-bit weight sharing, ``bench/bench_share.py
+--file-only``, fastest of 3 on one core of a shared 2-core machine): at 50% global pruning the
+file is 62 MB (dense safetensors 553 MB; the paper's weight-shared formula 47 MB, which ignores
+the positions of the non-zeros) and within 1.1% of the entropy bound; it is written in 1.1 s
+and read back, architecture rebuilt, in 1.2 s: 0.13x and 0.24x the time of the first version
+of this codec (e46de29, frozen in ``bench/frozen``), which wrote the same bytes.
 
 Used by chapter 02 (weight sharing) and 04.
 """
