@@ -23,13 +23,13 @@ entry of the model's effective state dict (pruning masks applied) with its name,
 and one of three encodings:
 
 - ``shared`` (a prunable layer's float32 weight with at most 2^16 distinct non-zero values,
-  e.g. after ``share.weight_share``): the sorted distinct non-zero values (the codebook, float32),
-  and two entropy-coded streams over the non-zeros in row-major order: the *codes* (index of
-  each weight's value in the codebook) and the *gaps* between successive non-zero positions,
-  relative indices as in Deep Compression (Han et al. 2016). Gaps are symbols ``gap - 1`` of
-  an alphabet of size A (a power of two from 256 to 65536 chosen from the mean gap); symbol
-  ``A - 1`` escapes to an exact gap in an ``overflow`` array (uint32, or uint64 for layers with
-  2^32 or more weights).
+  e.g. after ``share.weight_share``; found by ``codebook``): the sorted distinct non-zero values
+  (the codebook, float32), and two entropy-coded streams over the non-zeros in row-major order:
+  the *codes* (index of each weight's value in the codebook) and the *gaps* between successive
+  non-zero positions, relative indices as in Deep Compression (Han et al. 2016). Gaps are
+  symbols ``gap - 1`` of an alphabet of size A (a power of two from 256 to 65536 chosen from
+  the mean gap); symbol ``A - 1`` escapes to an exact gap in an ``overflow`` array (uint32, or
+  uint64 for layers with 2^32 or more weights).
 - ``sparse`` (a prunable layer's float32 weight whose values are too many to tabulate, i.e. a
   model that is pruned but not weight-shared, or where a codebook would not pay): the same gap
   stream, and the non-zero values as raw float32. We chose to store such layers exactly rather
@@ -38,9 +38,10 @@ and one of three encodings:
   its own dtype (float32 for almost everything).
 
 Entropy coding (canonical Huffman, codes at most 20 bits, blocks decoded in parallel) is in
-``huffman``; each stream's record holds its length ``n``, ``alphabet``, and either ``single``
-(one distinct symbol, no bits) or ``maxlen``, ``nbits``, ``block`` and the segments ``lengths``
-(code length per symbol), ``bits`` and ``blocks`` (block start offsets).
+``huffman`` and ``huffdecode``; each stream's record holds its length ``n``, ``alphabet``, and
+either ``single`` (one distinct symbol, no bits) or ``maxlen``, ``nbits``, ``block`` and the
+segments ``lengths`` (code length per symbol), ``bits`` and ``blocks`` (block start offsets).
+The prefix, checksum, header and atomic write are in ``container``.
 
 Integrity: a file is refused with ``ValueError`` when it is not a regular file (``/dev/zero``
 would read for ever), shorter or longer than its prefix says (checked against the file's size
@@ -52,45 +53,35 @@ rebuilt from the file's ``spec`` is first built on the ``meta`` device (no memor
 with the tensor records, and refused if it would hold more than
 ``max(MIN_ALLOWANCE, ALLOWANCE_PER_BYTE x payload)`` bytes, so even a header with a valid
 checksum cannot make the reader allocate gigabytes. Nothing is ever unpickled. Writes are
-atomic (a temporary file in the same folder, then ``os.replace``).
+atomic (a temporary file in the same folder, then ``os.replace``). Reader checks: ``container``
+(file, prefix, checksum, header) and here (tensor records, model, allowance).
 
-Measured on VGG16 (138M weights, random init, 8/5-bit weight sharing, ``bench/bench_share.py``):
-at 50% global pruning the file is 62 MB (dense safetensors 553 MB; the paper's weight-shared
-formula 47 MB, which ignores the positions of the non-zeros) and within 1.1% of the entropy
-bound; writing and reading (with rebuilding the architecture) take about 0.55x the time of the
-first version of this codec, which wrote the same bytes.
+Measured on VGG16 (138M weights, random init, 8/5-bit weight sharing, ``bench/bench_share.py
+--file-only``, fastest of 3 on one core of a shared 2-core machine): at 50% global pruning the
+file is 62 MB (dense safetensors 553 MB; the paper's weight-shared formula 47 MB, which ignores
+the positions of the non-zeros) and within 1.1% of the entropy bound; it is written in 1.1 s
+and read back, architecture rebuilt, in 1.2 s: 0.13x and 0.24x the time of the first version
+of this codec (e46de29, frozen in ``bench/frozen``), which wrote the same bytes.
 
 Used by chapter 02 (weight sharing) and 04.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import stat
-import struct
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import container
+from .codebook import MAX_CODEBOOK, distinct  # noqa: F401  (MAX_CODEBOOK public here too)
+from .container import FORMAT_VERSION, MAGIC  # noqa: F401  (public here too)
 from .huffman import Corrupt, Payload, counts_of, decode_stream, encode_stream, entropy_bits, field_int, segment
 from .sizes import effective_state, state_shapes
 
-# --------------------------------------------------------------------------------------------
-# The compressed file
-# --------------------------------------------------------------------------------------------
-
-MAGIC = b"\x89RCLZ\r\n\x1a"  # PNG-style: a non-ASCII byte, then CR LF and ^Z catch text-mode mangling
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sHHQQ32s")  # magic, version, flags, header bytes, payload bytes, sha256
-MAX_CODEBOOK = 2**16  # at most this many distinct non-zero values make a "shared" (coded) layer
 # a rebuilt architecture may hold at most max(MIN_ALLOWANCE, ALLOWANCE_PER_BYTE x payload) bytes
 # of tensors: save_compressed's files stay far below (VGG16: 9x at 50% pruning, about 1000x at
 # 99.9%), while a re-signed header cannot make the reader allocate gigabytes for a tiny payload
@@ -101,12 +92,6 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
 Bits = Union[int, Mapping[str, int], None]
-
-
-def _check_host() -> None:
-    # raw tensors are written in the host's byte order; the format is little-endian
-    if sys.byteorder != "little":
-        raise ValueError("the rclib compressed format is little-endian; this host is big-endian")
 
 
 # ---- tensor encodings ----------------------------------------------------------------------
@@ -121,93 +106,25 @@ def _gap_alphabet(nnz: int, numel: int) -> int:
     return int(min(2**16, max(256, min(wanted, cap))))
 
 
-def _factorize_small(values: np.ndarray, limit: int = 512) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(sorted distinct values, code of each)`` for float32 values with at most ``limit``
-    distinct ones (a weight-shared layer), else None.
-
-    Why not ``pd.factorize``: a perfect hash of the float bits (multiply-shift into a table of
-    2^18 slots, multiplier drawn until the keys do not collide) codes a chunk in a few cheap
-    passes; a chunk with unseen values adds them and is coded again. Codes are insertion ids
-    until one small lookup turns them into sorted ranks.
-    """
-    keys = values.view(np.uint32)
-    rng = np.random.default_rng(0)
-    seen = np.zeros(0, dtype=np.uint32)
-    ids = np.empty(values.size, dtype=np.uint16)
-    table = slot_key = mult = None
-    s = 0
-    while s < values.size:
-        if table is None:
-            for _ in range(64):
-                mult = np.uint32(rng.integers(1, 2**32) | 1)
-                h = (seen * mult) >> np.uint32(14)
-                if np.unique(h).size == seen.size:
-                    break
-            else:
-                return None
-            table = np.zeros(2**18, dtype=np.uint16)
-            slot_key = np.full(2**18, 0, dtype=np.uint32)  # key 0 (+0.0) never occurs: non-zeros
-            table[h] = np.arange(seen.size, dtype=np.uint16)
-            slot_key[h] = seen
-        k = keys[s:s + _STEP]
-        h = (k * mult) >> np.uint32(14)
-        hit = slot_key[h] == k
-        if not hit.all():
-            new = np.unique(k[~hit])
-            if seen.size + new.size > limit:
-                return None
-            seen = np.concatenate([seen, new])
-            table = None
-            continue
-        ids[s:s + k.size] = table[h]
-        s += k.size
-    uniq = seen.view(np.float32)
-    order = np.argsort(uniq)
-    rank = np.empty(seen.size, dtype=np.uint16)
-    rank[order] = np.arange(seen.size, dtype=np.uint16)
-    return uniq[order], rank.astype(np.uint8 if seen.size <= 256 else np.uint16)[ids]
-
-
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(sorted distinct values, code of each value)`` if there are at most MAX_CODEBOOK
-    distinct values and all are finite; else None."""
-    if values.size > 200_000 and np.unique(values[:200_000]).size > MAX_CODEBOOK:
-        return None  # early out: a sample already has too many distinct values
-    if not np.isfinite(values).all():
-        return None
-    found = _factorize_small(values) if values.size > 200_000 and values.dtype == np.float32 else None
-    if found is not None:
-        return found
-    if values.size > 200_000:
-        import pandas as pd  # hash-based: one O(N) pass, no sort of 50M values
-
-        codes, uniq = pd.factorize(values, sort=True)
-        uniq = np.asarray(uniq, dtype=values.dtype)
-    else:
-        uniq, codes = np.unique(values, return_inverse=True)
-    if uniq.size > MAX_CODEBOOK:
-        return None
-    return uniq, codes.astype(np.uint8 if uniq.size <= 256 else np.uint16)
-
-
 def _plan_weight(w: np.ndarray) -> dict[str, Any]:
-    """Decide a prunable layer weight's encoding and compute its symbol streams.
+    """Decide a prunable layer weight's encoding and compute its symbol streams and their counts.
 
     The positions are walked a chunk at a time: on VGG16 whole-layer int64 positions and
     gaps were 400 MB temporaries each.
     """
     flat = w.reshape(-1)
-    nnz = int(np.count_nonzero(flat))
+    # counted on bool masks, a chunk at a time: twice as fast as count_nonzero of the floats
+    nnz = sum(int(np.count_nonzero(flat[s:s + _STEP] != 0)) for s in range(0, flat.size, _STEP))
     ga = _gap_alphabet(nnz, flat.size)
     gsym = np.empty(nnz, dtype=np.uint8 if ga <= 256 else np.uint16)
     values = np.empty(nnz, dtype=flat.dtype)
     overflow, last, i = [], -1, 0
     for s in range(0, flat.size, _STEP):
         c = flat[s:s + _STEP]
-        pos = np.flatnonzero(c)
+        pos = np.flatnonzero(c != 0)  # of a bool mask: branch-free, 12x faster than of the floats
         if not pos.size:
             continue
-        np.take(c, pos, out=values[i:i + pos.size])
+        c.take(pos, out=values[i:i + pos.size], mode="clip")  # "raise" would buffer the output
         pos += s
         gaps = np.empty_like(pos)
         gaps[0] = pos[0] - last
@@ -219,14 +136,15 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
         last, i = int(pos[-1]), i + pos.size
     overflow = (np.concatenate(overflow) if overflow else np.zeros(0, np.int64)).astype(
         np.uint32 if flat.size < 2**32 else np.uint64)
-    plan = dict(nnz=nnz, gap_alphabet=ga, gaps=gsym, overflow=overflow, encoding="sparse",
-                values=values)
-    found = _distinct(values) if values.size else None
+    plan = dict(nnz=nnz, gap_alphabet=ga, gaps=gsym, gap_counts=counts_of(gsym, ga), overflow=overflow,
+                encoding="sparse", values=values)
+    found = distinct(values) if values.size else None
     if found is not None:
         uniq, codes = found
-        shared_cost = uniq.size * 5 + entropy_bits(counts_of(codes, uniq.size)) / 8
+        code_counts = counts_of(codes, uniq.size)
+        shared_cost = uniq.size * 5 + entropy_bits(code_counts) / 8
         if shared_cost < 4 * values.size:  # a codebook must pay for itself
-            plan.update(encoding="shared", codebook=uniq.astype(np.float32), codes=codes)
+            plan.update(encoding="shared", codebook=uniq.astype(np.float32), codes=codes, code_counts=code_counts)
             del plan["values"]
     return plan
 
@@ -238,7 +156,7 @@ def plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
     from . import share
     from .models import prunable_layers
 
-    _check_host()
+    container.check_host()
     layers = dict(prunable_layers(model))
     if bits is not None:
         share._validate_bits(bits, list(layers))
@@ -260,9 +178,8 @@ def plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
     return entries
 
 
-def encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> bytes:
-    """The bytes of the compressed file of ``model`` (``entries`` from :func:`plan` if already
-    planned). Used by chapter 02 and 04, through ``save_compressed`` and ``sizes.size_report``."""
+def _file_parts(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> list:
+    """The compressed file of ``model`` as a list of buffers (``container.assemble``)."""
     from . import models
 
     if entries is None:
@@ -279,26 +196,25 @@ def encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | 
         rec = {k: e[k] for k in ("name", "shape", "dtype", "encoding")}
         if e["encoding"] == "raw":
             t = e["tensor"]
-            rec["data"] = out.add(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            rec["data"] = out.add(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
         else:
             rec.update(nnz=e["nnz"], gap_alphabet=e["gap_alphabet"],
-                       gaps=encode_stream(e["gaps"], e["gap_alphabet"], out),
-                       overflow=out.add(e["overflow"].tobytes()),  # little-endian host (checked)
+                       gaps=encode_stream(e["gaps"], e["gap_alphabet"], out, e["gap_counts"]),
+                       overflow=out.add(e["overflow"]),  # little-endian host (checked)
                        overflow_dtype=e["overflow"].dtype.str)
             if e["encoding"] == "shared":
-                rec["codebook"] = out.add(e["codebook"].astype("<f4").tobytes())
-                rec["codes"] = encode_stream(e["codes"], e["codebook"].size, out)
+                rec["codebook"] = out.add(np.asarray(e["codebook"], "<f4"))
+                rec["codes"] = encode_stream(e["codes"], e["codebook"].size, out, e["code_counts"])
             else:
-                rec["values"] = out.add(e["values"].astype("<f4").tobytes())
+                rec["values"] = out.add(np.asarray(e["values"], "<f4"))
         tensors.append(rec)
-    header = json.dumps(dict(format="rclib.compressed", version=FORMAT_VERSION, spec=spec,
-                             tensors=tensors), separators=(",", ":")).encode()
-    prefix = struct.pack("<8sHHQQ", MAGIC, FORMAT_VERSION, 0, len(header), out.size)
-    digest = hashlib.sha256(prefix)
-    digest.update(header)
-    for part in out.parts:
-        digest.update(part)
-    return b"".join([prefix, digest.digest(), header, *out.parts])
+    return container.assemble(dict(spec=spec, tensors=tensors), out.parts)
+
+
+def encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> bytes:
+    """The bytes of the compressed file of ``model`` (``entries`` from :func:`plan` if already
+    planned). Used by chapter 02 and 04, through ``save_compressed`` and ``sizes.size_report``."""
+    return b"".join(_file_parts(model, bits, entries))
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, bits: Bits = None) -> int:
@@ -330,66 +246,35 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, bits: Bits = None
 
     Used by chapter 02 (weight sharing) and 04.
     """
-    data = encode(model, bits)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return len(data)
+    return container.write_atomic(path, _file_parts(model, bits))
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:
-    """The header and payload of a file, checked before anything large is read: a regular file,
-    magic, version, flags and the lengths in the prefix against the file's size; then the
-    checksum, and a JSON header of the right format and version."""
-    try:
-        info = os.stat(path)
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read ({err.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path}: not a regular file (a device, pipe or folder cannot be an rclib compressed model)")
-    with open(path, "rb") as f:
-        prefix = f.read(_PREFIX.size)
-        if len(prefix) < _PREFIX.size:
-            raise ValueError(f"{path}: not an rclib compressed model (only {len(prefix)} bytes)")
-        magic, version, flags, hlen, plen, digest = _PREFIX.unpack(prefix)
-        if magic != MAGIC:
-            raise ValueError(f"{path}: not an rclib compressed model (bad magic bytes {magic!r})")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {version} is not supported (this rclib reads {FORMAT_VERSION})")
-        if flags != 0:
-            raise ValueError(f"{path}: file is corrupt (flags {flags:#06x}; version {FORMAT_VERSION} defines none)")
-        if info.st_size != _PREFIX.size + hlen + plen:
-            what = "truncated" if info.st_size < _PREFIX.size + hlen + plen else "has trailing bytes"
-            raise ValueError(f"{path}: file is corrupt ({what}: {info.st_size} bytes, the header says "
-                             f"{_PREFIX.size + hlen + plen})")
-        data = bytearray(hlen + plen)
-        if f.readinto(data) != len(data) or f.read(1):
-            raise ValueError(f"{path}: file is corrupt (its size changed while reading)")
-    h = hashlib.sha256(prefix[:28])
-    h.update(data)
-    if h.digest() != digest:
-        raise ValueError(f"{path}: file is corrupt (sha256 checksum mismatch)")
-    try:
-        header = json.loads(data[:hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: file is corrupt (unreadable header: {err})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: file is corrupt (header JSON nested too deeply)") from None
-    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
-        raise ValueError(f"{path}: file is corrupt (header without a tensor list)")
-    if header.get("format") != "rclib.compressed" or header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: file is corrupt (header format {header.get('format')!r} version "
-                         f"{header.get('version')!r}, expected 'rclib.compressed' {FORMAT_VERSION})")
-    return header, memoryview(data)[hlen:]
+def _scatter(w: np.ndarray, gsym: np.ndarray, ga: int, over: np.ndarray,
+             values: Any) -> None:
+    """Put the non-zeros into the zeroed flat ``w``: positions are running sums of the gaps
+    (symbol + 1, or an overflow gap where the symbol is ``ga - 1``); ``values(s, e)`` gives
+    the values of non-zeros s to e. A chunk at a time: no 400 MB int64 temporaries on VGG16."""
+    last, used = -1, 0  # position of the previous non-zero; overflow gaps consumed
+    one_up = np.arange(1, min(gsym.size, _STEP) + 1)
+    for s in range(0, gsym.size, _STEP):
+        g = gsym[s:s + _STEP]
+        pos = np.cumsum(g, dtype=np.int64)
+        pos += one_up[: g.size]  # gap = symbol + 1 ...
+        pos += last
+        esc = np.flatnonzero(g == ga - 1)
+        if esc.size:  # ... or, for the escape symbol, the next overflow gap
+            if used + esc.size > over.size:
+                raise Corrupt("escape count does not match the overflow gaps")
+            jump = np.zeros(g.size, np.int64)
+            jump[esc] = over[used:used + esc.size].astype(np.int64) - ga
+            pos += np.cumsum(jump)
+            used += esc.size
+        if pos[-1] >= w.size:  # gaps are >= 1, so positions only grow: the last is the largest
+            raise Corrupt("non-zero positions outside the tensor")
+        w[pos] = values(s, s + g.size)
+        last = int(pos[-1])
+    if used != over.size:
+        raise Corrupt("escape count does not match the overflow gaps")
 
 
 def _decode_tensor(rec: dict[str, Any], payload: memoryview) -> torch.Tensor:
@@ -426,28 +311,14 @@ def _decode_tensor(rec: dict[str, Any], payload: memoryview) -> torch.Tensor:
         codes = decode_stream(rec["codes"], payload)
         if codes.size != nnz or rec["codes"]["alphabet"] != book.size:
             raise Corrupt("code stream does not match the codebook")
+        values = lambda s, e: np.take(book, codes[s:e])  # noqa: E731
     else:
-        values = np.frombuffer(segment(payload, rec["values"]), dtype="<f4")
-        if values.size != nnz:
+        raw = np.frombuffer(segment(payload, rec["values"]), dtype="<f4")
+        if raw.size != nnz:
             raise Corrupt("value count does not match nnz")
+        values = lambda s, e: raw[s:e]  # noqa: E731
     w = np.zeros(numel, dtype=np.float32)
-    last, used = -1, 0  # position of the previous non-zero; overflow gaps consumed
-    for s in range(0, nnz, _STEP):  # a chunk at a time: no 400 MB int64 temporaries on VGG16
-        g = gsym[s:s + _STEP].astype(np.int64)
-        g += 1
-        esc = np.flatnonzero(g == ga)
-        if used + esc.size > over.size:
-            raise Corrupt("escape count does not match the overflow gaps")
-        g[esc] = over[used:used + esc.size]
-        used += esc.size
-        pos = np.cumsum(g)
-        pos += last
-        if pos[-1] >= numel:
-            raise Corrupt("non-zero positions outside the tensor")
-        w[pos] = book[codes[s:s + _STEP]] if enc == "shared" else values[s:s + _STEP]
-        last = int(pos[-1])
-    if used != over.size:
-        raise Corrupt("escape count does not match the overflow gaps")
+    _scatter(w, gsym, ga, over, values)
     return torch.from_numpy(w).reshape(shape)
 
 
@@ -471,8 +342,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
 
     Used by chapter 02 (weight sharing) and 04.
     """
-    _check_host()
-    header, payload = _read(path)
+    container.check_host()
+    header, payload = container.read(path)
     records = header["tensors"]
     for rec in records:
         if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("shape"), list)

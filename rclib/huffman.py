@@ -2,15 +2,15 @@
 
 A stream of symbols (codebook indices, or gaps between non-zero positions) becomes a canonical
 Huffman code (codes at most 20 bits; the table is the code length of every symbol, one byte
-each) packed MSB-first into bytes with numpy, and is decoded table-driven: the stream is cut
-into blocks of B symbols whose starting bit offsets are stored (fixed-width residuals, well
-under 0.1 bit per symbol), so all blocks are decoded at once, one numpy step per symbol of a
-block. A stream of a single distinct symbol costs no bits. Deep Compression (Han et al. 2016)
-Huffman-codes the same two streams; the paper leaves it as future work (Sec. 4.1).
+each) packed MSB-first into bytes. The stream is cut into blocks of B symbols whose starting bit
+offsets are stored (fixed-width residuals, well under 0.1 bit per symbol), so all blocks are
+decoded at once (``huffdecode``). A stream of a single distinct symbol costs no bits. Deep
+Compression (Han et al. 2016) Huffman-codes the same two streams; the paper leaves it as future
+work (Sec. 4.1).
 
-Why our own coder: a pure-Python bit loop (e.g. dahuffman) would need about two minutes to
-decode VGG16's 138M symbols; these vectorised passes take seconds, and the tests check the
-bytes against the first version of the format.
+Why our own coder: a pure-Python bit loop (e.g. dahuffman) would need about two minutes for
+VGG16's 138M symbols; these vectorised passes take a fraction of a second, and the tests check
+the bytes against the first version of the format.
 
 Used by chapter 02 (weight sharing) and 04, through ``codec``.
 """
@@ -22,8 +22,11 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 HUFFMAN_LIMIT = 20  # longest Huffman code, so a decoding table has at most 2^20 entries
+_STEP = 1 << 18  # symbols per step of the chunked passes: temporaries stay in cache
+_W, _SIX, _LOW6 = np.uint64(64), np.uint64(6), np.uint64(63)
 
 
 class Corrupt(ValueError):
@@ -48,60 +51,148 @@ def segment(payload: memoryview, ref: Any) -> memoryview:
     return payload[ref[0]: ref[0] + ref[1]]
 
 
+class Payload:
+    """Collects binary segments (any contiguous buffers: numpy arrays are kept, not copied); the
+    header refers to them as [offset, length]. Used by chapter 02 and 04, through ``codec``."""
+
+    def __init__(self):
+        self.parts: list[memoryview] = []
+        self.size = 0
+
+    def add(self, data: bytes | memoryview | np.ndarray) -> list[int]:
+        view = memoryview(data).cast("B")
+        ref = [self.size, view.nbytes]
+        self.parts.append(view)
+        self.size += view.nbytes
+        return ref
+
+
 # ---- bit packing ---------------------------------------------------------------------------
+# An *item* is one or more codewords concatenated: its bits left-aligned in a uint64 ``v`` and
+# its length ``l`` <= 64. Items are written at running bit offsets into 64-bit big-endian words.
 
-def _pack_bits(codes: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
-    """Concatenate codewords MSB-first. ``codes[i] < 2^lengths[i]``, lengths 0..32.
+def _pack_items(v: np.ndarray, l: np.ndarray, offset: np.uint64, words: np.ndarray) -> np.ndarray:
+    """OR the items into ``words`` from bit ``offset`` on; returns each item's end bit.
 
-    Vectorised: each codeword is placed in the 64-bit window of the two 32-bit words its first
-    bit falls in; words are the sums (= bitwise ORs, the fields are disjoint) of their parts,
-    accumulated with ``np.bincount`` (float64 sums of values < 2^32 are exact).
+    An item of at most 64 bits starting at bit s lies in words s // 64 and s // 64 + 1, and every
+    word from the first to the last holds the start of some item; so each word is the sum (=
+    the OR: the fields are disjoint) of one run of consecutive items' parts, read off a running
+    sum (uint64, wrapping: a run's sum never wraps, so differences are exact).
     """
-    n = codes.size
-    if n == 0:
-        return b"", 0
-    ends = np.cumsum(lengths, dtype=np.int64)
-    total = int(ends[-1])
-    if total == 0:
-        return b"", 0
-    words = np.zeros(total // 32 + 2, dtype=np.uint64)
-    step = 1 << 22  # chunks bound the temporary memory on 50M-symbol layers
-    for s in range(0, n, step):
-        ln = lengths[s:s + step].astype(np.int64)
-        start = ends[s:s + step] - ln
-        w = start >> 5
-        shift = (64 - (start & 31) - ln).astype(np.uint64)
-        v = codes[s:s + step].astype(np.uint64) << shift
-        w0 = int(w[0])
-        w -= w0
-        span = int(w[-1]) + 2
-        acc = np.bincount(w, weights=(v >> np.uint64(32)).astype(np.float64), minlength=span)
-        acc[1:] += np.bincount(w, weights=(v & np.uint64(0xFFFFFFFF)).astype(np.float64),
-                               minlength=span - 1)[: span - 1]
-        words[w0:w0 + span] += acc.astype(np.uint64)
-    return words.astype(">u4").tobytes()[: (total + 7) // 8], total
+    ends = np.cumsum(l)
+    ends += offset
+    start = ends - l
+    w = start >> _SIX
+    sh = start & _LOW6
+    hi = v >> sh
+    np.subtract(_W, sh, out=sh)
+    lo = v << sh  # numpy shifts by 64 give 0: an item starting on a word boundary has no lo part
+    last = np.flatnonzero(w[1:] != w[:-1])
+    last = np.append(last, w.size - 1)
+    a, k = int(w[0]), last.size
+    np.cumsum(hi, out=hi)
+    np.cumsum(lo, out=lo)
+    words[a:a + k] |= np.diff(hi[last], prepend=np.uint64(0))
+    words[a + 1:a + 1 + k] |= np.diff(lo[last], prepend=np.uint64(0))
+    return ends
 
 
-def _windows(buf: memoryview | bytes, extra_bits: int) -> np.ndarray:
-    """uint64 windows: ``win[i]`` = 32-bit words i and i+1 of the big-endian bit string."""
-    raw = bytes(buf)
-    n_words = (len(raw) + 3) // 4 + (extra_bits + 31) // 32 + 2
-    w = np.zeros(n_words, dtype=">u4")
-    w.view(np.uint8)[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    w = w.astype(np.uint64)
-    return (w[:-1] << np.uint64(32)) | w[1:]
+def _big_endian(words: np.ndarray, nbits: int) -> np.ndarray:
+    """The first ``nbits`` bits of 64-bit words as bytes (the last byte zero-padded), a view."""
+    words.byteswap(inplace=True)
+    return words.view(np.uint8)[: (nbits + 7) // 8]
+
+
+def _pack_fixed(values: np.ndarray, width: int) -> np.ndarray:
+    """``values`` (each < 2^width, width <= 32) as fixed-width fields, MSB-first."""
+    if width == 0 or values.size == 0:
+        return np.zeros(0, np.uint8)
+    v = values.astype(np.uint64) << np.uint64(64 - width)
+    words = np.zeros(values.size * width // 64 + 2, np.uint64)
+    _pack_items(v, np.full(values.size, width, np.uint64), np.uint64(0), words)
+    return _big_endian(words, values.size * width)
 
 
 def _read_fixed(buf: memoryview | bytes, count: int, width: int) -> np.ndarray:
-    """``count`` unsigned fields of ``width`` (<= 32) bits written by ``_pack_bits``."""
+    """``count`` unsigned fields of ``width`` (<= 32) bits written by ``_pack_fixed``."""
     if width == 0:
         return np.zeros(count, dtype=np.int64)
     if len(buf) * 8 < count * width:
         raise Corrupt("a fixed-width field array is shorter than its header says")
-    win = _windows(buf, 0)
+    w = np.zeros((len(buf) + 3) // 4 + 2, dtype=">u4")
+    w.view(np.uint8)[: len(buf)] = np.frombuffer(buf, dtype=np.uint8)
+    w = w.astype(np.uint64)
+    win = (w[:-1] << np.uint64(32)) | w[1:]  # win[i]: 32-bit words i and i+1
     pos = np.arange(count, dtype=np.uint64) * np.uint64(width)
-    val = (win[pos >> np.uint64(5)] >> (np.uint64(64 - width) - (pos & np.uint64(31))))
+    val = win[pos >> np.uint64(5)] >> (np.uint64(64 - width) - (pos & np.uint64(31)))
     return (val & np.uint64((1 << width) - 1)).astype(np.int64)
+
+
+def _item_tables(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per symbol its codeword as an item, the length in the low 6 bits (codes are at most 20
+    bits: the fields never meet); for alphabets of at most 256 symbols also every pair of
+    symbols, indexed by the two symbol bytes read as one little-endian uint16."""
+    ln = lengths.astype(np.uint64)
+    single = np.where(lengths > 0, codes << (_W - ln), np.uint64(0)).astype(np.uint64) | ln
+    if lengths.size > 256:
+        return single, None
+    s = np.zeros(256, np.uint64)
+    s[: single.size] = single
+    length = s & _LOW6
+    v = s ^ length
+    first, second = np.tile(np.arange(256), 256), np.repeat(np.arange(256), 256)
+    pair = v[first] | (v[second] >> length[first]) | (length[first] + length[second])
+    return single, pair
+
+
+def _pack_stream(sym: np.ndarray, counts: np.ndarray, codes: np.ndarray, lengths: np.ndarray,
+                 block: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Huffman-code ``sym`` (whose symbol ``counts`` are given) MSB-first; also the bit offset
+    where each block of ``block`` symbols after the first starts.
+
+    A chunk's symbols become items by one table lookup per *pair* of byte symbols, then
+    neighbouring items are merged (halving their number) while the longest stays within 64
+    bits: the costly per-item passes of ``_pack_items`` then run on a few codewords at a time
+    (gap streams of about 2 bits per symbol pack 32 codewords per item).
+    """
+    single, pair = _item_tables(codes, lengths)
+    sym_len = lengths.astype(np.uint64)
+    nbits = int((counts * lengths.astype(np.int64)).sum())
+    words = np.zeros(nbits // 64 + 2, dtype=np.uint64)
+    marks = np.arange(block - 1, (sym.size - 1) // block * block, block)  # last symbol of a block
+    block_ends = np.empty(marks.size, dtype=np.uint64)
+    offset = np.uint64(0)
+    for s in range(0, sym.size, _STEP):
+        c = sym[s:s + _STEP]
+        if pair is not None and c.size > 1:
+            even = c.size & ~1
+            e = np.take(pair, c[:even].view(np.uint16))
+            if even < c.size:
+                e = np.append(e, single[c[-1]])
+            g = 2  # symbols per item
+        else:
+            e, g = np.take(single, c), 1
+        l = e & _LOW6
+        v = e ^ l
+        while v.size > 1:
+            if v.size % 2:
+                v, l = np.append(v, np.uint64(0)), np.append(l, np.uint64(0))
+            l2 = l[0::2] + l[1::2]
+            if int(l2.max()) > 64:
+                break
+            v = v[0::2] | (v[1::2] >> l[0::2])
+            l, g = l2, 2 * g
+        ends = _pack_items(v, l, offset, words)
+        m0, m1 = np.searchsorted(marks, [s, s + c.size])
+        if m1 > m0:  # a block ends inside an item: take off the lengths of the item's later symbols
+            r = marks[m0:m1] - s
+            item = r // g
+            later = r[:, None] + np.arange(1, g)
+            inside = later < np.minimum((item + 1) * g, c.size)[:, None]
+            extra = (sym_len[c[np.where(inside, later, 0)]] * inside).sum(axis=1)
+            block_ends[m0:m1] = ends[item] - extra.astype(np.uint64)
+        offset = ends[-1]
+    return _big_endian(words, nbits), nbits, block_ends
 
 
 # ---- canonical Huffman ---------------------------------------------------------------------
@@ -146,11 +237,12 @@ def _huffman_lengths(counts: np.ndarray, limit: int = HUFFMAN_LIMIT) -> np.ndarr
     return lengths
 
 
-def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Canonical codes from code lengths, and the decoding table.
 
     Returns ``(codes, table, maxlen)``: ``codes[s]`` the codeword of symbol s; ``table[p]`` for
-    every ``maxlen``-bit prefix p is ``symbol << 5 | length``.
+    every ``maxlen``-bit prefix p is ``symbol << 5 | length``. ``Corrupt`` if the lengths do not
+    form a complete prefix code. Used by chapter 02 and 04, through ``codec``.
     """
     used = np.flatnonzero(lengths)
     ln = lengths[used].astype(np.int64)
@@ -178,102 +270,48 @@ def entropy_bits(counts: np.ndarray) -> float:
 
 
 def _block_len(n: int) -> int:
-    # about 1000 blocks: the decoder makes one numpy step per symbol of a block, over all blocks
+    # about 1000 blocks: the decoder advances all blocks together, one numpy step at a time
     return int(min(4096, max(32, math.ceil(n / 1024))))
 
 
-class Payload:
-    """Collects binary segments; the header refers to them as [offset, length].
-    Used by chapter 02 and 04, through ``codec``."""
-
-    def __init__(self):
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def add(self, data: bytes) -> list[int]:
-        ref = [self.size, len(data)]
-        self.parts.append(data)
-        self.size += len(data)
-        return ref
-
-
-_STEP = 1 << 18  # symbols per step of the chunked passes: temporaries stay in cache
-
-
-def _pack_stream(sym: np.ndarray, counts: np.ndarray, codes: np.ndarray, lengths: np.ndarray,
-                 block: int) -> tuple[bytes, int, np.ndarray]:
-    """Huffman-code ``sym`` (whose symbol ``counts`` are given) MSB-first; also the bit offset
-    where each block of ``block`` symbols after the first starts.
-
-    Same bits as ``_pack_bits(codes[sym], lengths[sym])``, faster: the codeword table is
-    left-aligned in 64 bits once, so a symbol's window is ``table[s] >> (start % 32)``; symbols
-    starting in the same 32-bit word are contiguous, so the words are ``np.add.reduceat`` sums
-    of their parts (= ORs: the fields are disjoint) in exact integers, a chunk at a time.
-    """
-    ln = lengths.astype(np.uint64)
-    left = np.where(lengths > 0, codes << (np.uint64(64) - ln), np.uint64(0)).astype(np.uint64)
-    nbits = int((counts * lengths.astype(np.int64)).sum())
-    words = np.zeros(nbits // 32 + 2, dtype=np.uint64)
-    marks = np.arange(block - 1, (sym.size - 1) // block * block, block)  # last symbol of a block
-    block_ends = np.empty(marks.size, dtype=np.uint64)
-    offset, low = np.uint64(0), np.uint64(0xFFFFFFFF)
-    for s in range(0, sym.size, _STEP):
-        c = sym[s:s + _STEP]
-        width = ln[c]
-        ends = np.cumsum(width, dtype=np.uint64)
-        ends += offset
-        start = ends - width
-        v = left[c] >> (start & np.uint64(31))
-        w = start >> np.uint64(5)
-        first = np.flatnonzero(w[1:] != w[:-1]) + 1
-        first = np.concatenate([[0], first])
-        a, z = int(w[0]), int(w[-1]) + 1
-        hi, lo = np.add.reduceat(v >> np.uint64(32), first), np.add.reduceat(v & low, first)
-        if first.size == z - a:  # codes under 32 bits: every word holds a start, a plain slice
-            words[a:z] |= hi
-            words[a + 1:z + 1] |= lo
-        else:
-            at = w[first]
-            words[at] |= hi
-            words[at + np.uint64(1)] |= lo
-        m0, m1 = np.searchsorted(marks, [s, s + c.size])
-        block_ends[m0:m1] = ends[marks[m0:m1] - s]
-        offset = ends[-1]
-    return words.astype(">u4").tobytes()[: (nbits + 7) // 8], nbits, block_ends
-
-
 def counts_of(sym: np.ndarray, alphabet: int) -> np.ndarray:
-    """``np.bincount(sym, minlength=alphabet)`` a chunk at a time: bincount casts uint8/uint16
-    symbols to int64, a 400 MB temporary for VGG16's biggest layer."""
+    """``np.bincount(sym, minlength=alphabet)`` (int64). Byte symbols are counted by torch, which
+    reads them as they are (3x faster than numpy, which first casts them to int64); others a
+    chunk at a time, so the int64 copy stays small. Used by chapter 02 and 04, through ``codec``."""
+    if sym.dtype == np.uint8:
+        return torch.bincount(torch.from_numpy(sym), minlength=alphabet).numpy()[:alphabet].astype(np.int64)
     counts = np.zeros(alphabet, dtype=np.int64)
     for s in range(0, sym.size, _STEP * 4):
         counts += np.bincount(sym[s:s + _STEP * 4], minlength=alphabet)[:alphabet]
     return counts
 
 
-def encode_stream(sym: np.ndarray, alphabet: int, out: Payload) -> dict[str, Any]:
+def encode_stream(sym: np.ndarray, alphabet: int, out: Payload,
+                  counts: np.ndarray | None = None) -> dict[str, Any]:
     """Huffman-code the symbols ``sym`` (< ``alphabet``) into segments of ``out``; returns the
-    stream's header record (see ``codec``'s format). Used by chapter 02 and 04, through ``codec``."""
+    stream's header record (see ``codec``'s format). ``counts``: ``counts_of(sym, alphabet)``
+    if already known. Used by chapter 02 and 04, through ``codec``."""
     n = int(sym.size)
     meta: dict[str, Any] = {"n": n, "alphabet": alphabet}
     if n == 0:
         return meta
-    counts = counts_of(sym, alphabet)
+    if counts is None:
+        counts = counts_of(sym, alphabet)
     used = np.flatnonzero(counts)
     if used.size == 1:  # e.g. an unpruned layer's gaps are all 1: nothing to store
         meta["single"] = int(used[0])
         return meta
     lengths = _huffman_lengths(counts)
-    codes, _, maxlen = _canonical(lengths)
+    codes, _, maxlen = canonical(lengths)
     block = _block_len(n)
     bits, nbits, block_ends = _pack_stream(sym, counts, codes, lengths, block)
     # starting bit of each block after the first, stored as fixed-width residual lengths
     blen = np.diff(np.concatenate([[0], block_ends.astype(np.int64)]))
     lo = int(blen.min()) if blen.size else 0
     width = int(blen.max() - lo).bit_length() if blen.size else 0
-    res, _ = _pack_bits((blen - lo).astype(np.uint64), np.full(blen.size, width, np.int64))
-    meta.update(maxlen=maxlen, nbits=nbits, block=block, lengths=out.add(lengths.tobytes()),
-                bits=out.add(bits), blocks={"min": lo, "width": width, "data": out.add(res)})
+    meta.update(maxlen=maxlen, nbits=nbits, block=block, lengths=out.add(lengths),
+                bits=out.add(bits), blocks={"min": lo, "width": width,
+                                            "data": out.add(_pack_fixed(blen - lo, width))})
     return meta
 
 
@@ -281,6 +319,8 @@ def decode_stream(meta: dict[str, Any], payload: memoryview) -> np.ndarray:
     """The symbols of the stream whose header record is ``meta`` (uint8, or uint16 for an
     alphabet over 256); ``Corrupt`` if the record and the bits disagree.
     Used by chapter 02 and 04, through ``codec``."""
+    from . import huffdecode
+
     n, alphabet = field_int(meta, "n"), field_int(meta, "alphabet")
     if not 1 <= alphabet <= 2**16:
         raise Corrupt(f"stream alphabet {alphabet} out of range")
@@ -295,8 +335,6 @@ def decode_stream(meta: dict[str, Any], payload: memoryview) -> np.ndarray:
     lengths = np.frombuffer(segment(payload, meta["lengths"]), dtype=np.uint8)
     if lengths.size != alphabet or lengths.max() > HUFFMAN_LIMIT or np.count_nonzero(lengths) < 2:
         raise Corrupt("bad Huffman table")
-    _, table, maxlen = _canonical(lengths)
-    symbol_of, length_of = (table >> 5).astype(dtype), (table & 31).astype(np.uint64)
     block, nbits = field_int(meta, "block"), field_int(meta, "nbits")
     bits = segment(payload, meta["bits"])
     if not 1 <= block <= 2**16 or nbits > 8 * len(bits):
@@ -306,31 +344,10 @@ def decode_stream(meta: dict[str, Any], payload: memoryview) -> np.ndarray:
     if field_int(bm, "width") > 32:
         raise Corrupt("bad block offsets")
     blen = _read_fixed(segment(payload, bm["data"]), nb - 1, field_int(bm, "width")) + field_int(bm, "min")
-    starts = np.concatenate([[0], np.cumsum(blen)]).astype(np.uint64)
+    starts = np.concatenate([[0], np.cumsum(blen)])
     if int(starts[-1]) > nbits:
         raise Corrupt("block offsets beyond the stream")
-    win = _windows(bits, block * maxlen)
-    pos = starts.copy()
-    out = np.empty((block, nb), dtype=dtype)
-    idx = np.empty(nb, np.uint64)
-    sh = np.empty(nb, np.uint64)
-    peek = np.empty(nb, np.uint64)
-    top, five, low5 = np.uint64(64 - maxlen), np.uint64(5), np.uint64(31)
-    for t in range(block):  # all blocks advance together: one numpy step per symbol of a block
-        np.right_shift(pos, five, out=idx)
-        np.bitwise_and(pos, low5, out=sh)
-        np.take(win, idx, out=peek)
-        np.left_shift(peek, sh, out=peek)  # the next maxlen bits, left-aligned ...
-        np.right_shift(peek, top, out=peek)  # ... then right-aligned: the table index
-        np.take(symbol_of, peek, out=out[t])
-        np.take(length_of, peek, out=idx)
-        pos += idx
-    if nb > 1 and not np.array_equal(pos[:-1], starts[1:]):
-        raise Corrupt("a coded block does not end where the next begins")
-    sym = np.empty((nb, block), dtype=dtype)
-    for j in range(0, nb, 256):  # transposed in tiles that stay in cache
-        sym[j:j + 256] = out[:, j:j + 256].T
-    sym = sym.reshape(-1)[:n]
+    sym = huffdecode.decode_blocks(np.frombuffer(bits, np.uint8), nbits, lengths, starts, n, block, dtype)
     if int(sym.max()) >= alphabet:
         raise Corrupt("decoded symbol out of range")
     return sym

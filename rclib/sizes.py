@@ -20,7 +20,7 @@ from typing import Any, Mapping, Union
 import torch
 from torch import nn
 
-from .huffman import counts_of, entropy_bits
+from .huffman import entropy_bits
 from .models import effective
 
 UNITS = {"MB": 1e6, "MiB": 2**20}
@@ -158,10 +158,10 @@ def _entropy_bound(entries: list[dict[str, Any]]) -> float:
         if e["encoding"] == "raw":
             total_bits += 8 * e["tensor"].numel() * e["tensor"].element_size()
             continue
-        total_bits += entropy_bits(counts_of(e["gaps"], e["gap_alphabet"]))
+        total_bits += entropy_bits(e["gap_counts"])
         total_bits += 8 * e["overflow"].nbytes
         if e["encoding"] == "shared":
-            total_bits += entropy_bits(counts_of(e["codes"], e["codebook"].size)) + 32 * e["codebook"].size
+            total_bits += entropy_bits(e["code_counts"]) + 32 * e["codebook"].size
         else:
             total_bits += 32 * e["values"].size
     return total_bits / 8

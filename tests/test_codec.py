@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rclib import codec, huffman, models, share, sizes
+from rclib import codebook, codec, huffman, models, share, sizes
 
 SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
             input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
@@ -334,3 +334,66 @@ def test_flags_checked(saved):
     _resign(path, lambda h: None, flags=1)
     with pytest.raises(ValueError, match="flags 0x0001"):
         codec.load_compressed(path)
+
+
+def _edge_model():
+    """Layers that take the codec's rarer paths: all zeros, one distinct value, a few non-zeros
+    far apart (capped gap alphabet, overflow gaps), a layer over 2^18 non-zeros whose rarest
+    values appear only at its end (the hash coder meets values its sample lacked) and one with
+    more than 256 distinct values (16-bit codes)."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)  # the biases
+    seq = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(4096, 64),
+                        nn.Linear(1000, 600), nn.Linear(700, 500))
+    with torch.no_grad():
+        seq[0].weight.zero_()
+        seq[1].weight.fill_(0.5)
+        seq[1].weight[::3] = 0
+        w = torch.zeros(64 * 4096)
+        w[torch.randperm(w.numel(), generator=g)[:7]] = torch.randn(7, generator=g)
+        seq[2].weight.copy_(w.reshape(64, 4096))
+        book = torch.linspace(-1, 1, 256)
+        idx = torch.randint(0, 250, (600, 1000), generator=g)
+        idx.view(-1)[-6:] = torch.tensor([250, 251, 252, 253, 254, 255])
+        keep = torch.rand(600, 1000, generator=g) > 0.3
+        keep.view(-1)[-6:] = True
+        seq[3].weight.copy_(book[idx] * keep)
+        seq[4].weight.copy_(torch.linspace(-1, 1, 300)[torch.randint(0, 300, (500, 700), generator=g)])
+    return seq
+
+
+def test_edge_layers_round_trip_exactly_and_equal_the_format_version_1_writer(tmp_path, monkeypatch):
+    model = _edge_model()
+    entries = {e["name"]: e for e in codec.plan(model)}
+    assert entries["0.weight"]["nnz"] == 0
+    assert entries["1.weight"]["encoding"] == "shared" and entries["1.weight"]["codebook"].size == 1
+    assert entries["2.weight"]["overflow"].size > 0
+    assert entries["3.weight"]["codebook"].size == 256 and entries["3.weight"]["codes"].dtype == np.uint8
+    assert entries["4.weight"]["codebook"].size == 300 and entries["4.weight"]["codes"].dtype == np.uint16
+    path, old = tmp_path / "edge.rclz", tmp_path / "edge.old.rclz"
+    n = codec.save_compressed(model, path)
+    assert _frozen_writer(monkeypatch).save_compressed(_edge_model(), old) == n
+    assert old.read_bytes() == path.read_bytes()
+    back = codec.load_compressed(path, model=_edge_model())
+    for k, v in sizes.effective_state(model).items():
+        assert torch.equal(sizes.effective_state(back)[k], v), k
+
+
+@pytest.mark.parametrize("seeded, total", [(250, 260), (200, 256), (300, 310)])
+def test_hash_coder_meets_values_its_sample_lacked(seeded, total):
+    rng = np.random.default_rng(0)
+    book = np.sort(rng.standard_normal(total).astype(np.float32))
+    codes = rng.integers(0, seeded, 400_000)
+    codes[-(total - seeded):] = np.arange(seeded, total)  # the rest only at the end
+    values = book[codes]
+    uniq, got = codebook.distinct(values)
+    assert np.array_equal(uniq, book) and np.array_equal(got, codes)
+    assert got.dtype == (np.uint8 if total <= 256 else np.uint16)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_are_stored_raw(bad):
+    values = np.repeat(np.float32([0.25, -1.5, 3.0]), 100_000)
+    values[250_000] = bad  # after the sample the hash coder starts from
+    assert codebook.distinct(values) is None
+    assert codebook.distinct(values[:1000]) is not None
