@@ -170,6 +170,37 @@ def _meta_model(cfg: Config, shape: DataShape):
         return models.from_spec(models.spec(cfg, shape.num_classes, shape.input_shape, (0.0,) * c, (1.0,) * c))
 
 
+def _layer_outputs(model, input_shape: tuple[int, int, int]) -> int:
+    """Elements of every convolution's and linear layer's output for one example of a VGG (the
+    activations a backward pass keeps), walking ``features``, ``avgpool`` and ``classifier``."""
+    from torch import nn
+
+    c, h, w = input_shape
+    total = 0
+
+    def out(size: int, k: int, s: int, p: int) -> int:
+        return (size + 2 * p - k) // s + 1
+
+    def pair(v) -> tuple[int, int]:
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    for m in list(model.features) + [model.avgpool]:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            (kh, kw), (sh, sw), (ph, pw) = pair(m.kernel_size), pair(m.stride), pair(m.padding)
+            h, w = out(h, kh, sh, ph), out(w, kw, sw, pw)
+            if h < 1 or w < 1:
+                raise ValueError(f"{type(m).__name__} leaves a {h}x{w} map")
+            if isinstance(m, nn.Conv2d):
+                c = m.out_channels
+                total += c * h * w
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            h, w = pair(m.output_size)
+        elif not isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Identity)):
+            raise ValueError(f"cannot size a {type(m).__name__} layer")
+    total += sum(m.out_features for m in model.classifier if isinstance(m, nn.Linear))
+    return total
+
+
 def memory_needed(cfg: Config, shape: DataShape) -> dict[str, float]:
     """Bytes the run needs at the very least, by what needs them (a lower bound, so only the
     obviously impossible is refused).
@@ -182,28 +213,17 @@ def memory_needed(cfg: Config, shape: DataShape) -> dict[str, float]:
     * ``decision map``: ``resolution``^2 grid points, each with two plane coordinates, a class, a
       confidence and an RGB colour (8 bytes each).
 
-    Counted on the ``meta`` device (a forward pass of shapes), so even an absurd width costs nothing.
+    Counted from the layers' shapes alone (the model is built on the ``meta`` device, and the
+    output size of every layer follows from its kernel, stride and padding), so even an absurd
+    width costs nothing. A forward pass on ``meta`` would give the same counts but imports
+    torch's meta kernels first, about 1.5 s at the start of every chapter.
     """
-    import torch
-    from torch import nn
-
     model = _meta_model(cfg, shape)
     params = sum(p.numel() for p in model.parameters())
-    acts = 0
-
-    def count(module, inputs, output):
-        nonlocal acts
-        acts += output.numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        with torch.no_grad():
-            model.eval()(torch.empty(1, *shape.input_shape, device="meta"))  # eval: BatchNorm takes one example
-    except RuntimeError as err:  # e.g. five max-pools on an 8x8 input leave nothing
+        acts = _layer_outputs(model, shape.input_shape)
+    except ValueError as err:  # e.g. five max-pools on an 8x8 input leave nothing
         _fail("image_size", cfg.image_size, f"an input size model={cfg.model!r} can take ({err})")
-    finally:
-        for h in hooks:
-            h.remove()
     # activations are per example: one forward pass of shapes, scaled by each batch size
     return {"training": 4.0 * (4 * params + acts * cfg.batch_size),
             "evaluation": 4.0 * (params + acts * cfg.eval_batch_size),

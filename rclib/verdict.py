@@ -48,7 +48,9 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
-from scipy import stats
+# scipy.special, not scipy.stats: the same functions (stats.t.ppf is special.stdtrit, stats.norm.ppf
+# is special.ndtri) without the 0.7 s that importing scipy.stats adds to every chapter's start
+from scipy import special
 
 __all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "OUTCOMES", "Stat", "Verdict", "spread", "fmt",
            "threshold", "paired", "correlation", "seeded_correlation", "arithmetic", "wilson", "share",
@@ -170,6 +172,13 @@ def _pct(level: float) -> str:
     return f"{100 * level:g}%"
 
 
+def _rankdata(v, axis: int = -1) -> np.ndarray:
+    """Average ranks with ties (Spearman's r); scipy.stats is imported only when it is needed."""
+    from scipy.stats import rankdata
+
+    return rankdata(v, axis=axis)
+
+
 def _vector(values: Values, name: str) -> np.ndarray:
     x = np.asarray(values, dtype=float)
     if x.ndim != 1:
@@ -194,7 +203,7 @@ def spread(values: Values, level: float = 0.95) -> Stat:
     if n < 2:
         return Stat(mean, math.nan, 1, math.nan, math.nan, level)
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
+    half = float(special.stdtrit(n - 1, (1 + level) / 2)) * std / math.sqrt(n)
     return Stat(mean, std, n, mean - half, mean + half, level)
 
 
@@ -334,7 +343,7 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
             return inconclusive(math.nan, f"{label} is constant",
                                 f"{label} takes one value over the {n} {items}, so no "
                                 f"correlation is defined")
-    rank = (lambda v: stats.rankdata(v, axis=-1)) if method == "spearman" else (lambda v: v)
+    rank = (lambda v: _rankdata(v, axis=-1)) if method == "spearman" else (lambda v: v)
     estimate = float(_pearson_rows(rank(xv), rank(yv)))
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     xs, ys = xv[idx], yv[idx]
@@ -380,7 +389,7 @@ def seeded_correlation(x: Values, y: Values, seeds: Values, claim: str = "negati
     if not xv.shape == yv.shape == sv.shape:
         raise ValueError(f"x, y and seeds must pair up: {xv.size}, {yv.size}, {sv.size} values")
     pooled = correlation(xv, yv, claim, method, n_boot=n_boot, seed=seed, min_n=min_n, level=level)
-    rank = (lambda v: stats.rankdata(v)) if method == "spearman" else (lambda v: v)
+    rank = (lambda v: _rankdata(v)) if method == "spearman" else (lambda v: v)
     per_seed = []
     for s in np.unique(sv):
         a, b = xv[sv == s], yv[sv == s]
@@ -428,7 +437,7 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
-    z = float(stats.norm.ppf((1 + level) / 2))
+    z = float(special.ndtri((1 + level) / 2))
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from rclib import config
+from rclib import config, models
 
 from toys import image_folder
 
@@ -323,3 +323,29 @@ def test_table_shows_every_field_that_differs_from_the_profile():
     assert list(t.index) == ["profile", "epsilon", "seed", "width"]
     assert t.loc["width", "value"] == "4" and t.loc["width", "profile 'smoke' has"] == "8"
     assert t.loc["epsilon", "profile 'smoke' has"] == ""
+
+
+@pytest.mark.parametrize("spec", [
+    dict(model="vgg_small", width=16, hidden=256, batch_norm=True, input_shape=[1, 8, 8]),
+    dict(model="vgg_small", width=4, hidden=32, batch_norm=False, input_shape=[3, 32, 32]),
+    dict(model="vgg16", width=4, hidden=32, batch_norm=True, input_shape=[3, 32, 32]),
+    dict(model="vgg16", width=64, hidden=4096, batch_norm=False, input_shape=[3, 224, 224]),
+])
+def test_layer_outputs_counted_from_shapes_match_a_meta_forward_pass(spec):
+    """checks sizes activations from kernel, stride and padding instead of a forward pass on the
+    meta device (which costs every chapter 1.5 s of imports); both count the same elements."""
+    from torch import nn
+
+    from rclib import checks
+
+    with torch.device("meta"):
+        model = models.from_spec(dict(spec, dropout=0.5, num_classes=10, mean=[0.0] * spec["input_shape"][0],
+                                      std=[1.0] * spec["input_shape"][0]))
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.numel()))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(torch.empty(1, *spec["input_shape"], device="meta"))
+    for h in hooks:
+        h.remove()
+    assert checks._layer_outputs(model, tuple(spec["input_shape"])) == sum(seen)
