@@ -19,19 +19,46 @@ from .config import Config
 from .retrain import ABLATION_ROWS, TABLE1_ROWS  # noqa: F401  (chapters read them here)
 
 DATA_FIELDS = ("seed", "dataset", "data_dir", "image_size", "train_size", "test_size", "test_fraction")
-MODEL_FIELDS = ("model", "width", "hidden", "batch_norm", "dropout", "weights")
+MODEL_FIELDS = ("model", "width", "hidden", "batch_norm", "dropout", "weights", "head_epochs")
 TRAIN_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs")
 BASELINE_FIELDS = DATA_FIELDS + MODEL_FIELDS + TRAIN_FIELDS
 
 
-def new_model(cfg: Config, splits: data.Splits) -> models.VGG:
-    """An untrained (or torchvision-pretrained) model shaped for ``splits``."""
-    return models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std)
+def new_model(cfg: Config, splits: data.Splits, pretrained: bool = True) -> models.VGG:
+    """An untrained (or torchvision-pretrained) model shaped for ``splits``; ``pretrained=False``
+    when a full state dict is loaded into it right away (``models.build``)."""
+    return models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std, pretrained=pretrained)
+
+
+def fit_head(cfg: Config, model: nn.Module, splits: data.Splits, progress: bool = True) -> list[dict[str, Any]]:
+    """Fit ``model``'s classifier head alone (every other parameter frozen) for
+    ``cfg.head_epochs`` epochs with the baseline's optimiser: the step that makes pretrained
+    weights with another class count usable when ``cfg.epochs`` is 0 (the paper profile), and a
+    gentler start otherwise (a random head's gradients would first wreck the pretrained trunk).
+    BatchNorm running statistics, which are buffers and not parameters, still adapt to the data
+    in training mode. Returns the per-epoch history. Used by :func:`baseline` (chapter 00)."""
+    head = dict(model.named_modules())[models.head_name(model)]
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    try:
+        return train.fit(model, splits.train, cfg.head_epochs, lr=cfg.lr, optimizer=cfg.optimizer,
+                         momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                         desc="new head", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})")
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
 
 
 def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
              progress: bool = True) -> tuple[nn.Module, dict[str, Any], bool]:
     """Train the unpruned baseline h (or load it from the artifact cache).
+
+    When ``cfg.weights`` brings a classifier head of another shape (``models.head_is_new``),
+    :func:`fit_head` first fits a new head alone for ``cfg.head_epochs`` epochs; then all
+    parameters train for ``cfg.epochs`` epochs.
 
     Args:
         cfg: uses the data, model and training fields (``BASELINE_FIELDS``, the cache key).
@@ -40,24 +67,27 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
 
     Returns:
         ``(model, metrics, cached)``: the model in eval mode; metrics with ``clean_accuracy``
-        (test set, in [0, 1]) and ``history`` (per-epoch loss and training accuracy);
+        (test set, in [0, 1]), ``history`` (per-epoch loss and training accuracy of the full
+        training) and ``head_history`` (of the head-only epochs; empty when the head fitted);
         ``cached`` tells whether it came from disk.
 
     Used by chapter 00 and, as the starting point, by chapters 01-04.
     """
     def compute():
         model = new_model(cfg, splits).to(device)
+        head_history = fit_head(cfg, model, splits, progress) if models.head_is_new(cfg, model) else []
         history = train.fit(model, splits.train, cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
                             desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})")
-        return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test), "history": history}
+        return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test), "history": history,
+                                    "head_history": head_history}
 
     built: dict[str, nn.Module] = {}
 
     def check(tensors, metrics):  # a cached state must fit this model exactly, or be recomputed
         if not {"clean_accuracy", "history"} <= metrics.keys():
             raise KeyError(f"metrics lack clean_accuracy or history: {sorted(metrics)}")
-        built["model"] = new_model(cfg, splits)
+        built["model"] = new_model(cfg, splits, pretrained=False)
         built["model"].load_state_dict(tensors, strict=True)
 
     tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check)
