@@ -198,17 +198,23 @@ def spread(values: Values, level: float = 0.95) -> Stat:
     return Stat(mean, std, n, mean - half, mean + half, level)
 
 
-def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = False,
+        empty: str | None = None) -> str:
     """Table cell for per-seed values: ``"97.2 ± 1.1"`` (mean ± sample std, times ``scale``).
 
-    A single value shows without ``±``. Used by chapters 01-05 and book/claims.
+    A single value shows without ``±``. No values raise ``ValueError``, unless the caller
+    expects that case and passes the text to show instead (``empty="n/a"``: e.g. chapter 03 when
+    no compressed model beats chance). Used by chapters 01-05 and book/claims.
     """
+    if empty is not None and np.asarray(values, dtype=float).size == 0:
+        return empty
     return spread(values).format(scale, digits, signed)
 
 
 def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
               items: str = "seeds", scale: float = 1.0, unit: str = "", digits: int = 2,
-              signed: bool = False, label: str = "", what: str = "mean", resolution: float = 0.0) -> Verdict:
+              signed: bool = False, label: str = "", what: str = "mean", resolution: float = 0.0,
+              empty: str | None = None) -> Verdict:
     """Does a per-seed quantity lie on the ``claim`` side (``>``, ``>=``, ``<``, ``<=``) of a bound?
 
     Rule: HOLDS iff every value is on the claimed side of ``bound`` and so is the whole
@@ -217,18 +223,23 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
     INCONCLUSIVE with fewer than two values. ``resolution`` is the step of the measurement (e.g.
     one example of a 40-example sample is 0.025): a mean within one step of the bound is
     INCONCLUSIVE, since a single example changing sides would move it across (equal seeds give
-    a zero-width interval that would otherwise look decisive). Used by chapters 01-05 and
-    book/claims.
+    a zero-width interval that would otherwise look decisive). No values raise ``ValueError``
+    (a caller's slip), unless the caller expects that case and says why it happens in
+    ``empty`` (e.g. "no compressed model beats chance"): then the verdict is INCONCLUSIVE with
+    that reason. Used by chapters 01-05 and book/claims.
     """
     if claim not in _SIDES:
         raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
     x = _vector(values, "values")
-    if x.size == 0:
-        raise ValueError("no values: a verdict needs at least one seed")
-    s = spread(x, level)
-    n = s.n
     show = dict(level=level, scale=scale, unit=unit, digits=digits, signed=signed, label=label,
                 claim=f"{what} {claim} {bound:g}")
+    if x.size == 0:
+        if empty is None:
+            raise ValueError("no values: a verdict needs at least one seed")
+        return Verdict(INCONCLUSIVE, math.nan, math.nan, math.nan, 0, empty,
+                       f"{INCONCLUSIVE}: {empty}, so there is nothing to test", **show)
+    s = spread(x, level)
+    n = s.n
     on_side, side = _SIDES[claim]
     other_side = _SIDES[_OTHER[claim]][1]
     b = _with_unit(_num(bound, scale, digits, False), unit)

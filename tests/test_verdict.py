@@ -294,3 +294,17 @@ def test_a_difference_within_one_measurement_step_is_inconclusive():
     assert v.inconclusive and "one measurement step" in v.detail
     assert V.paired([0.5, 0.6, 0.7], [0.475, 0.575, 0.675], ">", resolution=1 / 40).inconclusive
     assert V.paired([0.6, 0.7, 0.8], [0.5, 0.6, 0.7], ">", resolution=1 / 40).holds  # four steps clear
+
+
+def test_no_values_are_refused_unless_the_caller_expects_them():
+    # chapter 03 with an untrained head: no compressed model beats chance, so a per-seed share
+    # has no seeds at all; the chapter says why and gets an inconclusive verdict, not a crash
+    with pytest.raises(ValueError, match="no values"):
+        V.threshold([], ">", 0.5)
+    v = V.threshold([], ">", 0.5, scale=100, unit="%", empty="no compressed model beats chance")
+    assert v.inconclusive and v.n == 0 and math.isnan(v.estimate)
+    assert str(v) == "inconclusive (no compressed model beats chance; n/a%, no interval)"
+    assert V.direction(v, "are rougher", "are not rougher") == "may or may not be rougher (inconclusive)"
+    with pytest.raises(ValueError):
+        V.fmt([])
+    assert V.fmt([], empty="n/a") == "n/a" and V.fmt([0.5], empty="n/a") == "50.0"
