@@ -192,6 +192,23 @@ def from_spec(s: dict[str, Any]) -> VGG:
     raise ValueError(f"model={s['model']!r} is not known; one of vgg_small, vgg16")
 
 
+def from_state(s: dict[str, Any], state: dict[str, torch.Tensor], device: Any = "cpu") -> VGG:
+    """The model of spec ``s`` holding exactly ``state`` (strict), on ``device``, in eval mode.
+
+    Built on the ``meta`` device and given uninitialised memory on ``device`` before the state
+    is copied in: no random initialisation (seconds on VGG16, and draws that would move torch's
+    global RNG), and no CPU copy when ``device`` is a GPU. The non-persistent normalisation
+    buffers come from the spec. Used by ``pipeline`` to rebuild variants kept on the host
+    (chapters 01 and 03).
+    """
+    with torch.device("meta"):
+        model = from_spec(s)
+    model = model.to_empty(device=device)
+    model.normalize = Normalize(tuple(s["mean"]), tuple(s["std"])).to(device)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def build(cfg: Config, num_classes: int, input_shape: tuple[int, int, int],
           mean: tuple[float, ...], std: tuple[float, ...], pretrained: bool = True) -> VGG:
     """Build the model ``cfg`` names, seeded, with the weights it asks for, on CPU.

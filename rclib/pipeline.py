@@ -139,21 +139,44 @@ def pruned(model: nn.Module, method: str, rate: float) -> nn.Module:
     return prune.harden(copy_) if hardened else copy_
 
 
-def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rates) -> dict[float, nn.Module]:
+@dataclasses.dataclass(frozen=True)
+class HostModel:
+    """A model kept on the host as its architecture (``models.describe``) and its effective
+    state (masks folded in, plain tensors, one copy): many variants then cost host memory
+    instead of device memory, and each becomes a model again only while it is used.
+
+    Used by :func:`iterative_trajectory` (chapters 01 and 03).
+    """
+
+    spec: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: models.VGG) -> "HostModel":
+        return cls(models.describe(model), sizes.effective_state(model))
+
+    def build(self, device: Any = "cpu") -> models.VGG:
+        """A fresh model holding this state, in eval mode, on ``device``."""
+        return models.from_state(self.spec, self.state, device)
+
+
+def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rates) -> dict[float, HostModel]:
     """Alg 5 on a copy of ``base`` (channel pruning in ``cfg.prune_step`` steps, ``retrainer``
     after each), stopping at every rate of ``rates`` on one trajectory to the largest.
 
     Returns:
-        ``{rate: hardened copy of the model at that rate}`` in increasing rate order.
+        ``{rate: HostModel of the hardened model at that rate}`` in increasing rate order: the
+        hardened copies go to the host as they are made, so the device holds ``base``, the
+        model being pruned and one hardened copy at a time, however many rates there are.
 
     Used by :func:`prune_sweep` (chapter 01) and :func:`compressed_variants` (chapter 03).
     """
     rates = sorted(float(r) for r in rates)
-    out: dict[float, nn.Module] = {}
+    out: dict[float, HostModel] = {}
 
     def keep(model: nn.Module, r: float) -> None:
         if any(abs(r - q) < 1e-9 for q in rates):
-            out[r] = prune.harden(model)
+            out[r] = HostModel.of(prune.harden(model))
 
     prune.iterative(prune.clone(base), rates[-1], cfg.prune_step, retrainer(cfg, splits), "channel",
                     on_step=keep, extra=rates)
@@ -196,8 +219,11 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                 rows.append(dict(method=method, rate=r, **measure(pruned(base, method, r), splits, cfg.epsilon)))
                 bar.update()
 
-        for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
+        device = next(base.parameters()).device
+        for r, host in iterative_trajectory(cfg, splits, base, rates).items():
+            hardened = host.build(device)
             rows.append(dict(method="iterative (hardened)", rate=r, **measure(hardened, splits, cfg.epsilon)))
+            del hardened
         bar.update()
         bar.close()
         return None, {"rows": rows}
@@ -221,17 +247,26 @@ def recalibration_rows(cfg: Config, splits: data.Splits, base: nn.Module) -> lis
     return rows
 
 
-def hardening_speed(cfg: Config, splits: data.Splits, base: nn.Module, batches=(1, 256),
-                    repeats: int = 30) -> list[dict[str, Any]]:
+def hardening_speed(cfg: Config, splits: data.Splits, base: nn.Module) -> list[dict[str, Any]]:
     """Figure 4 data: median forward latency of the unpruned model, the channel-pruned masked
-    model (``cfg.prune_rate``) and its hardened copy at each batch size (``timing.latency``).
-    Wall-clock on this machine: never cached. Used by chapter 01."""
+    model (``cfg.prune_rate``) and its hardened copy at batch 1 and ``cfg.latency_batch``, over
+    ``cfg.latency_repeats`` timed passes each (``timing.latency``). The variants are made and
+    timed one after the other, so the device holds ``base`` and one variant (the masked one
+    while it is hardened). Wall-clock on this machine: never cached. Used by chapter 01."""
     from . import timing
 
+    batches = sorted({1, cfg.latency_batch})
+
+    def times(name: str, m: nn.Module) -> list[dict[str, Any]]:
+        return [dict(model=name, batch=b, seconds=timing.latency(m, splits.input_shape, batch=b,
+                                                                 repeats=cfg.latency_repeats)) for b in batches]
+
+    rows = times("unpruned", base)
     masked = pruned(base, "channel", cfg.prune_rate)
-    variants = {"unpruned": base, f"masked (r={cfg.prune_rate:g})": masked, "hardened": prune.harden(masked)}
-    return [dict(model=name, batch=b, seconds=timing.latency(m, splits.input_shape, batch=b, repeats=repeats))
-            for name, m in variants.items() for b in batches]
+    rows += times(f"masked (r={cfg.prune_rate:g})", masked)
+    hardened = prune.harden(masked)
+    del masked
+    return rows + times("hardened", hardened)
 
 
 ROBUST_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
@@ -321,7 +356,8 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
 
 BOUNDARY_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
-    "prune_step", "map_rates", "epsilon", "conv_bits", "linear_bits", "resolution", "local_examples")
+    "prune_step", "map_rates", "epsilon", "conv_bits", "linear_bits", "resolution", "local_examples",
+    "local_resolution")
 BOUNDARY_METHODS = ("global", "layer", "channel", "iterative")
 MAP_POINTS = config.MAP_POINTS
 
@@ -333,8 +369,62 @@ def map_inputs(splits: data.Splits, device: Any = "cpu") -> tuple[torch.Tensor, 
     return x.to(device), y.to(device)
 
 
+class CompressedVariants(Mapping):
+    """Chapter 03's compressed versions of one baseline, by label, made one at a time.
+
+    ``variants[label]`` is the variant's description ``{"method", "rate", "shared"}``;
+    :meth:`model` builds the variant itself, afresh on each call, on ``base``'s device: nothing
+    but the hardened models of the iterative trajectory (on the host, ``HostModel``) is kept,
+    so a loop that drops each model before asking for the next holds ``base`` and one variant
+    (a masked VGG16 alone is about 1.66 GB: weight_orig, mask and weight; 26 of them were 41 GB).
+    Masks are folded into the weights (``prune.make_permanent``) once the variant is made, since
+    nothing here retrains it: the same numbers from a third of the memory.
+
+    Built by :func:`compressed_variants`. Used by chapter 03.
+    """
+
+    def __init__(self, cfg: Config, splits: data.Splits, base: nn.Module, rates,
+                 methods=BOUNDARY_METHODS, shared=(False, True)):
+        rates = sorted(float(r) for r in rates)
+        self.base, self.bits = base, share_bits(cfg)
+        # Alg 5 trains, so its models are made once, on one trajectory, and kept on the host
+        self.hardened = iterative_trajectory(cfg, splits, base, rates) if "iterative" in methods else {}
+        self._info: dict[str, dict[str, Any]] = {}
+        for method, r in [("baseline", 0.0)] + [(m, r) for m in methods for r in rates]:
+            for ws in shared:
+                label = ("baseline" if method == "baseline" else f"{method} r={r:g}") + (" + WS" if ws else "")
+                self._info[label] = dict(method=method, rate=r, shared=ws)
+
+    def __getitem__(self, label: str) -> dict[str, Any]:
+        return dict(self._info[label])
+
+    def __iter__(self):
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def model(self, label: str) -> nn.Module:
+        """The variant ``label`` in eval mode, masks folded; ``base`` itself for ``"baseline"``
+        (never modified). Drop it (``del``) before asking for the next one."""
+        from . import share
+
+        v = self[label]
+        if v["method"] == "baseline":
+            if not v["shared"]:
+                return self.base
+            m = prune.clone(self.base)
+        elif v["method"] == "iterative":
+            m = self.hardened[v["rate"]].build(next(self.base.parameters()).device)
+        else:
+            m = pruned(self.base, v["method"], v["rate"])
+        if v["shared"]:
+            share.weight_share(m, self.bits)  # on the masked copy: pruned entries stay zero
+        return prune.make_permanent(m).eval()
+
+
 def compressed_variants(cfg: Config, splits: data.Splits, base: nn.Module, rates,
-                        methods=BOUNDARY_METHODS, shared=(False, True)) -> dict[str, dict[str, Any]]:
+                        methods=BOUNDARY_METHODS, shared=(False, True)) -> CompressedVariants:
     """Every compressed version of ``base`` that chapter 03 compares, by label.
 
     ``methods``: one-shot ``global``/``layer``/``channel`` (Alg 1-3, not retrained) and
@@ -343,30 +433,19 @@ def compressed_variants(cfg: Config, splits: data.Splits, base: nn.Module, rates
     ``share_bits(cfg)``). The baseline (``"baseline"``, and ``"baseline + WS"``) comes first.
 
     Returns:
-        ``{label: {"method", "rate", "shared", "model"}}`` in a stable order.
+        A :class:`CompressedVariants`: ``{label: {"method", "rate", "shared"}}`` in a stable
+        order, whose ``model(label)`` builds each variant when it is needed.
+
+    Example:
+        >>> variants = compressed_variants(cfg, splits, base, [0.5])
+        >>> for label in variants:
+        ...     m = variants.model(label)
+        ...     print(label, train.evaluate(m, splits.test))
+        ...     del m  # one variant at a time
 
     Used by chapter 03.
     """
-    from . import share
-
-    rates = sorted(float(r) for r in rates)
-    models_: dict[tuple[str, float], nn.Module] = {("baseline", 0.0): base}
-    for method in methods:
-        if method == "iterative":
-            for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
-                models_[("iterative", r)] = hardened
-        else:
-            for r in rates:
-                models_[(method, r)] = pruned(base, method, r)
-    out: dict[str, dict[str, Any]] = {}
-    for (method, r), m in models_.items():
-        for ws in shared:
-            label = ("baseline" if method == "baseline" else f"{method} r={r:g}") + (" + WS" if ws else "")
-            if ws:
-                m = prune.clone(m)
-                share.weight_share(m, share_bits(cfg))
-            out[label] = dict(method=method, rate=r, shared=ws, model=m.eval())
-    return out
+    return CompressedVariants(cfg, splits, base, rates, methods, shared)
 
 
 def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
@@ -377,8 +456,10 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     Each row: label, method, rate, shared, clean and FGSM (``cfg.epsilon``) accuracy, the
     ``boundary.roughness`` of the PCA map (``cfg.resolution``; one PCA plane fitted on the test
     inputs, shared by all variants) prefixed ``pca_``, and the mean roughness of local maps
-    around the first ``cfg.local_examples`` test inputs prefixed ``local_``. The PCA plane is
-    fitted on :func:`map_inputs`.
+    (``cfg.local_resolution``) around the first ``cfg.local_examples`` test inputs prefixed
+    ``local_``. The PCA plane is fitted on :func:`map_inputs`. Variants are made, measured and
+    dropped one at a time (``base`` and one variant on the device); map forward passes run in
+    batches of ``cfg.eval_batch_size``.
 
     Used by chapter 03.
     """
@@ -386,20 +467,22 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
 
     def compute():
         x, y = map_inputs(splits, next(base.parameters()).device)
-        n = cfg.local_examples
+        n, batch = cfg.local_examples, cfg.eval_batch_size
         variants = compressed_variants(cfg, splits, base, cfg.map_rates)
         rows, pca = [], None
-        for label, v in tqdm(variants.items(), desc="roughness", disable=not progress):
-            m = v["model"]
-            dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca)
+        for label in tqdm(variants, desc="roughness", disable=not progress):
+            v, m = variants[label], variants.model(label)
+            dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca, batch_size=batch)
             pca = dmap.pca
             row = dict(label=label, method=v["method"], rate=v["rate"], shared=v["shared"],
                        accuracy=train.evaluate(m, splits.test),
                        robust_accuracy=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon))
             row.update({f"pca_{k}": float(val) for k, val in boundary.roughness(dmap).items()})
             row.update({f"local_{k}": float(val) for k, val in
-                        boundary.local_roughness(m, x[:n], y[:n], seed=cfg.seed).items()})
+                        boundary.local_roughness(m, x[:n], y[:n], seed=cfg.seed, resolution=cfg.local_resolution,
+                                                 batch_size=batch).items()})
             rows.append(row)
+            del m, dmap
         return None, {"rows": rows}
 
     check = artifacts.rows_with("label", "method", "rate", "shared", "accuracy", "robust_accuracy",
