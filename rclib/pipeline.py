@@ -183,6 +183,39 @@ def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rate
     return out
 
 
+OUTPUT_RTOL = 1e-5  # on a GPU: agreement relative to the largest logit
+
+
+@torch.no_grad()
+def outputs_agree(a: nn.Module, b: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[bool, float]:
+    """Whether ``a`` and ``b`` compute the same logits on ``x``, in eval mode (modes restored).
+
+    On a CPU the same weights and inputs give the same bits, so agreement means equality. On a
+    GPU two models with equal weights may still differ in the last bits: cuDNN picks its
+    convolution algorithm per call, some are non-deterministic, and TF32 rounding goes with the
+    algorithm; there agreement means within ``OUTPUT_RTOL`` of the largest logit. ``x`` goes to
+    ``a``'s device (``b`` must be on the same one) in batches of ``batch_size``.
+
+    Returns:
+        ``(agree, largest absolute difference)``.
+
+    Used by chapter 02 (a compressed file loads back to the same function).
+    """
+    device = next(a.parameters()).device
+    modes = a.training, b.training
+    a.eval(), b.eval()
+    try:
+        diff, scale = 0.0, 0.0
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)
+            la, lb = a(xb).float(), b(xb).float()
+            diff = max(diff, float((la - lb).abs().max()))
+            scale = max(scale, float(la.abs().max()))
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    return (diff == 0.0 if device.type == "cpu" else diff <= OUTPUT_RTOL * max(scale, 1.0)), diff
+
+
 def measure(model: nn.Module, splits: data.Splits, eps: float) -> dict[str, Any]:
     """Clean and FGSM robust test accuracy, and the model's size by every yardstick we use."""
     return dict(accuracy=train.evaluate(model, splits.test),
@@ -325,7 +358,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
         return retrain.retrained(cfg, splits, base, rate, retrain.STEP_OF[name])[0]
 
     def model_of(name: str) -> nn.Module:
-        m = new_model(cfg, splits)
+        m = new_model(cfg, splits, pretrained=False)
         m.load_state_dict(state_of(name), strict=True)
         return m.to(device).eval()
 

@@ -298,3 +298,16 @@ def test_baseline_fits_a_new_head_alone_before_training(tmp_path):
     with pytest.warns(UserWarning):
         _, m0, hit0 = pipeline.baseline(untrained, splits, progress=False)
     assert not hit0 and m0["head_history"] == [] and m0["clean_accuracy"] < metrics["clean_accuracy"]
+
+
+def test_outputs_agree_exactly_on_cpu_and_restore_modes(tiny_model):
+    from rclib import pipeline, prune
+
+    x = torch.rand(10, 1, 8, 8)
+    twin = prune.clone(tiny_model).train()
+    assert pipeline.outputs_agree(tiny_model, twin, x, batch_size=4) == (True, 0.0)
+    assert twin.training and tiny_model.training  # modes restored (built in training mode)
+    with torch.no_grad():
+        twin.classifier[6].bias.add_(1e-6)  # a last-bit change: not the same function on a CPU
+    agree, diff = pipeline.outputs_agree(tiny_model, twin, x, batch_size=4)
+    assert not agree and 0 < diff < 1e-5
