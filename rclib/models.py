@@ -279,7 +279,8 @@ def _pretrained_state(cfg: Config) -> tuple[dict[str, torch.Tensor], str]:
 
 def head_name(model: nn.Module) -> str:
     """The qualified name of the classifier head, the last linear layer of ``model.classifier``
-    (``"classifier.6"`` for VGG16 and the small net)."""
+    (``"classifier.6"`` for VGG16 and the small net). Used by :func:`build`, ``checks`` and
+    ``pipeline.fit_head`` (chapter 00)."""
     return [n for n, m in prunable_layers(model) if isinstance(m, nn.Linear)][-1]
 
 

@@ -68,7 +68,7 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
     Returns:
         ``(model, metrics, cached)``: the model in eval mode; metrics with ``clean_accuracy``
         (test set, in [0, 1]), ``history`` (per-epoch loss and training accuracy of the full
-        training) and ``head_history`` (of the head-only epochs; empty when the head fitted);
+        training) and ``head_history`` (of the head-only epochs; empty when no new head was needed);
         ``cached`` tells whether it came from disk.
 
     Used by chapter 00 and, as the starting point, by chapters 01-04.

@@ -311,3 +311,18 @@ def test_outputs_agree_exactly_on_cpu_and_restore_modes(tiny_model):
         twin.classifier[6].bias.add_(1e-6)  # a last-bit change: not the same function on a CPU
     agree, diff = pipeline.outputs_agree(tiny_model, twin, x, batch_size=4)
     assert not agree and 0 < diff < 1e-5
+
+
+def test_hardening_speed_times_at_the_configured_batch_and_repeats(monkeypatch):
+    # chapter 01's Figure 4 once timed batch 256 x 30 passes x 3 models whatever the config said
+    from rclib import data, pipeline, timing
+
+    cfg = config.load("smoke", train_size=64, test_size=32, width=4, hidden=16, latency_batch=7, latency_repeats=2)
+    splits = data.load(cfg)
+    base = pipeline.new_model(cfg, splits).eval()
+    calls = []
+    monkeypatch.setattr(timing, "latency", lambda m, shape, batch, repeats: calls.append((batch, repeats)) or 0.5)
+    rows = pipeline.hardening_speed(cfg, splits, base)
+    assert [(r["model"], r["batch"]) for r in rows] == [(m, b) for m in ("unpruned", "masked (r=0.5)", "hardened")
+                                                         for b in (1, 7)]
+    assert calls == [(1, 2), (7, 2)] * 3
