@@ -172,7 +172,7 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
                         attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb.to(device), eps))
             add(name, "check", "PGD-10", LARGE_EPS, "subset",
                 attacks.robust_correct(m, sub, attacks.pgd, LARGE_EPS, steps=PGD_STEPS, generator=gen()))
-            add(name, "check", "zero input gradient", 0.0, "test", zero_gradient_inputs(m, x, y))
+            add(name, "check", "zero input gradient", 0.0, "test", zero_gradient_inputs(m, x, y, cfg.eval_batch_size))
             if name in CURVE_VARIANTS:
                 for e in cfg.epsilons:  # the table's own outcomes where it has them: same digits, same runs
                     for attack, run in (("FGSM", dict(attack=attacks.fgsm)),
