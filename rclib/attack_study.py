@@ -68,7 +68,7 @@ def madry_model(cfg: Config, splits: data.Splits, base: nn.Module, rate: float) 
     from . import retrain
 
     state, _, _ = retrain.retrained(cfg, splits, base, rate, "alg7-pgd")
-    m = new_model(cfg, splits)
+    m = new_model(cfg, splits, pretrained=False)
     m.load_state_dict(state, strict=True)
     return m.to(next(base.parameters()).device).eval()
 
@@ -121,7 +121,7 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
         def model_of(name: str) -> nn.Module:  # one at a time: paper-scale models are 0.5 GB each
             if name == MADRY_ROW:
                 return madry_model(cfg, splits, base, rate)
-            m = new_model(cfg, splits)
+            m = new_model(cfg, splits, pretrained=False)
             m.load_state_dict(states[name], strict=True)
             return m.to(device).eval()
         x, y = data.as_tensors(splits.test.dataset)
@@ -172,7 +172,7 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
                         attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb.to(device), eps))
             add(name, "check", "PGD-10", LARGE_EPS, "subset",
                 attacks.robust_correct(m, sub, attacks.pgd, LARGE_EPS, steps=PGD_STEPS, generator=gen()))
-            add(name, "check", "zero input gradient", 0.0, "test", zero_gradient_inputs(m, x, y))
+            add(name, "check", "zero input gradient", 0.0, "test", zero_gradient_inputs(m, x, y, cfg.eval_batch_size))
             if name in CURVE_VARIANTS:
                 for e in cfg.epsilons:  # the table's own outcomes where it has them: same digits, same runs
                     for attack, run in (("FGSM", dict(attack=attacks.fgsm)),

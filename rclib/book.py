@@ -113,13 +113,16 @@ def comparison(rows: Sequence[dict[str, Any]]):
     ``verdict`` (and any further columns given).
 
     Returned as a pandas Styler: unlike a DataFrame's repr it never truncates the verdicts,
-    and a value the paper does not report shows as a dash.
+    and a value the paper does not report shows as a dash. The quantity is the first column,
+    not the index: two claims may read alike (chapter 00 under the paper profile, whose headline
+    epsilon is the paper's 0.03), and a Styler refuses to style a table with repeated row labels.
     """
     import pandas as pd
 
-    table = pd.DataFrame(list(rows)).set_index("quantity")
-    return table.style.format(precision=2, na_rep="—").set_properties(
-        subset=["verdict"], **{"text-align": "left"})
+    table = pd.DataFrame(list(rows))
+    table = table[["quantity"] + [c for c in table.columns if c != "quantity"]]
+    return table.style.format(precision=2, na_rep="—").hide(axis="index").set_properties(
+        subset=["quantity", "verdict"], **{"text-align": "left"})
 
 
 def glued(path) -> dict[str, Any]:

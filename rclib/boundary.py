@@ -341,19 +341,21 @@ def rgb(m: DecisionMap, num_classes: int | None = None) -> np.ndarray:
 
 
 def local_roughness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float = 0.3,
-                    resolution: int = 41, seed: int = 0) -> dict[str, float]:
+                    resolution: int = 41, seed: int = 0, batch_size: int = 1024) -> dict[str, float]:
     """:func:`roughness` of :func:`local_map` averaged over the inputs ``x`` (N, C, H, W).
 
     One local map per input (its FGSM direction and a random one, the random direction seeded
     with ``seed + i``), so a model's number reflects the boundary an attacker meets near the data,
-    not one hand-picked example. Returns the mean of every roughness field.
+    not one hand-picked example. Returns the mean of every roughness field. ``resolution`` is
+    each map's grid points per side (the chapters pass ``cfg.local_resolution``), ``batch_size``
+    the grid points per forward pass (``cfg.eval_batch_size``).
 
     Used by chapters 03 (roughness against robustness) and 04 (Figure 8).
     """
     totals: dict[str, float] = {}
     for i in range(len(x)):
         r = roughness(local_map(model, x[i:i + 1], y[i:i + 1], radius=radius,
-                                resolution=resolution, seed=seed + i))
+                                resolution=resolution, seed=seed + i, batch_size=batch_size))
         for k, v in r.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return {k: v / len(x) for k, v in totals.items()}

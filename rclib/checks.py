@@ -256,8 +256,13 @@ def check_memory(cfg: Config, shape: DataShape, defaults: Config | None = None) 
 
 def check_weights(cfg: Config, shape: DataShape) -> None:
     """A ``weights`` file must be a readable safetensors file whose tensors fit the model:
-    the header is parsed (nothing else is read) and names and shapes are compared."""
-    if cfg.weights in ("none", "imagenet"):
+    the header is parsed (nothing else is read) and names and shapes are compared. Only the
+    classifier head may differ in shape (a 1000-class head on a 10-class folder): ``models.build``
+    leaves it out and ``pipeline.baseline`` fits a new one."""
+    if cfg.weights == "imagenet":
+        check_pretrained(cfg)
+        return
+    if cfg.weights == "none":
         return
     from safetensors import safe_open
 
@@ -269,13 +274,47 @@ def check_weights(cfg: Config, shape: DataShape) -> None:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # garbage, an empty file, a renamed pickle: the header does not parse
         _fail("weights", cfg.weights, f"a readable safetensors file; its header does not parse ({err})")
-    wanted = {k: tuple(v.shape) for k, v in _meta_model(cfg, shape).state_dict().items()}
-    diff = sorted(set(found) ^ set(wanted)) + sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])
+    from .models import head_name
+
+    meta = _meta_model(cfg, shape)
+    wanted = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    head = head_name(meta)
+    diff = sorted(set(found) ^ set(wanted)) + sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k]
+                                                     and not k.startswith(f"{head}."))
     if diff:
         shown = "; ".join(f"{k}: file {found.get(k, 'absent')}, model {wanted.get(k, 'absent')}" for k in diff[:4])
         _fail("weights", cfg.weights, f"a state dict of the configured model (model={cfg.model!r}, "
               f"width={cfg.width}, hidden={cfg.hidden}, {shape.num_classes} classes); {len(diff)} tensors "
               f"differ: {shown}{' ...' if len(diff) > 4 else ''}")
+
+
+def imagenet_checkpoint(cfg: Config) -> tuple[Path, str]:
+    """Where ``torch.hub`` keeps torchvision's ImageNet VGG16 weights for ``cfg`` (with or
+    without BatchNorm), and the address it downloads them from."""
+    import torch
+    import torchvision
+
+    w = (torchvision.models.VGG16_BN_Weights if cfg.batch_norm else torchvision.models.VGG16_Weights).IMAGENET1K_V1
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url), w.url
+
+
+def check_pretrained(cfg: Config) -> None:
+    """``weights='imagenet'`` needs torchvision's file in the torch.hub cache, or a network that
+    answers within ``PROBE_TIMEOUT`` seconds (a HEAD request: nothing is downloaded here).
+    Without either, torch.hub would fail mid-chapter after the data has loaded, with a long
+    traceback and no timeout; refuse up front and name the local-file alternative."""
+    path, url = imagenet_checkpoint(cfg)
+    if path.is_file():
+        return
+    reason = _reachable(url)
+    if reason is None:
+        return
+    stem = path.stem.split("-")[0]
+    _fail("weights", cfg.weights, f"torchvision's ImageNet weights are not in the torch.hub cache ({path}) and "
+          f"cannot be downloaded from {url} ({reason}); copy that file to {path}, or pass "
+          f"weights=path/to/{stem}.safetensors, made once from it with: python -c \"import torch; "
+          f"from safetensors.torch import save_file; save_file(torch.load('{path.name}', weights_only=True), "
+          f"'{stem}.safetensors')\"")
 
 
 def feasible(cfg: Config, defaults: Config | None = None) -> None:

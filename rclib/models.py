@@ -220,9 +220,32 @@ def from_spec(s: dict[str, Any]) -> VGG:
     raise ValueError(f"model={s['model']!r} is not known; one of vgg_small, vgg16")
 
 
+def from_state(s: dict[str, Any], state: dict[str, torch.Tensor], device: Any = "cpu") -> VGG:
+    """The model of spec ``s`` holding exactly ``state`` (strict), on ``device``, in eval mode.
+
+    Built on the ``meta`` device and given uninitialised memory on ``device`` before the state
+    is copied in: no random initialisation (seconds on VGG16, and draws that would move torch's
+    global RNG), and no CPU copy when ``device`` is a GPU. The non-persistent normalisation
+    buffers come from the spec. Used by ``pipeline`` to rebuild variants kept on the host
+    (chapters 01 and 03).
+    """
+    with torch.device("meta"):
+        model = from_spec(s)
+    model = model.to_empty(device=device)
+    model.normalize = Normalize(tuple(s["mean"]), tuple(s["std"])).to(device)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def build(cfg: Config, num_classes: int, input_shape: tuple[int, int, int],
-          mean: tuple[float, ...], std: tuple[float, ...]) -> VGG:
+          mean: tuple[float, ...], std: tuple[float, ...], pretrained: bool = True) -> VGG:
     """Build the model ``cfg`` names, seeded, with the weights it asks for, on CPU.
+
+    Pretrained weights (``imagenet`` or a file) fill every tensor, strictly, except a classifier
+    head whose shape does not fit the data's class count (ImageNet's 1000 classes on a 10-class
+    folder): that head keeps its seeded initialisation, a warning names the source and both
+    shapes, and :func:`head_is_new` says so, so that ``pipeline.baseline`` fits it
+    (``cfg.head_epochs``) before any other training.
 
     Args:
         cfg: uses ``model`` (``vgg_small`` | ``vgg16``), ``width`` (first block's channels; VGG16
@@ -230,6 +253,9 @@ def build(cfg: Config, num_classes: int, input_shape: tuple[int, int, int],
             ``weights`` (``none`` | ``imagenet`` through torchvision | a local ``.safetensors``
             state dict) and ``seed`` (initialisation).
         num_classes, input_shape, mean, std: from ``data.load(cfg)`` (``Splits``).
+        pretrained: False skips ``cfg.weights`` (the same seeded initialisation), for a caller
+            that loads a full state dict right away (a cached baseline or variant): reading
+            VGG16's 0.5 GB of pretrained weights only to overwrite them would be waste.
 
     Returns:
         A :class:`VGG` mapping (B, C, H, W) pixels in [0, 1] to (B, num_classes) logits.
@@ -242,20 +268,67 @@ def build(cfg: Config, num_classes: int, input_shape: tuple[int, int, int],
     """
     torch.manual_seed(cfg.seed)
     model = from_spec(spec(cfg, num_classes, input_shape, mean, std))
+    if not pretrained or cfg.weights == "none":
+        return model
+    state, source = _pretrained_state(cfg)
+    head = head_name(model)
+    own = model.state_dict()
+    misfit = [k for k in (f"{head}.weight", f"{head}.bias")
+              if k in state and k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if misfit:
+        import warnings
+
+        warnings.warn(f"weights={cfg.weights!r}: {source}'s head {head}.weight has shape "
+                      f"{tuple(state[f'{head}.weight'].shape)}, the model's {tuple(own[f'{head}.weight'].shape)} "
+                      f"({num_classes} classes); the head keeps its seeded initialisation and is fitted "
+                      f"alone for head_epochs={cfg.head_epochs} epochs before training", stacklevel=2)
+        state = {k: v for k, v in state.items() if k not in misfit}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = sorted(set(missing) - set(misfit)) + sorted(unexpected)
+    if wrong:  # checks.check_weights refuses such files up front; this guards any other caller
+        raise RuntimeError(f"weights={cfg.weights!r}: {source} does not fit the model "
+                           f"(missing or unexpected: {', '.join(wrong[:6])})")
+    return model
+
+
+def _pretrained_state(cfg: Config) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict ``cfg.weights`` names and a few words saying where it came from."""
     if cfg.weights == "imagenet":
         import torchvision
 
         w = (torchvision.models.VGG16_BN_Weights if cfg.batch_norm else torchvision.models.VGG16_Weights).IMAGENET1K_V1
         tv = (torchvision.models.vgg16_bn if cfg.batch_norm else torchvision.models.vgg16)(weights=w)
-        state = tv.state_dict()
-        if num_classes != 1000:  # keep the pretrained trunk, retrain the new head
-            state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
-        model.load_state_dict(state, strict=False)
-    elif cfg.weights != "none":
-        from safetensors.torch import load_file
+        return tv.state_dict(), f"torchvision's {w}"
+    from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(resolve_path(cfg.weights))))
-    return model
+    path = resolve_path(cfg.weights)
+    return load_file(str(path)), str(path)
+
+
+def head_name(model: nn.Module) -> str:
+    """The qualified name of the classifier head, the last linear layer of ``model.classifier``
+    (``"classifier.6"`` for VGG16 and the small net). Used by :func:`build`, ``checks`` and
+    ``pipeline.fit_head`` (chapter 00)."""
+    return [n for n, m in prunable_layers(model) if isinstance(m, nn.Linear)][-1]
+
+
+IMAGENET_HEAD = (1000, 4096)  # torchvision VGG16's classifier.6.weight
+
+
+def head_is_new(cfg: Config, model: nn.Module) -> bool:
+    """Whether :func:`build` left ``model``'s head at its initialisation because ``cfg.weights``
+    holds a head of another shape (read from the file's header or torchvision's known shape;
+    no weights are loaded). Used by ``pipeline.baseline`` (chapter 00) to fit that head first."""
+    if cfg.weights == "none":
+        return False
+    name = f"{head_name(model)}.weight"
+    want = tuple(dict(model.named_parameters())[name].shape)
+    if cfg.weights == "imagenet":
+        return want != IMAGENET_HEAD
+    from safetensors import safe_open
+
+    with safe_open(str(resolve_path(cfg.weights)), framework="pt") as f:
+        return name in f.keys() and tuple(f.get_slice(name).get_shape()) != want
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -22,7 +22,7 @@ from .config import Config
 from .retrain import ABLATION_ROWS, TABLE1_ROWS  # noqa: F401  (chapters read them here)
 
 DATA_FIELDS = ("seed", "dataset", "data_dir", "image_size", "train_size", "test_size", "test_fraction")
-MODEL_FIELDS = ("model", "width", "hidden", "batch_norm", "dropout", "weights")
+MODEL_FIELDS = ("model", "width", "hidden", "batch_norm", "dropout", "weights", "head_epochs")
 TRAIN_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs")
 BASELINE_FIELDS = DATA_FIELDS + MODEL_FIELDS + TRAIN_FIELDS
 
@@ -41,14 +41,43 @@ def kind_of(cfg: Config, model: nn.Module) -> str:
 HOST_KIND = "cpu/fp32"  # steps that never leave the CPU, whatever the device: keyed as such
 
 
-def new_model(cfg: Config, splits: data.Splits) -> models.VGG:
-    """An untrained (or torchvision-pretrained) model shaped for ``splits``."""
-    return models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std)
+def new_model(cfg: Config, splits: data.Splits, pretrained: bool = True) -> models.VGG:
+    """An untrained (or torchvision-pretrained) model shaped for ``splits``; ``pretrained=False``
+    when a full state dict is loaded into it right away (``models.build``)."""
+    return models.build(cfg, splits.num_classes, splits.input_shape, splits.mean, splits.std, pretrained=pretrained)
+
+
+def fit_head(cfg: Config, model: nn.Module, splits: data.Splits, progress: bool = True,
+             runtime: accel.Runtime | None = None) -> list[dict[str, Any]]:
+    """Fit ``model``'s classifier head alone (every other parameter frozen) for
+    ``cfg.head_epochs`` epochs with the baseline's optimiser: the step that makes pretrained
+    weights with another class count usable when ``cfg.epochs`` is 0 (the paper profile), and a
+    gentler start otherwise (a random head's gradients would first wreck the pretrained trunk).
+    BatchNorm running statistics, which are buffers and not parameters, still adapt to the data
+    in training mode. Returns the per-epoch history. Used by :func:`baseline` (chapter 00)."""
+    head = dict(model.named_modules())[models.head_name(model)]
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    try:
+        return train.fit(model, splits.train, cfg.head_epochs, lr=cfg.lr, optimizer=cfg.optimizer,
+                         momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                         desc="new head", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})",
+                         runtime=runtime)
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
 
 
 def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
              progress: bool = True) -> tuple[nn.Module, dict[str, Any], bool]:
     """Train the unpruned baseline h (or load it from the artifact cache).
+
+    When ``cfg.weights`` brings a classifier head of another shape (``models.head_is_new``),
+    :func:`fit_head` first fits a new head alone for ``cfg.head_epochs`` epochs; then all
+    parameters train for ``cfg.epochs`` epochs.
 
     Args:
         cfg: uses the data, model and training fields (``BASELINE_FIELDS``, the cache key).
@@ -57,7 +86,8 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
 
     Returns:
         ``(model, metrics, cached)``: the model in eval mode; metrics with ``clean_accuracy``
-        (test set, in [0, 1]) and ``history`` (per-epoch loss and training accuracy);
+        (test set, in [0, 1]), ``history`` (per-epoch loss and training accuracy of the full
+        training) and ``head_history`` (of the head-only epochs; empty when no new head was needed);
         ``cached`` tells whether it came from disk.
 
     Used by chapter 00 and, as the starting point, by chapters 01-04.
@@ -66,19 +96,20 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
 
     def compute():
         model = accel.prepare(new_model(cfg, splits).to(device), rt)
+        head_history = fit_head(cfg, model, splits, progress, rt) if models.head_is_new(cfg, model) else []
         history = train.fit(model, splits.train, cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
                             desc="baseline", progress=progress, blame=f"lr={cfg.lr:g} (optimizer {cfg.optimizer})",
                             runtime=rt)
         return model.state_dict(), {"clean_accuracy": train.evaluate(model, splits.test, runtime=rt),
-                                    "history": history}
+                                    "history": history, "head_history": head_history}
 
     built: dict[str, nn.Module] = {}
 
     def check(tensors, metrics):  # a cached state must fit this model exactly, or be recomputed
         if not {"clean_accuracy", "history"} <= metrics.keys():
             raise KeyError(f"metrics lack clean_accuracy or history: {sorted(metrics)}")
-        built["model"] = new_model(cfg, splits)
+        built["model"] = new_model(cfg, splits, pretrained=False)
         built["model"].load_state_dict(tensors, strict=True)
 
     tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check,
@@ -131,25 +162,81 @@ def pruned(model: nn.Module, method: str, rate: float) -> nn.Module:
     return prune.harden(copy_) if hardened else copy_
 
 
-def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rates) -> dict[float, nn.Module]:
+@dataclasses.dataclass(frozen=True)
+class HostModel:
+    """A model kept on the host as its architecture (``models.describe``) and its effective
+    state (masks folded in, plain tensors, one copy): many variants then cost host memory
+    instead of device memory, and each becomes a model again only while it is used.
+
+    Used by :func:`iterative_trajectory` (chapters 01 and 03).
+    """
+
+    spec: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: models.VGG) -> "HostModel":
+        return cls(models.describe(model), sizes.effective_state(model))
+
+    def build(self, device: Any = "cpu") -> models.VGG:
+        """A fresh model holding this state, in eval mode, on ``device``."""
+        return models.from_state(self.spec, self.state, device)
+
+
+def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rates) -> dict[float, HostModel]:
     """Alg 5 on a copy of ``base`` (channel pruning in ``cfg.prune_step`` steps, ``retrainer``
     after each), stopping at every rate of ``rates`` on one trajectory to the largest.
 
     Returns:
-        ``{rate: hardened copy of the model at that rate}`` in increasing rate order.
+        ``{rate: HostModel of the hardened model at that rate}`` in increasing rate order: the
+        hardened copies go to the host as they are made, so the device holds ``base``, the
+        model being pruned and one hardened copy at a time, however many rates there are.
 
     Used by :func:`prune_sweep` (chapter 01) and :func:`compressed_variants` (chapter 03).
     """
     rates = sorted(float(r) for r in rates)
-    out: dict[float, nn.Module] = {}
+    out: dict[float, HostModel] = {}
 
     def keep(model: nn.Module, r: float) -> None:
         if any(abs(r - q) < 1e-9 for q in rates):
-            out[r] = prune.harden(model)
+            out[r] = HostModel.of(prune.harden(model))
 
     prune.iterative(prune.clone(base), rates[-1], cfg.prune_step, retrainer(cfg, splits), "channel",
                     on_step=keep, extra=rates)
     return out
+
+
+OUTPUT_RTOL = 1e-5  # on a GPU: agreement relative to the largest logit
+
+
+@torch.no_grad()
+def outputs_agree(a: nn.Module, b: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[bool, float]:
+    """Whether ``a`` and ``b`` compute the same logits on ``x``, in eval mode (modes restored).
+
+    On a CPU the same weights and inputs give the same bits, so agreement means equality. On a
+    GPU two models with equal weights may still differ in the last bits: cuDNN picks its
+    convolution algorithm per call, some are non-deterministic, and TF32 rounding goes with the
+    algorithm; there agreement means within ``OUTPUT_RTOL`` of the largest logit. ``x`` goes to
+    ``a``'s device (``b`` must be on the same one) in batches of ``batch_size``.
+
+    Returns:
+        ``(agree, largest absolute difference)``.
+
+    Used by chapter 02 (a compressed file loads back to the same function).
+    """
+    device = next(a.parameters()).device
+    modes = a.training, b.training
+    a.eval(), b.eval()
+    try:
+        diff, scale = 0.0, 0.0
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)
+            la, lb = a(xb).float(), b(xb).float()
+            diff = max(diff, float((la - lb).abs().max()))
+            scale = max(scale, float(la.abs().max()))
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    return (diff == 0.0 if device.type == "cpu" else diff <= OUTPUT_RTOL * max(scale, 1.0)), diff
 
 
 def measure(model: nn.Module, splits: data.Splits, eps: float,
@@ -191,8 +278,11 @@ def prune_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                 rows.append(dict(method=method, rate=r, **measure(pruned(base, method, r), splits, cfg.epsilon, rt)))
                 bar.update()
 
-        for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
+        device = next(base.parameters()).device
+        for r, host in iterative_trajectory(cfg, splits, base, rates).items():
+            hardened = host.build(device)
             rows.append(dict(method="iterative (hardened)", rate=r, **measure(hardened, splits, cfg.epsilon, rt)))
+            del hardened
         bar.update()
         bar.close()
         return None, {"rows": rows}
@@ -217,17 +307,26 @@ def recalibration_rows(cfg: Config, splits: data.Splits, base: nn.Module) -> lis
     return rows
 
 
-def hardening_speed(cfg: Config, splits: data.Splits, base: nn.Module, batches=(1, 256),
-                    repeats: int = 30) -> list[dict[str, Any]]:
+def hardening_speed(cfg: Config, splits: data.Splits, base: nn.Module) -> list[dict[str, Any]]:
     """Figure 4 data: median forward latency of the unpruned model, the channel-pruned masked
-    model (``cfg.prune_rate``) and its hardened copy at each batch size (``timing.latency``).
-    Wall-clock on this machine: never cached. Used by chapter 01."""
+    model (``cfg.prune_rate``) and its hardened copy at batch 1 and ``cfg.latency_batch``, over
+    ``cfg.latency_repeats`` timed passes each (``timing.latency``). The variants are made and
+    timed one after the other, so the device holds ``base`` and one variant (the masked one
+    while it is hardened). Wall-clock on this machine: never cached. Used by chapter 01."""
     from . import timing
 
+    batches = sorted({1, cfg.latency_batch})
+
+    def times(name: str, m: nn.Module) -> list[dict[str, Any]]:
+        return [dict(model=name, batch=b, seconds=timing.latency(m, splits.input_shape, batch=b,
+                                                                 repeats=cfg.latency_repeats)) for b in batches]
+
+    rows = times("unpruned", base)
     masked = pruned(base, "channel", cfg.prune_rate)
-    variants = {"unpruned": base, f"masked (r={cfg.prune_rate:g})": masked, "hardened": prune.harden(masked)}
-    return [dict(model=name, batch=b, seconds=timing.latency(m, splits.input_shape, batch=b, repeats=repeats))
-            for name, m in variants.items() for b in batches]
+    rows += times(f"masked (r={cfg.prune_rate:g})", masked)
+    hardened = prune.harden(masked)
+    del masked
+    return rows + times("hardened", hardened)
 
 
 ROBUST_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
@@ -290,7 +389,7 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     rt = runtime_of(cfg, base)
 
     def model_of(name: str) -> nn.Module:
-        m = new_model(cfg, splits)
+        m = new_model(cfg, splits, pretrained=False)
         m.load_state_dict(state_of(name), strict=True)
         return accel.prepare(m.to(device), rt).eval()
 
@@ -325,7 +424,8 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
 
 BOUNDARY_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
-    "prune_step", "map_rates", "epsilon", "conv_bits", "linear_bits", "resolution", "local_examples")
+    "prune_step", "map_rates", "epsilon", "conv_bits", "linear_bits", "resolution", "local_examples",
+    "local_resolution")
 BOUNDARY_METHODS = ("global", "layer", "channel", "iterative")
 MAP_POINTS = config.MAP_POINTS
 
@@ -337,8 +437,62 @@ def map_inputs(splits: data.Splits, device: Any = "cpu") -> tuple[torch.Tensor, 
     return x.to(device), y.to(device)
 
 
+class CompressedVariants(Mapping):
+    """Chapter 03's compressed versions of one baseline, by label, made one at a time.
+
+    ``variants[label]`` is the variant's description ``{"method", "rate", "shared"}``;
+    :meth:`model` builds the variant itself, afresh on each call, on ``base``'s device: nothing
+    but the hardened models of the iterative trajectory (on the host, ``HostModel``) is kept,
+    so a loop that drops each model before asking for the next holds ``base`` and one variant
+    (a masked VGG16 alone is about 1.66 GB: weight_orig, mask and weight; 26 of them were 41 GB).
+    Masks are folded into the weights (``prune.make_permanent``) once the variant is made, since
+    nothing here retrains it: the same numbers from a third of the memory.
+
+    Built by :func:`compressed_variants`. Used by chapter 03.
+    """
+
+    def __init__(self, cfg: Config, splits: data.Splits, base: nn.Module, rates,
+                 methods=BOUNDARY_METHODS, shared=(False, True)):
+        rates = sorted(float(r) for r in rates)
+        self.base, self.bits = base, share_bits(cfg)
+        # Alg 5 trains, so its models are made once, on one trajectory, and kept on the host
+        self.hardened = iterative_trajectory(cfg, splits, base, rates) if "iterative" in methods else {}
+        self._info: dict[str, dict[str, Any]] = {}
+        for method, r in [("baseline", 0.0)] + [(m, r) for m in methods for r in rates]:
+            for ws in shared:
+                label = ("baseline" if method == "baseline" else f"{method} r={r:g}") + (" + WS" if ws else "")
+                self._info[label] = dict(method=method, rate=r, shared=ws)
+
+    def __getitem__(self, label: str) -> dict[str, Any]:
+        return dict(self._info[label])
+
+    def __iter__(self):
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def model(self, label: str) -> nn.Module:
+        """The variant ``label`` in eval mode, masks folded; ``base`` itself for ``"baseline"``
+        (never modified). Drop it (``del``) before asking for the next one."""
+        from . import share
+
+        v = self[label]
+        if v["method"] == "baseline":
+            if not v["shared"]:
+                return self.base
+            m = prune.clone(self.base)
+        elif v["method"] == "iterative":
+            m = self.hardened[v["rate"]].build(next(self.base.parameters()).device)
+        else:
+            m = pruned(self.base, v["method"], v["rate"])
+        if v["shared"]:
+            share.weight_share(m, self.bits)  # on the masked copy: pruned entries stay zero
+        return prune.make_permanent(m).eval()
+
+
 def compressed_variants(cfg: Config, splits: data.Splits, base: nn.Module, rates,
-                        methods=BOUNDARY_METHODS, shared=(False, True)) -> dict[str, dict[str, Any]]:
+                        methods=BOUNDARY_METHODS, shared=(False, True)) -> CompressedVariants:
     """Every compressed version of ``base`` that chapter 03 compares, by label.
 
     ``methods``: one-shot ``global``/``layer``/``channel`` (Alg 1-3, not retrained) and
@@ -347,30 +501,19 @@ def compressed_variants(cfg: Config, splits: data.Splits, base: nn.Module, rates
     ``share_bits(cfg)``). The baseline (``"baseline"``, and ``"baseline + WS"``) comes first.
 
     Returns:
-        ``{label: {"method", "rate", "shared", "model"}}`` in a stable order.
+        A :class:`CompressedVariants`: ``{label: {"method", "rate", "shared"}}`` in a stable
+        order, whose ``model(label)`` builds each variant when it is needed.
+
+    Example:
+        >>> variants = compressed_variants(cfg, splits, base, [0.5])
+        >>> for label in variants:
+        ...     m = variants.model(label)
+        ...     print(label, train.evaluate(m, splits.test))
+        ...     del m  # one variant at a time
 
     Used by chapter 03.
     """
-    from . import share
-
-    rates = sorted(float(r) for r in rates)
-    models_: dict[tuple[str, float], nn.Module] = {("baseline", 0.0): base}
-    for method in methods:
-        if method == "iterative":
-            for r, hardened in iterative_trajectory(cfg, splits, base, rates).items():
-                models_[("iterative", r)] = hardened
-        else:
-            for r in rates:
-                models_[(method, r)] = pruned(base, method, r)
-    out: dict[str, dict[str, Any]] = {}
-    for (method, r), m in models_.items():
-        for ws in shared:
-            label = ("baseline" if method == "baseline" else f"{method} r={r:g}") + (" + WS" if ws else "")
-            if ws:
-                m = prune.clone(m)
-                share.weight_share(m, share_bits(cfg))
-            out[label] = dict(method=method, rate=r, shared=ws, model=m.eval())
-    return out
+    return CompressedVariants(cfg, splits, base, rates, methods, shared)
 
 
 def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
@@ -381,8 +524,10 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     Each row: label, method, rate, shared, clean and FGSM (``cfg.epsilon``) accuracy, the
     ``boundary.roughness`` of the PCA map (``cfg.resolution``; one PCA plane fitted on the test
     inputs, shared by all variants) prefixed ``pca_``, and the mean roughness of local maps
-    around the first ``cfg.local_examples`` test inputs prefixed ``local_``. The PCA plane is
-    fitted on :func:`map_inputs`.
+    (``cfg.local_resolution``) around the first ``cfg.local_examples`` test inputs prefixed
+    ``local_``. The PCA plane is fitted on :func:`map_inputs`. Variants are made, measured and
+    dropped one at a time (``base`` and one variant on the device); map forward passes run in
+    batches of ``cfg.eval_batch_size``.
 
     Used by chapter 03.
     """
@@ -390,12 +535,12 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
 
     def compute():
         x, y = map_inputs(splits, next(base.parameters()).device)
-        n = cfg.local_examples
+        n, batch = cfg.local_examples, cfg.eval_batch_size
         variants = compressed_variants(cfg, splits, base, cfg.map_rates)
         rows, pca = [], None
-        for label, v in tqdm(variants.items(), desc="roughness", disable=not progress):
-            m = v["model"]
-            dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca)
+        for label in tqdm(variants, desc="roughness", disable=not progress):
+            v, m = variants[label], variants.model(label)
+            dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca, batch_size=batch)
             pca = dmap.pca
             rt = runtime_of(cfg, m)
             row = dict(label=label, method=v["method"], rate=v["rate"], shared=v["shared"],
@@ -404,8 +549,10 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                                                                runtime=rt))
             row.update({f"pca_{k}": float(val) for k, val in boundary.roughness(dmap).items()})
             row.update({f"local_{k}": float(val) for k, val in
-                        boundary.local_roughness(m, x[:n], y[:n], seed=cfg.seed).items()})
+                        boundary.local_roughness(m, x[:n], y[:n], seed=cfg.seed, resolution=cfg.local_resolution,
+                                                 batch_size=batch).items()})
             rows.append(row)
+            del m, dmap
         return None, {"rows": rows}
 
     check = artifacts.rows_with("label", "method", "rate", "shared", "accuracy", "robust_accuracy",
@@ -435,10 +582,13 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     def compute():
         rows = []
         for r in tqdm(sorted(cfg.prune_rates), desc="share sweep", disable=not progress):
-            plain = pruned(base, "global", r)
-            shared = prune.clone(plain)
-            share.weight_share(shared, share_bits(cfg))
-            for ws, m in ((False, plain), (True, shared)):
+            for ws in (False, True):
+                # one variant at a time, pruned afresh (global pruning is deterministic), shared on
+                # the masked copy, then folded: base plus one masked copy at most on the device
+                m = pruned(base, "global", r)
+                if ws:
+                    share.weight_share(m, share_bits(cfg))
+                prune.make_permanent(m)
                 report = sizes.size_report(m)
                 rt = runtime_of(cfg, m)
                 rows.append(dict(rate=r, shared=ws, accuracy=train.evaluate(m, splits.test, runtime=rt),
@@ -447,6 +597,7 @@ def share_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
                                  dense_bytes=report["dense_bytes"],
                                  approx_bytes=report["shared_approx_bytes"] if ws else report["approx_bytes"],
                                  file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"]))
+                del m
         return None, {"rows": rows}
 
     check = artifacts.rows_with("rate", "shared", "accuracy", "robust_accuracy", "dense_bytes", "approx_bytes",
@@ -507,7 +658,8 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
     """The four sizes of :func:`size_model` after global pruning at each of ``rates`` and weight
     sharing with ``share_bits(cfg)``; also the seconds to share, encode and decode. Cached
     (the shapes, not the data, decide these sizes; for torchvision's VGG16 this takes about 30 s
-    and 6 GB of memory once).
+    once). The masks are folded before the file is written, so the shared model and its
+    reloaded copy are two plain VGG16s on the host.
 
     Used by chapter 02.
     """
@@ -523,6 +675,8 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
             prune.global_unstructured(m, r)
             t0 = time.perf_counter()
             share.weight_share(m, share_bits(cfg))
+            share_seconds = time.perf_counter() - t0
+            prune.make_permanent(m)  # weight_orig, mask and weight are three VGG16s: keep one
             t1 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 path = f"{tmp}/vgg16.rclib"
@@ -536,7 +690,7 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
             rows.append(dict(rate=r, nonzero=sizes.nonzero_parameters(m), dense_bytes=report["dense_bytes"],
                              approx_bytes=report["approx_bytes"], shared_approx_bytes=report["shared_approx_bytes"],
                              file_bytes=report["file_bytes"], entropy_bytes=report["entropy_bound_bytes"],
-                             share_seconds=t1 - t0, encode_seconds=t2 - t1, decode_seconds=t3 - t2,
+                             share_seconds=share_seconds, encode_seconds=t2 - t1, decode_seconds=t3 - t2,
                              exact=bool(same)))
             del m, back
         return None, {"rows": rows}

@@ -358,7 +358,8 @@ def roughness_scatter(rows: Sequence[dict], metrics: Sequence[tuple[str, str]], 
                            label=f"{method}{' + WS' if shared else ''}")
         ax.set_xlabel(label)
         ax.set_ylabel("FGSM robust accuracy (%)")
-    axes[0][0].legend(fontsize=7, ncol=2)
+    if axes[0][0].get_legend_handles_labels()[0]:  # no rows (no model beats chance): no legend to draw
+        axes[0][0].legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

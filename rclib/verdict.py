@@ -207,20 +207,22 @@ def spread(values: Values, level: float = 0.95) -> Stat:
     return Stat(mean, std, n, mean - half, mean + half, level)
 
 
-def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = False,
+        empty: str | None = None) -> str:
     """Table cell for per-seed values: ``"97.2 ± 1.1"`` (mean ± sample std, times ``scale``).
 
-    A single value shows without ``±``; no values show as ``"n/a"``. Used by chapters 01-05
-    and book/claims.
+    A single value shows without ``±``. No values show as ``empty`` (default ``"n/a"``; e.g.
+    chapter 03 when no compressed model beats chance). Used by chapters 01-05 and book/claims.
     """
-    if _vector(values, "values").size == 0:
-        return "n/a"
+    if np.asarray(values, dtype=float).size == 0:
+        return "n/a" if empty is None else empty
     return spread(values).format(scale, digits, signed)
 
 
 def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
               items: str = "seeds", scale: float = 1.0, unit: str = "", digits: int = 2,
-              signed: bool = False, label: str = "", what: str = "mean", resolution: float = 0.0) -> Verdict:
+              signed: bool = False, label: str = "", what: str = "mean", resolution: float = 0.0,
+              empty: str | None = None) -> Verdict:
     """Does a per-seed quantity lie on the ``claim`` side (``>``, ``>=``, ``<``, ``<=``) of a bound?
 
     Rule: HOLDS iff every value is on the claimed side of ``bound`` and so is the whole
@@ -229,8 +231,10 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
     INCONCLUSIVE with fewer than two values. ``resolution`` is the step of the measurement (e.g.
     one example of a 40-example sample is 0.025): a mean within one step of the bound is
     INCONCLUSIVE, since a single example changing sides would move it across (equal seeds give
-    a zero-width interval that would otherwise look decisive). Used by chapters 01-05 and
-    book/claims.
+    a zero-width interval that would otherwise look decisive). No values (every seed filtered
+    out, as in a run where no model beats chance) give an INCONCLUSIVE verdict, never an error:
+    a caller that expects that case says why in ``empty`` (e.g. "no compressed model beats
+    chance"); otherwise the reason is generic. Used by chapters 01-05 and book/claims.
     """
     if claim not in _SIDES:
         raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
@@ -238,8 +242,9 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
     show = dict(level=level, scale=scale, unit=unit, digits=digits, signed=signed, label=label,
                 claim=f"{what} {claim} {bound:g}")
     if x.size == 0:  # e.g. no seed had a model above chance to measure: nothing to judge, said so
-        return Verdict(INCONCLUSIVE, math.nan, math.nan, math.nan, 0, f"no {items} to judge",
-                       f"{INCONCLUSIVE}: no {items} gave a value to judge", **show)
+        why = empty or f"no {items} gave a value to judge"
+        return Verdict(INCONCLUSIVE, math.nan, math.nan, math.nan, 0, why,
+                       f"{INCONCLUSIVE}: {why}, so there is nothing to test", **show)
     s = spread(x, level)
     n = s.n
     on_side, side = _SIDES[claim]

@@ -17,8 +17,14 @@ are identical; chapter 03 shows the static figure and tells readers to run ``mak
 
 Why caches: on the ``cpu`` profile a variant costs ~1 s (prune, share, evaluate, a 60x60 map)
 and an FGSM pass ~0.1 s; moving a slider back to a value already seen should be instant. Every
-variant is computed once per ``(method, rate, shared)`` and every robust accuracy once per
-``(method, rate, shared, eps)`` (:class:`Variants`).
+variant's numbers and map are computed once per ``(method, rate, shared)`` and every robust
+accuracy once per ``(method, rate, shared, eps)`` (:class:`Variants`). Models are not cached:
+only the variant on screen is kept (a masked VGG16 is about 1.66 GB), and one seen before is
+rebuilt, deterministically, when a new epsilon needs it.
+
+Map sizes follow the config: ``min(cfg.resolution, MAX_RESOLUTION)`` grid points per side,
+the ``config.MAP_POINTS`` test inputs of chapter 03's PCA plane, forward passes in batches of
+``cfg.eval_batch_size``.
 
 Used by chapter 03 (boundary smoothness).
 """
@@ -40,11 +46,14 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from . import attacks, boundary, data, pipeline, plots, prune, share, train
+from .config import MAP_POINTS
 from .share import DEFAULT_BITS
 
 METHODS = ("global", "layer", "channel", "channel (hardened)")
 MAX_RATE = 0.98  # beyond this one-shot pruning leaves too few weights to say anything
 MAX_EPS = 0.3
+MAX_RESOLUTION = 60  # grid points per side of a live map at most: ~0.3 s a map on the cpu profile
+MAP_BATCH = 1024  # grid points per forward pass without a config
 
 
 def _pct(v: float) -> str:
@@ -115,11 +124,13 @@ class Variants:
 
     A variant is ``pipeline.pruned(base, method, rate)`` (``rate == 0``: the unpruned base,
     whatever the method), optionally weight-shared in place with ``share.weight_share(model,
-    bits)``. Per variant it keeps the model, its clean test accuracy and its decision map; all
-    maps lie on ONE PCA plane, fitted on the first map's inputs (the test inputs) and reused, so
-    maps of different variants are comparable point by point. Robust accuracies are cached per
-    epsilon. ``calls`` counts the actual computations (``"variant"``, ``"robust"``), so a cache
-    hit is observable.
+    bits)``, its masks then folded into the weights (nothing here retrains it). Per variant it
+    keeps its clean test accuracy and its decision map; all maps lie on ONE PCA plane, fitted
+    on the first map's inputs (the test inputs) and reused, so maps of different variants are
+    comparable point by point. Robust accuracies are cached per epsilon. Only the most recent
+    variant's model is kept (:meth:`model`), so the explorer holds ``base`` and one variant
+    however many settings a reader tries. ``calls`` counts the actual computations
+    (``"variant"``, ``"model"`` for a rebuilt model, ``"robust"``), so a cache hit is observable.
 
     Args:
         base: the trained, unpruned model (e.g. ``pipeline.baseline(cfg, splits)[0]``); never
@@ -128,7 +139,9 @@ class Variants:
         resolution: decision-map grid points per side (default 60: ~0.3 s on the cpu profile).
         bits: weight-sharing index widths, default ``{"conv": 8, "linear": 5}`` (Sec 3.2).
         max_points: at most this many test inputs define the PCA plane and are drawn as points
-            (default 2000; the digits test set has 360).
+            (default ``config.MAP_POINTS``, as chapter 03's maps; the digits test set has 360).
+        batch_size: grid points per forward pass of a map (the explorer passes
+            ``cfg.eval_batch_size``).
 
     Example:
         >>> v = Variants(base, splits)
@@ -137,17 +150,20 @@ class Variants:
     Used by chapter 03 (boundary smoothness), through :class:`Explorer` and :func:`static_explorer`.
     """
 
-    def __init__(self, base: nn.Module, splits: data.Splits, resolution: int = 60,
-                 bits: Mapping[str, int] | int | None = None, max_points: int = 2000):
+    def __init__(self, base: nn.Module, splits: data.Splits, resolution: int = MAX_RESOLUTION,
+                 bits: Mapping[str, int] | int | None = None, max_points: int = MAP_POINTS,
+                 batch_size: int = MAP_BATCH):
         self.base = base  # not even its train/eval mode is changed: every consumer sets eval itself
         self.splits = splits
         self.resolution = int(resolution)
+        self.batch_size = int(batch_size)
         self.bits = dict(DEFAULT_BITS) if bits is None else bits
         self.x, self.y = data.first_batch(splits.test, max_points)
         self.pca = None  # fitted by the first map, then shared by all
         self.cache: dict[tuple, dict[str, Any]] = {}
         self.robust_cache: dict[tuple, float] = {}
         self.calls: Counter = Counter()
+        self._current: tuple[tuple, nn.Module] | None = None  # the one variant model kept
 
     @staticmethod
     def key(method: str, rate: float, shared: bool) -> tuple[str, float, bool]:
@@ -165,22 +181,34 @@ class Variants:
         else:
             model = pipeline.pruned(self.base, method, rate)
         if shared:
-            share.weight_share(model, self.bits)
-        return model if model is self.base else model.eval()
+            share.weight_share(model, self.bits)  # on the masked copy: pruned entries stay zero
+        return model if model is self.base else prune.make_permanent(model).eval()
+
+    def model(self, method: str, rate: float, shared: bool) -> nn.Module:
+        """The variant's model (do not modify): the one built last is kept, any other is built
+        afresh (pruning and sharing are deterministic) and replaces it."""
+        k = self.key(method, rate, shared)
+        if self._current is None or self._current[0] != k:
+            self._current = None  # free the previous variant before building the next
+            self.calls["model"] += 1
+            self._current = (k, self._build(k[0], k[1], k[2]))
+        return self._current[1]
 
     def variant(self, method: str, rate: float, shared: bool) -> dict[str, Any]:
-        """The cached variant: ``{"model", "accuracy", "map", "roughness", "nonzero",
-        "max_distinct", "seconds"}``; computed on the first request only."""
+        """The cached variant's numbers and map: ``{"accuracy", "map", "roughness", "nonzero",
+        "max_distinct", "seconds"}``; computed on the first request only (the model itself:
+        :meth:`model`)."""
         k = self.key(method, rate, shared)
         if k not in self.cache:
             self.calls["variant"] += 1
             t0 = time.perf_counter()
-            model = self._build(k[0], k[1], k[2])
+            model = self.model(method, rate, shared)
             acc = train.evaluate(model, self.splits.test)
-            dmap = boundary.decision_map(model, self.x, self.y, self.resolution, pca=self.pca)
+            dmap = boundary.decision_map(model, self.x, self.y, self.resolution, pca=self.pca,
+                                         batch_size=self.batch_size)
             if self.pca is None:
                 self.pca = dmap.pca
-            self.cache[k] = dict(model=model, accuracy=acc, map=dmap, roughness=boundary.roughness(dmap),
+            self.cache[k] = dict(accuracy=acc, map=dmap, roughness=boundary.roughness(dmap),
                                  nonzero=_nonzero_weights(model), max_distinct=_max_distinct(model),
                                  seconds=time.perf_counter() - t0)
         return self.cache[k]
@@ -191,7 +219,7 @@ class Variants:
             raise ValueError(f"eps={eps!r} is not allowed: an FGSM step >= 0")
         k = self.key(method, rate, shared) + (round(float(eps), 4),)
         if k not in self.robust_cache:
-            model = self.variant(method, rate, shared)["model"]
+            model = self.model(method, rate, shared)
             self.calls["robust"] += 1
             self.robust_cache[k] = attacks.robust_accuracy(model, self.splits.test, attacks.fgsm, k[-1])
         return self.robust_cache[k]
@@ -227,7 +255,7 @@ def _max_distinct(model: nn.Module) -> int:
 
 def static_explorer(base: nn.Module, splits: data.Splits, cfg=None, method: str = "global",
                     rate: float | None = None, shared: bool = False, eps: float | None = None,
-                    resolution: int = 60, bits: Mapping[str, int] | int | None = None) -> Figure:
+                    resolution: int | None = None, bits: Mapping[str, int] | int | None = None) -> Figure:
     """:func:`explorer_figure` at the explorer's defaults, without any widget (for the book).
 
     Args:
@@ -235,7 +263,8 @@ def static_explorer(base: nn.Module, splits: data.Splits, cfg=None, method: str 
         cfg: a ``Config``; when given, ``rate`` and ``eps`` default to ``cfg.prune_rate`` and
             ``cfg.epsilon`` (else 0.5 and 0.1).
         method, rate, shared, eps: the variant (defaults: global, 0.5, off, 0.1).
-        resolution: map grid points per side (default 60, as the explorer).
+        resolution: map grid points per side (default as the explorer: ``min(cfg.resolution,
+            60)``, 60 without a config).
         bits: weight-sharing widths; default ``cfg.conv_bits``/``cfg.linear_bits``, else 8/5.
 
     Example:
@@ -244,7 +273,7 @@ def static_explorer(base: nn.Module, splits: data.Splits, cfg=None, method: str 
     Used by chapter 03 (boundary smoothness).
     """
     rate, eps = _defaults(cfg, rate, eps)
-    v = Variants(base, splits, resolution=resolution, bits=_bits(cfg, bits))
+    v = Variants(base, splits, bits=_bits(cfg, bits), **_map_settings(cfg, resolution))
     return explorer_figure(v.measure(method, rate, shared, eps), v.map(method, rate, shared), splits.num_classes)
 
 
@@ -255,6 +284,16 @@ def _bits(cfg, bits):
     if cfg is not None:
         return {"conv": int(cfg.conv_bits), "linear": int(cfg.linear_bits)}
     return dict(DEFAULT_BITS)
+
+
+def _map_settings(cfg, resolution: int | None, max_points: int | None = None) -> dict[str, int]:
+    """A live map's grid, inputs and batch from the config: at most ``MAX_RESOLUTION`` points
+    per side (a slider must answer in about a second), chapter 03's ``MAP_POINTS`` inputs, and
+    ``cfg.eval_batch_size`` grid points per forward pass."""
+    if resolution is None:
+        resolution = min(int(cfg.resolution), MAX_RESOLUTION) if cfg is not None else MAX_RESOLUTION
+    return dict(resolution=int(resolution), max_points=MAP_POINTS if max_points is None else int(max_points),
+                batch_size=int(cfg.eval_batch_size) if cfg is not None else MAP_BATCH)
 
 
 def _defaults(cfg, rate: float | None, eps: float | None) -> tuple[float, float]:
@@ -307,10 +346,11 @@ class Explorer(ipw.VBox):
             ``cfg.epsilon`` (else 0.5 and 0.1).
         method: initial method, default ``"global"``.
         rate, shared, eps: initial prune rate, weight sharing (default off) and FGSM epsilon.
-        resolution: decision-map grid points per side, default 60.
+        resolution: decision-map grid points per side; default ``min(cfg.resolution, 60)``, 60
+            without a config.
         bits: weight-sharing widths; default ``cfg.conv_bits``/``cfg.linear_bits`` when ``cfg``
             is given, else ``{"conv": 8, "linear": 5}``.
-        max_points: test inputs that define the plane, default 2000.
+        max_points: test inputs that define the plane, default ``config.MAP_POINTS``.
 
     Example:
         >>> ex = Explorer(base, splits, cfg)   # the last expression of a cell shows it
@@ -323,11 +363,10 @@ class Explorer(ipw.VBox):
 
     def __init__(self, base: nn.Module, splits: data.Splits, cfg=None, *, method: str = "global",
                  rate: float | None = None, shared: bool = False, eps: float | None = None,
-                 resolution: int = 60, bits: Mapping[str, int] | int | None = None,
-                 max_points: int = 2000):
+                 resolution: int | None = None, bits: Mapping[str, int] | int | None = None,
+                 max_points: int | None = None):
         rate, eps = _defaults(cfg, rate, eps)
-        self.variants = Variants(base, splits, resolution=resolution, bits=_bits(cfg, bits),
-                                 max_points=max_points)
+        self.variants = Variants(base, splits, bits=_bits(cfg, bits), **_map_settings(cfg, resolution, max_points))
         self.variants.key(method, rate, shared)  # fail now, naming the bad argument
         self.num_classes = splits.num_classes
         self.state: dict[str, Any] = {}
@@ -358,8 +397,8 @@ class Explorer(ipw.VBox):
 
     @property
     def model(self) -> nn.Module:
-        """The current variant's model (cached; do not modify)."""
-        return self.variants.variant(self.method.value, self.rate.value, self.shared.value)["model"]
+        """The current variant's model (kept while it is shown; do not modify)."""
+        return self.variants.model(self.method.value, self.rate.value, self.shared.value)
 
     def _on_change(self, _change) -> None:
         if not self._hold:

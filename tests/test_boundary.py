@@ -172,3 +172,69 @@ def test_rgb_image():
     floor = boundary.RGB_FLOOR
     np.testing.assert_allclose(img[0, 1], floor * colours[1] + (1 - floor))
     assert not np.allclose(img[0, 1], 1.0)
+
+
+# ---- batches and streaming -------------------------------------------------------------------
+
+class _Batches(nn.Module):
+    """Wraps a model and records the batch size of every forward pass."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_map_forward_passes_come_in_batches_of_the_given_size():
+    model = tiny_vgg().eval()
+    x = torch.rand(30, 1, 8, 8)
+    y = torch.randint(0, 10, (30,))
+    whole = decision_map(model, x, y, resolution=12)
+    counted = _Batches(model)
+    small = decision_map(counted, x, y, resolution=12, batch_size=50)
+    assert counted.sizes == [50] * 2 + [44] and np.array_equal(small.pred, whole.pred)
+    np.testing.assert_allclose(small.conf, whole.conf, rtol=1e-6)
+    counted.sizes.clear()
+    rough = boundary.local_roughness(counted, x[:2], y[:2], resolution=11, batch_size=100)
+    grid = [s for s in counted.sizes if s != 1]  # one input-gradient pass per local map
+    assert grid == [100, 21] * 2 and rough == boundary.local_roughness(model, x[:2], y[:2], resolution=11)
+
+
+def test_boundary_sweep_streams_variants_with_masks_folded(monkeypatch):
+    """Chapter 03's sweep holds base and one variant at a time (it once kept 26 masked VGG16s, about
+    41 GB) and evaluates them with their masks folded, with the numbers of the masked models."""
+    import gc
+
+    from rclib import attacks, config, data, models, pipeline, prune, train
+
+    cfg = config.load("smoke", train_size=128, test_size=64, epochs=1, width=4, hidden=16, map_rates=[0.5],
+                      local_examples=2, resolution=10, local_resolution=11, eval_batch_size=64)
+    splits = data.load(cfg)
+    base, _, _ = pipeline.baseline(cfg, splits, progress=False)
+    live, masked = [], []
+    evaluate = train.evaluate
+
+    def counting(model, loader, *args, **kwargs):  # how many VGGs exist while a variant is measured
+        gc.collect()
+        live.append(sum(type(o) is models.VGG for o in gc.get_objects()))
+        masked.append(prune.is_pruned(model))
+        return evaluate(model, loader, *args, **kwargs)
+
+    gc.collect()
+    already = sum(type(o) is models.VGG for o in gc.get_objects())
+    monkeypatch.setattr(train, "evaluate", counting)
+    rows, hit = pipeline.boundary_sweep(cfg, splits, base, progress=False)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    labels = [r["label"] for r in rows]
+    assert not hit and len(rows) == 2 + 2 * len(pipeline.BOUNDARY_METHODS) and len(live) == len(rows)
+    assert max(live) - already <= 1 and not any(masked)  # base plus the variant measured; no masks
+    variants = pipeline.compressed_variants(cfg, splits, base, cfg.map_rates)
+    assert list(variants) == labels and variants["layer r=0.5 + WS"] == dict(method="layer", rate=0.5, shared=True)
+    assert all(isinstance(h, pipeline.HostModel) for h in variants.hardened.values())
+    row = rows[labels.index("global r=0.5")]
+    with_masks = pipeline.pruned(base, "global", 0.5)  # as the sweep measured it before streaming
+    assert prune.is_pruned(with_masks) and row["accuracy"] == evaluate(with_masks, splits.test)
+    assert row["robust_accuracy"] == attacks.robust_accuracy(with_masks, splits.test, attacks.fgsm, cfg.epsilon)

@@ -27,8 +27,8 @@ def test_paper_profile_needs_its_data_folder(tmp_path):
     with pytest.raises(ValueError, match="data_dir"):
         config.load("paper", data_dir=str(tmp_path / "absent"))
     root = image_folder(tmp_path / "val", ["n01", "n02"], 3, size=(12, 12))
-    cfg = config.load("paper", data_dir=str(root), local_examples=1)
-    assert cfg.dataset == "imagenet" and cfg.model == "vgg16" and cfg.weights == "imagenet"
+    cfg = config.load("paper", data_dir=str(root), local_examples=1, weights="none")
+    assert cfg.dataset == "imagenet" and cfg.model == "vgg16" and config.PROFILES["paper"]["weights"] == "imagenet"
 
 
 def test_default_profile_is_cpu():
@@ -248,7 +248,7 @@ def test_weights_must_be_a_readable_safetensors_file_of_the_model(tmp_path):
         "other names": _weights_file(tmp_path, "other.safetensors", tensors={"w": torch.zeros(3)}),
     }
     state = {k: v.clone() for k, v in _smoke_state().items()}
-    state["classifier.6.weight"] = torch.zeros(5, state["classifier.6.weight"].shape[1])
+    state["classifier.3.weight"] = torch.zeros(5, state["classifier.3.weight"].shape[1])
     cases["wrong shape"] = _weights_file(tmp_path, "shape.safetensors", tensors=state)
     for what, path in cases.items():
         with pytest.raises(ValueError) as err:
@@ -257,6 +257,63 @@ def test_weights_must_be_a_readable_safetensors_file_of_the_model(tmp_path):
         assert msg.startswith(f"weights={path!r} is not allowed"), (what, msg)
     good = _weights_file(tmp_path, "good.safetensors", tensors={k: v.contiguous() for k, v in _smoke_state().items()})
     assert config.load("smoke", weights=good).weights == good
+    # only the head may differ: models.build drops it and pipeline.baseline fits a new one
+    state = {k: v.clone() for k, v in _smoke_state().items()}
+    state["classifier.6.weight"] = torch.zeros(1000, state["classifier.6.weight"].shape[1])
+    state["classifier.6.bias"] = torch.zeros(1000)
+    head = _weights_file(tmp_path, "head.safetensors", tensors=state)
+    assert config.load("smoke", weights=head).weights == head
+
+
+def _no_network(monkeypatch, tmp_path):
+    """torch.hub's cache in an empty folder, and every probe of the network failing; returns the
+    probed addresses."""
+    import torch
+
+    from rclib import checks
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    probed = []
+
+    def unreachable(url):
+        probed.append(url)
+        return "URLError: <urlopen error [Errno -2] Name or service not known>"
+
+    monkeypatch.setattr(checks, "_reachable", unreachable)
+    return probed
+
+
+def test_imagenet_weights_offline_are_refused_up_front_naming_the_local_file_route(tmp_path, monkeypatch):
+    # torch.hub would fail after the data loaded, with a 25-frame URLError and no timeout
+    probed = _no_network(monkeypatch, tmp_path)
+    root = image_folder(tmp_path / "val", ["n01", "n02"], 3, size=(12, 12))
+    with pytest.raises(ValueError) as err:
+        config.load("paper", data_dir=str(root), local_examples=1)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("weights='imagenet' is not allowed")
+    cached = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    assert str(cached) in msg and "weights=path/to/vgg16.safetensors" in msg and "save_file" in msg
+    assert "weights_only=True" in msg and probed == ["https://download.pytorch.org/models/vgg16-397923af.pth"]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # in the cache: no probe at all
+    probed.clear()
+    assert config.load("paper", data_dir=str(root), local_examples=1).weights == "imagenet" and probed == []
+
+
+def test_network_probe_has_a_short_timeout_and_never_downloads(monkeypatch):
+    import urllib.request
+
+    from rclib import checks
+
+    seen = {}
+
+    def fake_urlopen(request, timeout=None):
+        seen.update(method=request.get_method(), timeout=timeout)
+        raise OSError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    assert checks._reachable("https://example.invalid/x.pth").startswith("OSError")
+    assert seen == {"method": "HEAD", "timeout": checks.PROBE_TIMEOUT} and checks.PROBE_TIMEOUT <= 10
 
 
 @pytest.mark.parametrize("layout", ["etc-like", "one class", "empty class"])

@@ -60,3 +60,14 @@ def test_over_seeds_runs_each_seed_on_its_own_cached_baseline():
     assert seen[0][0] == 0 and seen[1][0] == 1 and not math.isclose(seen[0][1], seen[1][1])
     again = pipeline.over_seeds(cfg, step, progress=False)  # baselines now come from the cache
     assert again == rows and seen[2:] == seen[:2]
+
+
+def test_comparison_styles_claims_whose_quantities_coincide():
+    # chapter 00 under the paper profile: the headline epsilon is the paper's 0.03, so two rows
+    # may read alike; a Styler on a repeated index raised "Styler.apply and .map are not compatible
+    # with non-unique index or columns" when the table was rendered
+    rows = [book.claim("Table 1 · chapter 00", "FGSM robust accuracy (%) at eps 0.03", 23.5, "12.0 ± 1.0", "holds"),
+            book.claim("Table 1 · chapter 00", "FGSM robust accuracy (%) at eps 0.03", None, "12.0 ± 1.0",
+                       "not compared")]
+    html = book.comparison(rows).to_html()
+    assert html.count("FGSM robust accuracy (%) at eps 0.03") == 2 and "—" in html

@@ -263,3 +263,86 @@ def test_never_learning_weights_finds_taps_that_only_see_padding():
     convs = [m for _, m in models.prunable_layers(padded)][7:13]
     off_centre = sum(m.weight.numel() * 8 / 9 for m in convs) / counts["weights"]
     assert counts["never"] >= off_centre - 0.01, (counts, off_centre)
+
+
+def _thousand_class_file(tmp_path, model) -> tuple[str, dict]:
+    """``model``'s state with a 1000-class head, as a file: an ImageNet checkpoint in miniature."""
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    state["classifier.6.weight"] = torch.randn(1000, state["classifier.6.weight"].shape[1])
+    state["classifier.6.bias"] = torch.randn(1000)
+    path = tmp_path / "thousand.safetensors"
+    save_file(state, str(path))
+    return str(path), state
+
+
+def test_a_file_whose_head_does_not_fit_loads_its_trunk_and_warns(tmp_path, tiny_model):
+    path, state = _thousand_class_file(tmp_path, tiny_model)
+    cfg = config.load("smoke", width=8, hidden=32, seed=7, weights=path)  # the up-front checks accept it
+    with pytest.warns(UserWarning, match=r"thousand\.safetensors.*\(1000, 32\).*\(10, 32\)"):
+        model = models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,))
+    fresh = models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,), pretrained=False).state_dict()  # the seeded init
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh[k] if k.startswith("classifier.6.") else state[k]), k
+    assert models.head_name(model) == "classifier.6" and models.head_is_new(cfg, model)
+    same = tmp_path / "same.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in tiny_model.state_dict().items()}, str(same))
+    assert not models.head_is_new(config.load("smoke", width=8, hidden=32, weights=str(same)), tiny_model)
+    assert not models.head_is_new(config.load("smoke", width=8, hidden=32), tiny_model)
+
+
+def test_baseline_fits_a_new_head_alone_before_training(tmp_path):
+    # a trunk trained on digits with a 1000-class head: under the paper profile epochs is 0, and a
+    # dropped head left untrained gave chance accuracy; head_epochs fits it, trunk frozen
+    from rclib import data, pipeline, train
+
+    cfg0 = config.load("smoke", train_size=256, test_size=64, width=8, hidden=32, epochs=8)
+    splits = data.load(cfg0)
+    trunk = pipeline.new_model(cfg0, splits)
+    train.fit(trunk, splits.train, 8, lr=cfg0.lr, progress=False)
+    path, state = _thousand_class_file(tmp_path, trunk)
+    cfg = config.load("smoke", train_size=256, test_size=64, width=8, hidden=32, epochs=0, head_epochs=3, weights=path)
+    with pytest.warns(UserWarning, match="head_epochs=3"):
+        model, metrics, hit = pipeline.baseline(cfg, splits, progress=False)
+    assert not hit and len(metrics["head_history"]) == 3 and metrics["history"] == []
+    got = model.state_dict()
+    for k, v in got.items():
+        if k.startswith("classifier.6."):
+            assert v.shape[0] == 10
+        elif "running" not in k and "num_batches" not in k:  # BatchNorm statistics still adapt
+            assert torch.equal(v, state[k]), f"{k} changed, but only the head may train"
+    assert metrics["clean_accuracy"] > 0.3  # chance is 0.1
+    assert "head_epochs" in pipeline.BASELINE_FIELDS  # a different head_epochs is another baseline
+    untrained = config.load("smoke", train_size=256, test_size=64, width=8, hidden=32, epochs=0, head_epochs=0,
+                            weights=path)
+    with pytest.warns(UserWarning):
+        _, m0, hit0 = pipeline.baseline(untrained, splits, progress=False)
+    assert not hit0 and m0["head_history"] == [] and m0["clean_accuracy"] < metrics["clean_accuracy"]
+
+
+def test_outputs_agree_exactly_on_cpu_and_restore_modes(tiny_model):
+    from rclib import pipeline, prune
+
+    x = torch.rand(10, 1, 8, 8)
+    twin = prune.clone(tiny_model).train()
+    assert pipeline.outputs_agree(tiny_model, twin, x, batch_size=4) == (True, 0.0)
+    assert twin.training and tiny_model.training  # modes restored (built in training mode)
+    with torch.no_grad():
+        twin.classifier[6].bias.add_(1e-6)  # a last-bit change: not the same function on a CPU
+    agree, diff = pipeline.outputs_agree(tiny_model, twin, x, batch_size=4)
+    assert not agree and 0 < diff < 1e-5
+
+
+def test_hardening_speed_times_at_the_configured_batch_and_repeats(monkeypatch):
+    # chapter 01's Figure 4 once timed batch 256 x 30 passes x 3 models whatever the config said
+    from rclib import data, pipeline, timing
+
+    cfg = config.load("smoke", train_size=64, test_size=32, width=4, hidden=16, latency_batch=7, latency_repeats=2)
+    splits = data.load(cfg)
+    base = pipeline.new_model(cfg, splits).eval()
+    calls = []
+    monkeypatch.setattr(timing, "latency", lambda m, shape, batch, repeats: calls.append((batch, repeats)) or 0.5)
+    rows = pipeline.hardening_speed(cfg, splits, base)
+    assert [(r["model"], r["batch"]) for r in rows] == [(m, b) for m in ("unpruned", "masked (r=0.5)", "hardened")
+                                                         for b in (1, 7)]
+    assert calls == [(1, 2), (7, 2)] * 3

@@ -143,6 +143,30 @@ def test_boundary_numbers(smoke_book):
     _check_claims(values, 7)
 
 
+def test_chapter_03_runs_when_no_compressed_model_beats_chance(tmp_path, artifact_root):
+    """An untrained head (epochs 0) leaves every model at chance: the per-seed shares and the
+    weight-sharing pairs have no values. The chapter stopped there (verdict "no values", and a
+    pivot without columns); now those claims are inconclusive, saying why."""
+    out = tmp_path / "untrained.ipynb"
+    _run(Path("notebooks/03_boundary_smoothness.ipynb"), out, epochs=0)
+    values = book.glued(out)
+    assert values["n_working"] == 0 and values["rougher_local"] == "n/a"
+    _check_claims(values, 7)
+    assert all(row["verdict"].startswith("inconclusive") for row in values["claims"])
+    assert "beats chance" in values["v_rougher_local"] and "weight sharing" in values["v_ws_robust"]
+
+
+def test_chapter_00_runs_at_the_papers_epsilons(tmp_path, artifact_root):
+    """The paper profile's epsilon (0.03) and curve: two claim rows then read alike, which a
+    Styler with the quantity as its index refused to render."""
+    out = tmp_path / "eps.ipynb"
+    _run(Path("notebooks/00_baseline.ipynb"), out, epsilon=0.03, epsilons="[0.0, 0.005, 0.01, 0.02, 0.03, 0.05]",
+         seeds="[0]", epochs=2)
+    values = book.glued(out)
+    assert values["epsilon"] == 0.03 and values["robust_acc"] == values["robust_acc_003"]
+    _check_claims(values, 3)
+
+
 def test_robust_retraining_numbers(smoke_book):
     values = _glued(smoke_book, "04_robust_retraining")
     assert tuple(values["config"]["seeds"]) == (0, 1)  # the smoke profile's seeds

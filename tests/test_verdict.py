@@ -296,10 +296,15 @@ def test_a_difference_within_one_measurement_step_is_inconclusive():
     assert V.paired([0.6, 0.7, 0.8], [0.5, 0.6, 0.7], ">", resolution=1 / 40).holds  # four steps clear
 
 
-def test_no_values_give_an_inconclusive_verdict_and_na_cell():
-    """A claim whose every seed was filtered out (say, no model above chance) is not judged: the
-    verdict says so instead of raising, and its table cell reads n/a."""
+def test_no_values_give_an_inconclusive_verdict_with_the_callers_reason():
+    """A claim whose every seed was filtered out (chapter 03 with an untrained head: no
+    compressed model beats chance) is not judged and does not stop the chapter: the verdict says
+    why (the caller's reason, else a generic one) and its table cell reads n/a."""
     v = V.threshold([], "<=", 0.02, scale=100, unit="pp")
     assert v.inconclusive and v.n == 0 and "no seeds" in str(v)
     assert V.paired([], [], ">").inconclusive
-    assert V.fmt([]) == "n/a"
+    v = V.threshold([], ">", 0.5, scale=100, unit="%", empty="no compressed model beats chance")
+    assert v.inconclusive and v.n == 0 and math.isnan(v.estimate)
+    assert str(v) == "inconclusive (no compressed model beats chance; n/a%, no interval)"
+    assert V.direction(v, "are rougher", "are not rougher") == "may or may not be rougher (inconclusive)"
+    assert V.fmt([]) == "n/a" and V.fmt([], empty="none") == "none" and V.fmt([0.5]) == "50.0"
