@@ -135,6 +135,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         threads=1, train_size=512, test_size=128, width=8, hidden=64, batch_size=64,
         epochs=12, lr=3e-3, epsilons=(0.0, 0.1, 0.2), prune_rates=(0.5, 0.9), retrain_epochs=1,
         seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4, size_model="small", attack_sample=20,
+        latency_batch=64, latency_repeats=5,
     ),
     # minutes on a laptop CPU: the published book
     "cpu": dict(),

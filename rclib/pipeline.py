@@ -430,10 +430,13 @@ BOUNDARY_METHODS = ("global", "layer", "channel", "iterative")
 MAP_POINTS = config.MAP_POINTS
 
 
-def map_inputs(splits: data.Splits, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``MAP_POINTS`` test inputs and labels, for PCA decision maps (a 10k x 150k
-    ImageNet matrix would not fit PCA in memory; digits' test set is used whole)."""
-    x, y = data.first_batch(splits.test, MAP_POINTS)
+def map_inputs(splits: data.Splits, device: Any = "cpu", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MAP_POINTS`` test inputs and labels for PCA decision maps, spread across the classes
+    (``data.spread_sample``, seeded): a 10k x 150k ImageNet matrix would not fit PCA in memory,
+    and the first 1000 of a class-sorted test set would hold 100 of its 1000 classes. Every
+    prefix covers as many classes as it can, so the local maps' ``x[:local_examples]`` do too.
+    Digits' test set is used whole. Used by chapters 03 and 04."""
+    x, y = data.spread_sample(splits.test, MAP_POINTS, seed)
     return x.to(device), y.to(device)
 
 
@@ -534,7 +537,7 @@ def boundary_sweep(cfg: Config, splits: data.Splits, base: nn.Module,
     from . import boundary
 
     def compute():
-        x, y = map_inputs(splits, next(base.parameters()).device)
+        x, y = map_inputs(splits, next(base.parameters()).device, cfg.seed)
         n, batch = cfg.local_examples, cfg.eval_batch_size
         variants = compressed_variants(cfg, splits, base, cfg.map_rates)
         rows, pca = [], None

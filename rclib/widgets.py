@@ -158,7 +158,7 @@ class Variants:
         self.resolution = int(resolution)
         self.batch_size = int(batch_size)
         self.bits = dict(DEFAULT_BITS) if bits is None else bits
-        self.x, self.y = data.first_batch(splits.test, max_points)
+        self.x, self.y = data.spread_sample(splits.test, max_points)  # as pipeline.map_inputs: every class
         self.pca = None  # fitted by the first map, then shared by all
         self.cache: dict[tuple, dict[str, Any]] = {}
         self.robust_cache: dict[tuple, float] = {}

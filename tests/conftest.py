@@ -8,6 +8,9 @@ import time, before anything imports torch.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -38,13 +41,67 @@ def tiny_model():
     return models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,))
 
 
-from toys import SMOKE_BOOK_PARAMS  # noqa: E402
+from toys import PAPER_SMALL, SMOKE_BOOK_PARAMS, ilsvrc_folder, paper_weights  # noqa: E402
 
 SMOKE_OVERRIDES = tuple(a for name, value in SMOKE_BOOK_PARAMS.items() for a in ("-p", name, str(value)))
 
+# The two whole-book builds run as background processes, started as soon as the session knows it
+# needs them, while the unit tests run in this process; the tests that read a build are moved to
+# the end of the session, by which time the builds are usually done. On these 2-core machines
+# that overlap is most of what keeps `make test` short.
+BOOK_FIXTURES = ("smoke_book", "paper_book")
+_builds: dict[str, tuple[subprocess.Popen, Path, Path]] = {}
+
+
+def _book_command(name: str, out: Path) -> list[str]:
+    """The ``python -m rclib book`` command line of one shared build, writing under ``out``."""
+    if name == "smoke_book":
+        return [sys.executable, "-m", "rclib", "book", "--profile", "smoke", *SMOKE_OVERRIDES, "--quiet",
+                "--out", str(out), "--timeout", "600"]
+    # the paper's setting on a fake ILSVRC folder, with size-reducing overrides only; execution
+    # only (the smoke build checks the HTML rendering)
+    params = dict(PAPER_SMALL, data_dir=str(ilsvrc_folder(out / "val")), weights=str(paper_weights(out)))
+    args = [a for name, value in params.items() for a in ("-p", name, str(value))]
+    return [sys.executable, "-m", "rclib", "book", "--profile", "paper", *args, "--quiet", "--no-build",
+            "--out", str(out), "--timeout", "600"]
+
+
+def _start_build(name: str, factory: pytest.TempPathFactory) -> None:
+    out = factory.mktemp(name)
+    log = out / "build.log"
+    env = {**os.environ, "RCLIB_ARTIFACTS": str(out / "artifacts")}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_book_command(name, out), stdout=f, stderr=subprocess.STDOUT, env=env)
+    _builds[name] = (proc, out, log)
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so only builds that are needed start
+def pytest_collection_modifyitems(session, config, items):
+    needs = [i for i in items if set(BOOK_FIXTURES) & set(getattr(i, "fixturenames", ()))]
+    items[:] = [i for i in items if i not in needs] + needs
+    if config.getoption("collectonly"):
+        return
+    factory = config._tmp_path_factory  # the session's TempPathFactory (tmp_path_factory fixture)
+    for name in BOOK_FIXTURES:
+        if any(name in i.fixturenames for i in needs):
+            _start_build(name, factory)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc, _, _ in _builds.values():  # an interrupted session leaves no build running
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _finished(name: str) -> Path:
+    proc, out, log = _builds[name]
+    code = proc.wait(timeout=1800)
+    assert code == 0, log.read_text()[-6000:]
+    return out
+
 
 @pytest.fixture(scope="session")
-def smoke_book(tmp_path_factory):
+def smoke_book():
     """The whole book built once per test session, as `make book` does, under the smoke profile
     with two overrides that every chapter must receive: ``python -m rclib book --profile smoke
     -p seed 3 -p width 4`` into a temporary folder, with its own artifacts.
@@ -52,16 +109,18 @@ def smoke_book(tmp_path_factory):
     Returns the output folder: executed chapters in ``_build/src``, HTML in ``_build/html``.
     The chapter and book tests all read this one build instead of executing again.
     """
-    import subprocess
-    import sys
+    return _finished("smoke_book")
 
-    out = tmp_path_factory.mktemp("book")
-    env = {**os.environ, "RCLIB_ARTIFACTS": str(out / "artifacts")}
-    proc = subprocess.run([sys.executable, "-m", "rclib", "book", "--profile", "smoke", *SMOKE_OVERRIDES,
-                           "--quiet", "--out", str(out), "--timeout", "600"],
-                          capture_output=True, text=True, timeout=1800, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+
+@pytest.fixture(scope="session")
+def paper_book():
+    """Every chapter and page executed under ``--profile paper`` on a fake ILSVRC-style folder
+    (``toys.ilsvrc_folder``) with ``toys.PAPER_SMALL``'s size-reducing overrides and a local
+    weights file whose 1000-class head does not fit the folder (``toys.paper_weights``).
+
+    Returns the output folder (executed notebooks in ``_build/src``).
+    """
+    return _finished("paper_book")
 
 
 @pytest.fixture(scope="session")

@@ -90,3 +90,23 @@ def odd_mode_folder(root: Path, size=(20, 14)) -> Path:
             ext = "jpg" if mode == "CMYK" else "png"
             img.save(root / name / f"{i}_{mode.replace(';', '_')}.{ext}")
     return root
+# The paper profile's size-reducing overrides for the end-to-end test (conftest.paper_book): data
+# size, model widths, repetitions, grids and samples; nothing the paper's setting is made of
+PAPER_SMALL = dict(image_size=32, width=4, hidden=32, seeds="[0, 1]", prune_rates="[0.5, 0.9]",
+                   map_rates="[0.5]", resolution=20, local_examples=4, local_resolution=11, attack_sample=8,
+                   size_model="small", num_workers=0, latency_batch=8, latency_repeats=3)
+
+
+def paper_weights(folder: Path) -> Path:
+    """A local ``.safetensors`` state dict of the scaled VGG16 of ``PAPER_SMALL`` with a 1000-class
+    head, as a converted torchvision ImageNet checkpoint has: it does not fit a 10-class folder,
+    so the model keeps its trunk and replaces and fits the head (``head_epochs``)."""
+    from safetensors.torch import save_file
+
+    spec = dict(model="vgg16", width=PAPER_SMALL["width"], hidden=PAPER_SMALL["hidden"], batch_norm=False,
+                dropout=0.5, num_classes=1000, input_shape=[3, PAPER_SMALL["image_size"], PAPER_SMALL["image_size"]],
+                mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    torch.manual_seed(0)
+    path = folder / "vgg16-imagenet-head.safetensors"
+    save_file(from_spec(spec).state_dict(), str(path))
+    return path
