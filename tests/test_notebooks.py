@@ -143,33 +143,6 @@ def test_boundary_numbers(smoke_book):
     _check_claims(values, 7)
 
 
-UNTRAINED = {  # chapter: (claims, a glued value that has no number to show, and what it says instead)
-    "02_weight_sharing": (5, "v_cost", "inconclusive (no seed has a pruned model that beats chance"),
-    "03_boundary_smoothness": (7, "v_rougher_local", "inconclusive (no seed has a compressed model that beats"),
-    "04_robust_retraining": (7, "won_back", "n/a"),  # pruning lost nothing: no share of it to win back
-}
-
-
-@pytest.mark.parametrize("stem", sorted(UNTRAINED))
-def test_chapters_run_when_no_model_beats_chance(stem, tmp_path, artifact_root):
-    """An untrained head (epochs 0; the paper profile with weights whose head was dropped) leaves
-    every model at chance. Chapters 02 and 03 stopped on per-seed values that did not exist
-    (verdict "no values", a pivot without columns), chapter 04 on the share of lost robustness won
-    back when pruning lost none (0 / 0); now those claims are inconclusive and say why."""
-    n, name, shown = UNTRAINED[stem]
-    out = tmp_path / "untrained.ipynb"
-    # smaller than smoke wherever the claims do not care: seconds, not a minute per chapter
-    _run(Path(f"notebooks/{stem}.ipynb"), out, epochs=0, train_size=128, test_size=64, resolution=10,
-         local_resolution=11, local_examples=2, retrain_epochs=0)
-    values = book.glued(out)
-    _check_claims(values, n)
-    assert values[name].startswith(shown), values[name]
-    if stem == "03_boundary_smoothness":
-        assert values["n_working"] == 0 and values["rougher_local"] == "n/a"
-        assert all(row["verdict"].startswith("inconclusive") for row in values["claims"])
-        assert "weight sharing" in values["v_ws_robust"]
-
-
 def test_robust_retraining_numbers(smoke_book):
     values = _glued(smoke_book, "04_robust_retraining")
     assert tuple(values["config"]["seeds"]) == (0, 1)  # the smoke profile's seeds
