@@ -8,13 +8,14 @@ two runs with the same profile and seed give identical numbers.
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from rclib import book
+from rclib import book, config
 from rclib.__main__ import ChapterFailed, run_notebook, toc_notebooks
 from rclib.config import project_root
 
@@ -192,8 +193,36 @@ FIRST_CELL_REFUSALS = {
 }
 
 
-@pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
-def test_bad_parameter_stops_each_chapter_in_its_first_cell(nb, tmp_path, artifact_root):
+def _first_work_cell(nb: Path) -> str:
+    code = [c for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code"]
+    return next(c.source for c in code if "parameters" not in c.metadata.get("tags", []))
+
+
+@pytest.mark.parametrize("nb", CHAPTERS + PAGES, ids=lambda p: p.stem)
+def test_every_page_checks_its_parameters_before_any_work(nb):
+    """The first code cell after the parameters imports and then reads the configuration through
+    config.from_notebook, which validates it, before anything else can run."""
+    import ast
+
+    body = ast.parse(_first_work_cell(nb)).body
+    first = next(stmt for stmt in body if not isinstance(stmt, (ast.Import, ast.ImportFrom)))
+    assert ast.unparse(first) == "cfg = config.from_notebook(globals())", nb.stem
+
+
+@pytest.mark.parametrize("stem", sorted(FIRST_CELL_REFUSALS))
+def test_each_chapters_bad_parameter_is_refused_by_its_first_cell(stem):
+    """What papermill injects for each chapter's bad parameter, read back as the first cell reads
+    it (IPython's input history), is refused naming the parameter. Executing one chapter below
+    shows the whole path; the other chapters share its first cell (test above)."""
+    params, text = FIRST_CELL_REFUSALS[stem]
+    injected = "# Parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    namespace = {"In": ["", injected], "profile": "smoke", **params}
+    with pytest.raises(ValueError, match=re.escape(text)):
+        config.from_notebook(namespace)
+
+
+def test_bad_parameter_stops_a_chapter_in_its_first_cell(tmp_path, artifact_root):
+    nb = Path("notebooks/03_boundary_smoothness.ipynb")
     params, text = FIRST_CELL_REFUSALS[nb.stem]
     out = tmp_path / "bad.ipynb"
     with pytest.raises(ChapterFailed) as err:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
 from rclib import artifacts, attacks, config, data, models, pipeline, prune, retrain, train
+
+from toys import LiveModels
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +53,19 @@ def test_step_keys_differ_only_where_the_step_reads_the_field():
 def test_robust_table_holds_at_most_two_models_and_states_are_lazy(setup, monkeypatch):
     cfg, splits, base = setup
     live: list[int] = []
+    models_ = LiveModels().start(monkeypatch)  # base exists already and is not counted
 
-    def counting(original):  # how many VGGs exist while a row is evaluated or attacked
+    def counting(original):  # how many VGGs exist besides base while a row is evaluated or attacked
         def wrapped(model, loader, *args, **kwargs):
-            gc.collect()
-            live.append(sum(type(o) is models.VGG for o in gc.get_objects()))
+            live.append(models_.count(limit=1))
             return original(model, loader, *args, **kwargs)
         return wrapped
 
-    gc.collect()
-    already = sum(type(o) is models.VGG for o in gc.get_objects())  # base and any other fixture's
     monkeypatch.setattr(train, "evaluate", counting(train.evaluate))
     monkeypatch.setattr(attacks, "robust_correct", counting(attacks.robust_correct))
     rows, states, hit = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
     assert not hit and [r["variant"] for r in rows] == list(retrain.TABLE1_ROWS + retrain.ABLATION_ROWS)
-    assert len(live) >= len(rows) and max(live) - already <= 1  # base plus the row's own model
+    assert len(live) >= len(rows) and max(live) <= 1  # the row's own model (and base)
     assert list(states) == list(retrain.TABLE1_ROWS + retrain.ABLATION_ROWS) and len(states) == 7
     with pytest.raises(KeyError):
         states["nope"]

@@ -112,3 +112,37 @@ def paper_weights(folder: Path) -> Path:
     path = folder / "vgg16-imagenet-head.safetensors"
     save_file(from_spec(spec).state_dict(), str(path))
     return path
+
+
+class LiveModels:
+    """Counts the ``rclib.models.VGG`` objects created after ``start(monkeypatch)`` that are still
+    alive: how the memory tests check that at most one variant exists beside the baseline.
+    Weak references, not a scan of every object (``gc.get_objects`` takes seconds in a long test
+    session); a collection runs only when the count looks too high, to drop cycles."""
+
+    def start(self, monkeypatch) -> "LiveModels":
+        import weakref
+
+        from rclib import models
+
+        self.alive = weakref.WeakSet()
+        init, setstate = models.VGG.__init__, models.VGG.__setstate__
+
+        def built(module, *args, **kwargs):
+            init(module, *args, **kwargs)
+            self.alive.add(module)
+
+        def copied(module, state):  # copy.deepcopy (prune.clone) restores state without __init__
+            setstate(module, state)
+            self.alive.add(module)
+
+        monkeypatch.setattr(models.VGG, "__init__", built)
+        monkeypatch.setattr(models.VGG, "__setstate__", copied)
+        return self
+
+    def count(self, limit: int) -> int:
+        if len(self.alive) > limit:
+            import gc
+
+            gc.collect()
+        return len(self.alive)
