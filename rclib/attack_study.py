@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, attacks, data
+from . import accel, artifacts, attacks, data
 from .config import Config
-from .pipeline import ROBUST_FIELDS, kind_of, new_model, robust_table
+from .pipeline import ROBUST_FIELDS, kind_of, new_model, robust_table, runtime_of
 from .retrain import ABLATION_ROWS, MADRY_ROW, MADRY_STEPS, TABLE1_ROWS  # noqa: F401  (chapter 05 shows MADRY_STEPS)
 
 ATTACK_VARIANTS = TABLE1_ROWS + ABLATION_ROWS + (MADRY_ROW,)
@@ -117,13 +117,14 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
 
     def attack_everything(states: dict[str, dict]):
         device = next(base.parameters()).device
+        rt = runtime_of(cfg, base)  # bf16 classification on CUDA; attack gradients stay fp32 (accel)
 
         def model_of(name: str) -> nn.Module:  # one at a time: paper-scale models are 0.5 GB each
             if name == MADRY_ROW:
-                return madry_model(cfg, splits, base, rate)
+                return accel.prepare(madry_model(cfg, splits, base, rate), rt)
             m = new_model(cfg, splits, pretrained=False)
             m.load_state_dict(states[name], strict=True)
-            return m.to(device).eval()
+            return accel.prepare(m.to(device), rt).eval()
         x, y = data.as_tensors(splits.test.dataset)
         idx = attack_subset(cfg, len(y))
         xs, ys = x[idx], y[idx]
@@ -151,14 +152,15 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
         for name in tqdm(ATTACK_VARIANTS, desc=f"attacks, seed {cfg.seed}", disable=not progress):
             m = model_of(name)
             per_test = {
-                "clean": attacks.robust_correct(m, test, attacks.fgsm, 0.0),
-                "FGSM": attacks.robust_correct(m, test, attacks.fgsm, eps),
-                "PGD-10": attacks.robust_correct(m, test, attacks.pgd, eps, steps=PGD_STEPS, generator=gen()),
+                "clean": attacks.robust_correct(m, test, attacks.fgsm, 0.0, runtime=rt),
+                "FGSM": attacks.robust_correct(m, test, attacks.fgsm, eps, runtime=rt),
+                "PGD-10": attacks.robust_correct(m, test, attacks.pgd, eps, steps=PGD_STEPS, generator=gen(),
+                                                runtime=rt),
             }
             for attack, c in per_test.items():
                 add(name, "table", attack, 0.0 if attack == "clean" else eps, "test", c)
             per_sub = {k: v[idx] for k, v in per_test.items()}
-            per_sub[TABLE_ATTACKS[3]] = attacks.robust_correct(m, sub, attacks.pgd, eps, steps=PGD_LONG,
+            per_sub[TABLE_ATTACKS[3]] = attacks.robust_correct(m, sub, attacks.pgd, eps, steps=PGD_LONG, runtime=rt,
                                                                restarts=PGD_RESTARTS, generator=gen())
             for attack, key in (("APGD-CE", "apgd-ce"), ("APGD-T", "apgd-t"), ("Square", "square")):
                 per_sub[attack] = strong.evaluate(m, (xs, ys), key, eps, **strong_kw).correct
@@ -169,9 +171,11 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             for src in TRANSFER_SOURCES:
                 if src != name:
                     add(name, "check", f"transfer PGD-10 from {src}", eps, "test",
-                        attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb.to(device), eps))
+                        attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb.to(device), eps,
+                                               runtime=rt))
             add(name, "check", "PGD-10", LARGE_EPS, "subset",
-                attacks.robust_correct(m, sub, attacks.pgd, LARGE_EPS, steps=PGD_STEPS, generator=gen()))
+                attacks.robust_correct(m, sub, attacks.pgd, LARGE_EPS, steps=PGD_STEPS, generator=gen(),
+                                       runtime=rt))
             add(name, "check", "zero input gradient", 0.0, "test", zero_gradient_inputs(m, x, y, cfg.eval_batch_size))
             if name in CURVE_VARIANTS:
                 for e in cfg.epsilons:  # the table's own outcomes where it has them: same digits, same runs
@@ -182,7 +186,7 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
                         elif e == eps:
                             c = per_sub[attack]
                         else:
-                            c = attacks.robust_correct(m, sub, eps=float(e), **run)
+                            c = attacks.robust_correct(m, sub, eps=float(e), runtime=rt, **run)
                         add(name, "curve", attack, e, "subset", c)
         outcomes["subset"] = idx
         return outcomes, {"rows": rows}
