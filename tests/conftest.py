@@ -58,8 +58,8 @@ def _book_command(name: str, out: Path) -> list[str]:
     if name == "smoke_book":
         return [sys.executable, "-m", "rclib", "book", "--profile", "smoke", *SMOKE_OVERRIDES, "--quiet",
                 "--out", str(out), "--timeout", "600"]
-    # the paper's setting on a fake ILSVRC folder, with size-reducing overrides only; execution
-    # only (the smoke build checks the HTML rendering)
+    # the paper's setting on a fake ILSVRC folder with toys.PAPER_SMALL's overrides (sizes, and an
+    # untrained head); execution only (the smoke build checks the HTML rendering)
     params = dict(PAPER_SMALL, data_dir=str(ilsvrc_folder(out / "val")), weights=str(paper_weights(out)))
     args = [a for name, value in params.items() for a in ("-p", name, str(value))]
     return [sys.executable, "-m", "rclib", "book", "--profile", "paper", *args, "--quiet", "--no-build",
