@@ -194,9 +194,13 @@ def step_command(args: argparse.Namespace) -> int:
         cfg = config.load(args.profile, **overrides)
         from . import retrain
 
+        from .distributed import TRAJECTORY_STEP
+
         for step in args.step:
+            if step == TRAJECTORY_STEP and args.command == "retrain":
+                continue  # Alg 5's iterative retraining: one trajectory through every --rate
             retrain.check_step(step)
-        rates = args.rate or [cfg.prune_rate]
+        rates = args.rate or ([cfg.prune_rate] if args.step != [TRAJECTORY_STEP] else list(cfg.prune_rates))
         for r in rates:
             if not 0 < r < 1:
                 raise ValueError(f"--rate {r!r} is not allowed: a prune rate in (0, 1)")
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help="retrain Table 1 models (cached artifacts); torchrun can launch it"
                            if name == "retrain" else "clean, FGSM and PGD-10 test counts of retrained models (cached)")
         p.add_argument("--step", nargs="+", required=True, metavar="STEP",
-                       help="clean, alg7, alg7-no-margin, alg7-margin-only, alg7-pgd (rclib.retrain.STEPS)")
+                       help="clean, alg7, alg7-no-margin, alg7-margin-only, alg7-pgd (rclib.retrain.STEPS); "
+                       "retrain also takes alg5: Alg 5's trajectory stopping at every --rate (default: prune_rates)")
         p.add_argument("--rate", nargs="+", type=float, default=None, metavar="R",
                        help="global prune rates (default: the config's prune_rate)")
         p.add_argument("--all-seeds", action="store_true",

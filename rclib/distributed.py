@@ -421,6 +421,48 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
     return found[1]
 
 
+TRAJECTORY_STEP = "alg5"  # command-line name of Alg 5's iterative retraining (pipeline.iterative_trajectory)
+
+
+def trajectory(ctx: Context, cfg: Config, splits, base: nn.Module, rates: list[float], progress: bool = False) -> None:
+    """:func:`rclib.pipeline.iterative_trajectory` on ``ctx.world`` processes: the same artifact
+    under the same key (chapters 01 and 03 read it); every retrain step of Alg 5 runs with DDP
+    on a ``DistributedSampler`` shard, the channel masks are checked identical across ranks
+    before each, and rank 0 writes after every rank agreed. Used by ``python -m rclib retrain
+    --step alg5`` (through :func:`run`)."""
+    from . import pipeline, train
+    from .pipeline import runtime_of
+
+    if ctx.world == 1:
+        pipeline.iterative_trajectory(cfg, splits, base, rates)
+        say(ctx, f"alg5 through r={', '.join(f'{r:g}' for r in sorted(rates))}, seed {cfg.seed}: cached")
+        return
+    key = pipeline.trajectory_artifact(cfg, base, rates)
+    check = pipeline.trajectory_check(rates)
+    path = artifacts.location(**key)
+    found = _usable(path, check) if ctx.rank == 0 else None
+    if not from_rank0(ctx, found is not None):
+        def retrain(model: nn.Module) -> None:  # Alg 5's retrain(), data-parallel
+            check_identical(ctx, model, "the channel-pruned model (weights and masks)")
+            loader = train_shard(ctx, splits.train, cfg.seed)
+            ddp = wrap(ctx, model)
+            train.fit(ddp, loader, cfg.retrain_epochs, lr=cfg.retrain_lr, optimizer=cfg.retrain_optimizer,
+                      momentum=cfg.retrain_momentum, weight_decay=cfg.retrain_weight_decay,
+                      seed=cfg.seed + ctx.rank, desc="retrain", progress=False,
+                      blame=f"retrain_lr={cfg.retrain_lr:g}", runtime=runtime_of(cfg, base))
+            average_batchnorm(ctx, unwrap(ddp))
+
+        result = pipeline.trajectory_tensors(pipeline.trajectory_run(cfg, base, rates, retrain))
+        agree(ctx, TRAJECTORY_STEP)
+        if ctx.rank == 0:
+            artifacts.cached(**key, compute=lambda: result, check=check)
+            say(ctx, f"alg5, seed {cfg.seed}: wrote {path}")
+    barrier(ctx)
+    if ctx.rank != 0:
+        _read(ctx, path, "Alg 5 trajectory")
+        say(ctx, f"alg5, seed {cfg.seed}: read {path}")
+
+
 def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: list[int],
         timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True,
         env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
@@ -441,8 +483,15 @@ def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: 
             config.configure_torch(cfg_s)
             splits = data.load(cfg_s, ctx.device)
             base = baseline(ctx, cfg_s, splits, progress and ctx.rank == 0)
+            if TRAJECTORY_STEP in steps:  # one trajectory through every rate
+                started = time.perf_counter()
+                trajectory(ctx, cfg_s, splits, base, rates, progress)
+                rows.append(dict(seed=seed, rates=list(rates), step=TRAJECTORY_STEP,
+                                 seconds=time.perf_counter() - started))
+                if ctx.rank == 0:
+                    print(f"  {TRAJECTORY_STEP} seed {seed}: {rows[-1]['seconds']:.1f} s", flush=True)
             for rate in rates:
-                for step in steps:
+                for step in (s for s in steps if s != TRAJECTORY_STEP):
                     started = time.perf_counter()
                     row = dict(seed=seed, rate=rate, step=step)
                     if command == "retrain":

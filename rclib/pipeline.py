@@ -183,9 +183,55 @@ class HostModel:
         return models.from_state(self.spec, self.state, device)
 
 
+TRAJECTORY_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + ("prune_step", "prune_rates")
+
+
+def trajectory_artifact(cfg: Config, base: nn.Module, rates) -> dict[str, Any]:
+    """The key of Alg 5's trajectory through ``rates`` from ``base`` (``artifacts.cached(**key,
+    ...)`` and ``artifacts.location(**key)`` take it): one definition for the chapters and for
+    ``python -m rclib retrain --step alg5`` (one process or many)."""
+    stops = tuple(sorted(float(r) for r in rates))
+    return dict(cfg=dataclasses.replace(cfg, prune_rates=stops), step="trajectory", names=TRAJECTORY_FIELDS,
+                kind=kind_of(cfg, base))
+
+
+def trajectory_run(cfg: Config, base: nn.Module, rates, retrain: Callable[[nn.Module], object]) -> dict[float, HostModel]:
+    """Alg 5 on a copy of ``base`` (channel pruning in ``cfg.prune_step`` steps, ``retrain``
+    after each), stopping at every rate of ``rates``; not cached (see :func:`iterative_trajectory`).
+    ``retrain`` is :func:`retrainer`'s, or a distributed one (``rclib.distributed``)."""
+    rates = sorted(float(r) for r in rates)
+    out: dict[float, HostModel] = {}
+
+    def keep(model: nn.Module, r: float) -> None:
+        if any(abs(r - q) < 1e-9 for q in rates):
+            out[r] = HostModel.of(prune.harden(model))
+
+    prune.iterative(prune.clone(base), rates[-1], cfg.prune_step, retrain, "channel", on_step=keep, extra=rates)
+    return out
+
+
+def trajectory_tensors(found: dict[float, HostModel]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A trajectory as an artifact's tensors (``"<rate>/<name>"``) and metrics (each rate's spec)."""
+    tensors = {f"{r!r}/{k}": v for r, host in found.items() for k, v in host.state.items()}
+    return tensors, {"specs": {repr(r): host.spec for r, host in found.items()}}
+
+
+def trajectory_check(rates) -> Callable[[dict | None, dict], None]:
+    """The ``check`` of a trajectory artifact: one spec and one state for every rate."""
+    want = {repr(float(r)) for r in rates}
+
+    def check(tensors, metrics):
+        if tensors is None or set(metrics.get("specs", {})) != want:
+            raise KeyError(f"the trajectory lacks rates: has {sorted(metrics.get('specs', {}))}")
+        if {k.split("/", 1)[0] for k in tensors} != want:
+            raise KeyError("the trajectory's tensors do not match its rates")
+    return check
+
+
 def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rates) -> dict[float, HostModel]:
     """Alg 5 on a copy of ``base`` (channel pruning in ``cfg.prune_step`` steps, ``retrainer``
-    after each), stopping at every rate of ``rates`` on one trajectory to the largest.
+    after each), stopping at every rate of ``rates`` on one trajectory to the largest (cached, so
+    ``python -m rclib retrain --step alg5``, e.g. under torchrun, can compute it elsewhere).
 
     Returns:
         ``{rate: HostModel of the hardened model at that rate}`` in increasing rate order: the
@@ -195,15 +241,11 @@ def iterative_trajectory(cfg: Config, splits: data.Splits, base: nn.Module, rate
     Used by :func:`prune_sweep` (chapter 01) and :func:`compressed_variants` (chapter 03).
     """
     rates = sorted(float(r) for r in rates)
-    out: dict[float, HostModel] = {}
-
-    def keep(model: nn.Module, r: float) -> None:
-        if any(abs(r - q) < 1e-9 for q in rates):
-            out[r] = HostModel.of(prune.harden(model))
-
-    prune.iterative(prune.clone(base), rates[-1], cfg.prune_step, retrainer(cfg, splits), "channel",
-                    on_step=keep, extra=rates)
-    return out
+    tensors, metrics, _ = artifacts.cached(
+        **trajectory_artifact(cfg, base, rates), check=trajectory_check(rates),
+        compute=lambda: trajectory_tensors(trajectory_run(cfg, base, rates, retrainer(cfg, splits))))
+    return {r: HostModel(metrics["specs"][repr(r)], {k.split("/", 1)[1]: v for k, v in tensors.items()
+                                                      if k.split("/", 1)[0] == repr(r)}) for r in rates}
 
 
 OUTPUT_RTOL = 1e-5  # on a GPU: agreement relative to the largest logit

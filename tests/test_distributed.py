@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rclib import artifacts, config, data, distributed, pipeline, retrain, sizes
+from rclib import artifacts, config, data, distributed, pipeline, retrain, sizes, train
 from rclib.__main__ import main
 
 TOLERANCE = 0.2  # |accuracy with 2 processes - with 1|, clean and FGSM, on 128 smoke test digits
@@ -107,10 +107,13 @@ def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run
     """Without BatchNorm and dropout, DDP on 2 processes with 32 examples each = one process
     with the same 64-example global batches (the sampler's order): gradient averaging, masks
     and the sampler are right to float rounding. In the same run rank 1 then fails before
-    ``alg7`` is written: non-zero exit, no ``alg7`` artifact, no temporary folder."""
-    proc = torchrun(tmp_path, "retrain", "--step", "clean", "alg7", *SMOKE, *NO_BN, fail_rank="1:alg7")
+    ``alg7`` is written: non-zero exit, no ``alg7`` artifact, no temporary folder. Alg 5's
+    trajectory (``--step alg5``, channel pruning with a DDP retrain after every step) ran first
+    and matches one process on the same batches too."""
+    proc = torchrun(tmp_path, "retrain", "--step", "alg5", "clean", "alg7", "--rate", "0.5", *SMOKE, *NO_BN,
+                    fail_rank="1:alg7")
     assert proc.returncode != 0 and "rank 1 fails on purpose before rank 0 writes 'alg7'" in proc.stderr
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir()) == ["baseline", "retrained"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir()) == ["baseline", "retrained", "trajectory"]
     cfg = config.load("smoke", batch_norm=False, dropout=0.0, train_size=256, width=4)
     assert step_artifact(tmp_path, "alg7") is None
     splits = data.load(cfg)
@@ -124,6 +127,21 @@ def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.allclose(ours[k].double(), theirs[k].double(), atol=1e-5, rtol=0), k
+
+    def same_batch_retrain(m):  # Alg 5's retrain() in one process on the 2-process global batches
+        train.fit(m, same_batches, cfg.retrain_epochs, lr=cfg.retrain_lr, optimizer=cfg.retrain_optimizer,
+                  momentum=cfg.retrain_momentum, weight_decay=cfg.retrain_weight_decay, seed=cfg.seed,
+                  progress=False)
+
+    ours = pipeline.trajectory_run(cfg, base, [0.5], same_batch_retrain)[0.5].state
+    found = artifacts.load(artifacts.location(**pipeline.trajectory_artifact(cfg, base, [0.5])))
+    assert found is not None
+    theirs = {k.split("/", 1)[1]: v for k, v in found[0].items()}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}  # same channels kept
+    for k in ours:
+        assert torch.allclose(ours[k].double(), theirs[k].double(), atol=1e-5, rtol=0), k
+    hardened = pipeline.iterative_trajectory(cfg, splits, base, [0.5])[0.5]  # the chapters read it, not recompute
+    assert all(torch.equal(hardened.state[k], theirs[k]) for k in theirs)
 
 
 def test_bad_values_stop_before_anything_runs(tmp_path, capsys):
