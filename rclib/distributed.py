@@ -430,8 +430,7 @@ def trajectory(ctx: Context, cfg: Config, splits, base: nn.Module, rates: list[f
     on a ``DistributedSampler`` shard, the channel masks are checked identical across ranks
     before each, and rank 0 writes after every rank agreed. Used by ``python -m rclib retrain
     --step alg5`` (through :func:`run`)."""
-    from . import pipeline, train
-    from .pipeline import runtime_of
+    from . import pipeline
 
     if ctx.world == 1:
         pipeline.iterative_trajectory(cfg, splits, base, rates)
@@ -444,12 +443,9 @@ def trajectory(ctx: Context, cfg: Config, splits, base: nn.Module, rates: list[f
     if not from_rank0(ctx, found is not None):
         def retrain(model: nn.Module) -> None:  # Alg 5's retrain(), data-parallel
             check_identical(ctx, model, "the channel-pruned model (weights and masks)")
-            loader = train_shard(ctx, splits.train, cfg.seed)
             ddp = wrap(ctx, model)
-            train.fit(ddp, loader, cfg.retrain_epochs, lr=cfg.retrain_lr, optimizer=cfg.retrain_optimizer,
-                      momentum=cfg.retrain_momentum, weight_decay=cfg.retrain_weight_decay,
-                      seed=cfg.seed + ctx.rank, desc="retrain", progress=False,
-                      blame=f"retrain_lr={cfg.retrain_lr:g}", runtime=runtime_of(cfg, base))
+            rank_cfg = dataclasses.replace(cfg, seed=cfg.seed + ctx.rank)  # as _train: own dropout draws
+            pipeline.retrainer(rank_cfg, splits, loader=train_shard(ctx, splits.train, cfg.seed))(ddp)
             average_batchnorm(ctx, unwrap(ddp))
 
         result = pipeline.trajectory_tensors(pipeline.trajectory_run(cfg, base, rates, retrain))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import accel, artifacts, attacks, codec, config, data, models, prune, sizes, train
@@ -141,11 +142,13 @@ RETRAIN_FIELDS = ("retrain_epochs", "retrain_optimizer", "retrain_lr", "retrain_
 SWEEP_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + ("prune_rates", "prune_step", "epsilon")
 
 
-def retrainer(cfg: Config, splits: data.Splits, desc: str = "retrain") -> Callable[[nn.Module], object]:
+def retrainer(cfg: Config, splits: data.Splits, desc: str = "retrain",
+              loader: DataLoader | None = None) -> Callable[[nn.Module], object]:
     """``retrain(model)``: ``cfg.retrain_epochs`` of mask-keeping training with the retraining
-    optimiser (App. C: SGD, lr 0.005, momentum 0.9, weight decay 0.005). Alg 5's retrain()."""
+    optimiser (App. C: SGD, lr 0.005, momentum 0.9, weight decay 0.005) on ``loader`` (default
+    ``splits.train``; ``rclib.distributed`` passes a rank's shard). Alg 5's retrain()."""
     def retrain(model: nn.Module):
-        return train.fit(model, splits.train, cfg.retrain_epochs, lr=cfg.retrain_lr,
+        return train.fit(model, splits.train if loader is None else loader, cfg.retrain_epochs, lr=cfg.retrain_lr,
                          optimizer=cfg.retrain_optimizer, momentum=cfg.retrain_momentum,
                          weight_decay=cfg.retrain_weight_decay, seed=cfg.seed, desc=desc,
                          progress=False, blame=f"retrain_lr={cfg.retrain_lr:g}", runtime=runtime_of(cfg, model))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rclib import artifacts, config, data, distributed, pipeline, retrain, sizes, train
+from rclib import artifacts, config, data, distributed, pipeline, retrain, sizes
 from rclib.__main__ import main
 
 TOLERANCE = 0.2  # |accuracy with 2 processes - with 1|, clean and FGSM, on 128 smoke test digits
@@ -128,12 +128,8 @@ def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run
     for k in ours:
         assert torch.allclose(ours[k].double(), theirs[k].double(), atol=1e-5, rtol=0), k
 
-    def same_batch_retrain(m):  # Alg 5's retrain() in one process on the 2-process global batches
-        train.fit(m, same_batches, cfg.retrain_epochs, lr=cfg.retrain_lr, optimizer=cfg.retrain_optimizer,
-                  momentum=cfg.retrain_momentum, weight_decay=cfg.retrain_weight_decay, seed=cfg.seed,
-                  progress=False)
-
-    ours = pipeline.trajectory_run(cfg, base, [0.5], same_batch_retrain)[0.5].state
+    # Alg 5's retrain() in one process on the 2-process global batches
+    ours = pipeline.trajectory_run(cfg, base, [0.5], pipeline.retrainer(cfg, splits, loader=same_batches))[0.5].state
     found = artifacts.load(artifacts.location(**pipeline.trajectory_artifact(cfg, base, [0.5])))
     assert found is not None
     theirs = {k.split("/", 1)[1]: v for k, v in found[0].items()}
