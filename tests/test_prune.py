@@ -287,12 +287,35 @@ def test_fast_mask_is_torchs_reparametrisation():
         assert torch.equal(a.weight, b.weight) and a.weight_mask.dtype == b.weight_mask.dtype
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(ours(x), theirs(x))
+    first = [m.weight_mask.clone() for _, m in models.prunable_layers(ours)]
     prune.global_unstructured(ours, 0.8)  # a second mask combines with the first
-    assert isinstance(next(iter(models.prunable_layers(ours)[0][1]._forward_pre_hooks.values())),
-                      torch_prune.PruningContainer)
+    for (_, m), old in zip(models.prunable_layers(ours), first):
+        assert torch.equal(m.weight_mask, m.weight_mask * old)  # never revives a pruned weight
+        assert torch.equal(m.weight, m.weight_orig * m.weight_mask)
+    assert 0.79 < 1 - sum(m.weight_mask.sum().item() for _, m in models.prunable_layers(ours)) / \
+        sum(m.weight_mask.numel() for _, m in models.prunable_layers(ours)) < 0.81
     for _, m in models.prunable_layers(ours):
         torch_prune.remove(m, "weight")
     assert not any(torch_prune.is_pruned(m) for m in ours.modules())
+
+
+def test_repeated_pruning_keeps_one_mask_per_tensor():
+    """Algorithm 5 prunes the same model many times; each tensor must keep one mask, not one per step."""
+    model = tiny()
+    for rate in (0.2, 0.4, 0.6):
+        prune.global_unstructured(model, rate)
+        prune.layer_unstructured(model, rate)
+        prune.channel_structured(model, rate / 4)
+    for _, m in models.prunable_layers(model):
+        hooks = [h for h in m._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]
+        assert not any(isinstance(h, torch_prune.PruningContainer) for h in hooks)
+        assert sorted(h._tensor_name for h in hooks) == sorted(n[:-5] for n, _ in m.named_buffers()
+                                                               if n.endswith("_mask"))
+        assert sorted(h._tensor_name for h in hooks) in (["weight"], ["bias", "weight"])
+    x = torch.rand(4, 1, 8, 8)
+    y = model(x)
+    prune.make_permanent(model)
+    assert not prune.is_pruned(model) and torch.equal(model(x), y)
 
 
 @pytest.mark.parametrize("grid", [0, 2000])
