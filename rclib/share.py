@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .models import effective as effective_weight  # noqa: F401  (public here too)
-from .models import prunable_layers
+from .models import count_nonzero, effective_nonzero, prunable_layers
 
 Bits = Union[int, Mapping[str, int]]
 DEFAULT_BITS: dict[str, int] = {"conv": 8, "linear": 5}  # the paper's Sec. 3.2 (2^8 and 2^5 bins)
@@ -549,7 +549,7 @@ def shared_size_mb(model: nn.Module, bits: Bits = DEFAULT_BITS, unit: str = "MB"
     total_bits = 0
     for name, module in named:
         b = _layer_bits(bits, name, module)
-        nnz = int(torch.count_nonzero(effective_weight(module)))
+        nnz = effective_nonzero(module)
         total_bits += nnz * b + 2**b * 32
         shared_ids.add(id(module))
     for m in model.modules():
@@ -557,6 +557,6 @@ def shared_size_mb(model: nn.Module, bits: Bits = DEFAULT_BITS, unit: str = "MB"
             base = pname[: -len("_orig")] if pname.endswith("_orig") else pname
             if id(m) in shared_ids and base == "weight":
                 continue
-            value = effective_weight(m, base) if pname.endswith("_orig") else p.detach()
-            total_bits += int(torch.count_nonzero(value)) * 32
+            nnz = effective_nonzero(m, base) if pname.endswith("_orig") else count_nonzero(p.detach())
+            total_bits += nnz * 32
     return total_bits / 8 / UNITS[unit]

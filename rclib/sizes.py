@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .huffman import entropy_bits
-from .models import effective
+from .models import count_nonzero, effective, effective_nonzero
 
 UNITS = {"MB": 1e6, "MiB": 2**20}
 Bits = Union[int, Mapping[str, int], None]
@@ -41,9 +41,9 @@ def nonzero_parameters(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         for name, p in m.named_parameters(recurse=False):
-            # a pruned weight lives as ``<name>_orig``; its effective value is the masked attribute
-            value = effective(m, name[: -len("_orig")]) if name.endswith("_orig") else p
-            total += int(torch.count_nonzero(value.detach()))
+            # a pruned weight lives as ``<name>_orig``; its effective value is ``orig * mask``
+            total += effective_nonzero(m, name[: -len("_orig")]) if name.endswith("_orig") else \
+                count_nonzero(p.detach())
     return total
 
 
