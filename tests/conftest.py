@@ -8,6 +8,7 @@ import time, before anything imports torch.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -43,35 +44,49 @@ def tiny_model():
 
 from toys import PAPER_SMALL, SMOKE_BOOK_PARAMS, ilsvrc_folder, paper_weights  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+
 SMOKE_OVERRIDES = tuple(a for name, value in SMOKE_BOOK_PARAMS.items() for a in ("-p", name, str(value)))
 
-# The two whole-book builds run as background processes, started as soon as the session knows it
-# needs them, while the unit tests run in this process; the tests that read a build are moved to
-# the end of the session, by which time the builds are usually done. On these 2-core machines
-# that overlap is most of what keeps `make test` short.
-BOOK_FIXTURES = ("smoke_book", "paper_book")
+# The two whole-book builds, and the chapter reruns that compare against them, run as background
+# processes started as soon as the session knows it needs them, while the unit tests run in this
+# process; the tests that read them are moved to the end of the session, by which time they are
+# usually done. On these 2-core machines that overlap is most of what keeps `make test` short.
+BOOK_FIXTURES = ("smoke_book", "paper_book", "rerun_00")
 _builds: dict[str, tuple[subprocess.Popen, Path, Path]] = {}
+WARM_01 = Path("warm") / "01_pruning.ipynb"  # chapter 01 rerun on the smoke build's cache
 
 
-def _book_command(name: str, out: Path) -> list[str]:
-    """The ``python -m rclib book`` command line of one shared build, writing under ``out``."""
-    if name == "smoke_book":
-        return [sys.executable, "-m", "rclib", "book", "--profile", "smoke", *SMOKE_OVERRIDES, "--quiet",
-                "--out", str(out), "--timeout", "600"]
+def _rclib(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rclib", *args]
+
+
+def _book_command(name: str, out: Path) -> list[list[str]]:
+    """The commands of one background job, run one after the other, writing under ``out``."""
+    if name == "smoke_book":  # the book, then chapter 01 again on the cache it has just filled
+        return [_rclib("book", "--profile", "smoke", *SMOKE_OVERRIDES, "--quiet", "--out", str(out),
+                       "--timeout", "600"),
+                _rclib("run", "notebooks/01_pruning.ipynb", "--profile", "smoke", *SMOKE_OVERRIDES, "--quiet",
+                       "--timeout", "600", "-o", str(out / WARM_01))]
+    if name == "rerun_00":  # chapter 00 from an empty cache, as the smoke build runs it
+        return [_rclib("run", "notebooks/00_baseline.ipynb", "--profile", "smoke", *SMOKE_OVERRIDES, "--quiet",
+                       "--timeout", "600", "-o", str(out / "00_baseline.ipynb"))]
     # the paper's setting on a fake ILSVRC folder with toys.PAPER_SMALL's overrides (sizes, and an
     # untrained head); execution only (the smoke build checks the HTML rendering)
     params = dict(PAPER_SMALL, data_dir=str(ilsvrc_folder(out / "val")), weights=str(paper_weights(out)))
     args = [a for name, value in params.items() for a in ("-p", name, str(value))]
-    return [sys.executable, "-m", "rclib", "book", "--profile", "paper", *args, "--quiet", "--no-build",
-            "--out", str(out), "--timeout", "600"]
+    return [_rclib("book", "--profile", "paper", *args, "--quiet", "--no-build", "--out", str(out),
+                   "--timeout", "600")]
 
 
 def _start_build(name: str, factory: pytest.TempPathFactory) -> None:
     out = factory.mktemp(name)
     log = out / "build.log"
     env = {**os.environ, "RCLIB_ARTIFACTS": str(out / "artifacts")}
+    commands = _book_command(name, out)
+    cmd = commands[0] if len(commands) == 1 else ["sh", "-c", " && ".join(shlex.join(c) for c in commands)]
     with open(log, "w") as f:
-        proc = subprocess.Popen(_book_command(name, out), stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     _builds[name] = (proc, out, log)
 
 
@@ -106,10 +121,18 @@ def smoke_book():
     with two overrides that every chapter must receive: ``python -m rclib book --profile smoke
     -p seed 3 -p width 4`` into a temporary folder, with its own artifacts.
 
-    Returns the output folder: executed chapters in ``_build/src``, HTML in ``_build/html``.
+    Returns the output folder: executed chapters in ``_build/src``, HTML in ``_build/html``, and
+    chapter 01 executed a second time on the cache the build filled in ``WARM_01``.
     The chapter and book tests all read this one build instead of executing again.
     """
     return _finished("smoke_book")
+
+
+@pytest.fixture(scope="session")
+def rerun_00():
+    """Chapter 00 executed once more exactly as the smoke build executes it, from an empty cache
+    of its own; returns the folder holding ``00_baseline.ipynb``."""
+    return _finished("rerun_00")
 
 
 @pytest.fixture(scope="session")

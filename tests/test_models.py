@@ -118,16 +118,17 @@ def test_torchvision_vgg16_from_spec():
 def test_vgg16_scaled_by_width_and_hidden_keeps_torchvision_layers_and_names():
     """``width``/``hidden`` shrink VGG16 the way they shrink vgg_small: the paper-profile test runs
     the same torchvision layers (and state-dict names) at a size a CPU test affords."""
-    full = models.build(config.load("smoke", model="vgg16", batch_norm=False, image_size=32, width=64, hidden=4096),
-                        10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
+    with torch.device("meta"):  # shapes and names only: no 138M weights to initialise
+        full = models.build(config.load("smoke", model="vgg16", batch_norm=False, image_size=32, width=64,
+                                        hidden=4096), 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
     cfg = config.load("smoke", model="vgg16", batch_norm=False, image_size=32, width=8, hidden=32)
     small = models.build(cfg, 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
     assert list(small.state_dict()) == list(full.state_dict())
     convs = [m for _, m in models.prunable_layers(small)][:13]
     assert [c.out_channels for c in convs] == [c.out_channels // 8 for _, c in models.prunable_layers(full)[:13]]
     assert small.classifier[0].in_features == 64 * 7 * 7 and small.classifier[3].out_features == 32
-    assert float(small.classifier[0].bias.abs().max()) == 0  # torchvision's init: zero biases
-    assert abs(float(small.classifier[0].weight.std()) - 0.01) < 0.002  # and N(0, 0.01) linears
+    assert float(small.classifier[0].bias.detach().abs().max()) == 0  # torchvision's init: zero biases
+    assert abs(float(small.classifier[0].weight.detach().std()) - 0.01) < 0.002  # and N(0, 0.01) linears
     rebuilt = models.from_spec(models.describe(small))
     rebuilt.load_state_dict(small.state_dict())
     x = torch.rand(2, 3, 32, 32)

@@ -19,7 +19,7 @@ from rclib import book, config
 from rclib.__main__ import ChapterFailed, run_notebook, toc_notebooks
 from rclib.config import project_root
 
-from toys import SMOKE_BOOK_PARAMS
+from conftest import WARM_01
 
 ROOT = project_root()
 NOTEBOOKS = toc_notebooks(ROOT)
@@ -116,12 +116,10 @@ def _check_claims(values: dict, n: int) -> None:
         assert row["verdict"].split(" (")[0] in verdict.OUTCOMES, row
 
 
-def test_same_profile_and_seed_give_identical_numbers(smoke_book, tmp_path, artifact_root):
+def test_same_profile_and_seed_give_identical_numbers(smoke_book, rerun_00):
     """Chapter 00 rerun from an empty cache with the shared build's profile and overrides gives
-    that build's numbers exactly (both trained their baselines from scratch)."""
-    out = tmp_path / "run.ipynb"
-    _run(Path("notebooks/00_baseline.ipynb"), out, **SMOKE_BOOK_PARAMS)
-    assert book.glued(out) == _glued(smoke_book, "00_baseline")
+    that build's numbers exactly (both trained their baselines from scratch, in other processes)."""
+    assert book.glued(rerun_00 / "00_baseline.ipynb") == _glued(smoke_book, "00_baseline")
 
 
 def test_weight_sharing_numbers(smoke_book):
@@ -236,14 +234,12 @@ def test_bad_parameter_stops_a_chapter_in_its_first_cell(tmp_path, artifact_root
     assert not artifact_root.exists() or not any(artifact_root.rglob("*"))
 
 
-def test_chapter_01_gives_the_same_numbers_from_a_cold_and_a_warm_cache(smoke_book, tmp_path, monkeypatch):
+def test_chapter_01_gives_the_same_numbers_from_a_cold_and_a_warm_cache(smoke_book):
     """The BatchNorm-recalibration figure once read 13.28 cold and 14.06 warm: it drew batches
     from a loader whose shuffling state depended on whether the sweep was computed or loaded.
-    The shared build computed chapter 01's sweep (cold); rerunning on its cache loads it (warm)."""
-    monkeypatch.setenv("RCLIB_ARTIFACTS", str(smoke_book / "artifacts"))
-    out = tmp_path / "warm.ipynb"
-    _run(Path("notebooks/01_pruning.ipynb"), out, **SMOKE_BOOK_PARAMS)
-    cold, warm = _glued(smoke_book, "01_pruning"), book.glued(out)
+    The shared build computed chapter 01's sweep (cold); its rerun on that cache loaded it (warm,
+    conftest's ``WARM_01``)."""
+    cold, warm = _glued(smoke_book, "01_pruning"), book.glued(smoke_book / WARM_01)
     timings = {"speed1", "speed_big", "v_speed", "speed_word"}  # wall-clock latencies, measured afresh
     for r in (cold, warm):
         r["claims"] = [row for row in r["claims"] if not row["section"].startswith("Fig. 4")]

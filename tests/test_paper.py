@@ -3,10 +3,10 @@ ILSVRC-style folder, on CPU, with overrides that only shrink the run (no profile
 
 What keeps it small (``toys.PAPER_SMALL``): a 32x32 crop of 10 classes x 12 images,
 torchvision's VGG16 scaled by ``width``/``hidden`` (the same layers and code path as the real
-one), two seeds, two prune rates and small maps and attack samples. What stays the paper's: the
-dataset kind and its stratified 80/20 split, ``model="vgg16"`` without BatchNorm, pretrained
-weights (a local file whose 1000-class head does not fit the folder's 10 classes, so the head is
-replaced), ``epochs=0``, SGD retraining, eps 0.03 and the paper's epsilons. ``head_epochs`` is 0
+one), one seed (the smoke build covers several), two prune rates and small maps and attack
+samples. What stays the paper's: the dataset kind and its stratified 80/20 split,
+``model="vgg16"`` without BatchNorm, pretrained weights (a local file whose 1000-class head does
+not fit the folder's 10 classes, so the head is replaced), ``epochs=0``, SGD retraining, eps 0.03 and the paper's epsilons. ``head_epochs`` is 0
 here, so the new head stays untrained and every chapter meets the case where no model beats
 chance. The build itself runs in the background from the start of the session (conftest).
 """

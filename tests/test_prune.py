@@ -134,9 +134,9 @@ def test_harden_is_equivalent_and_smaller(rate, batch_norm):
 
 def test_harden_torchvision_vgg16_bn_layout():
     """torchvision's vgg16_bn: BatchNorm after every conv and a 7x7 avgpool, so the first linear
-    layer has 49 input columns per channel."""
+    layer has 49 input columns per channel (its layout at 1/4 width, as ``width`` scales it)."""
     torch.manual_seed(0)
-    model = models.from_spec(dict(model="vgg16", width=64, hidden=4096, batch_norm=True, dropout=0.5,
+    model = models.from_spec(dict(model="vgg16", width=16, hidden=256, batch_norm=True, dropout=0.5,
                                   num_classes=10, input_shape=[3, 32, 32], mean=[0.5] * 3,
                                   std=[0.5] * 3)).eval()
     with torch.no_grad():
@@ -146,11 +146,11 @@ def test_harden_torchvision_vgg16_bn_layout():
                 m.running_mean.normal_(0, 0.1)
     prune.channel_structured(model, 0.5, layers=[n for n, _ in models.prunable_layers(model)][:13])
     hard = prune.harden(model)
-    assert hard.classifier[0].in_features == 256 * 49
+    assert hard.classifier[0].in_features == 64 * 49  # 128 channels of the last block, half kept
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(hard(x), model(x), atol=1e-5, rtol=1e-4)
-    # conv widths halve and the first linear layer loses half its 25088 input columns
+    # conv widths halve and the first linear layer loses half its 6272 input columns
     assert models.count_parameters(hard) < 0.55 * models.count_parameters(model)
 
 

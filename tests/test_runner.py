@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -59,11 +60,20 @@ def test_parameters_are_injected_and_hidden(tmp_path):
     assert "42" in result.cells[-1].outputs[0]["text"]
 
 
-def test_cli_run_exits_nonzero_on_failure(tmp_path):
+def _main(*args: str) -> int:
+    """``python -m rclib ARGS`` in this process, its environment changes undone afterwards (a
+    subprocess imports torch again for the checks that size the model: 2-3 s each)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("TQDM_DISABLE", "OMP_WAIT_POLICY"):
+            mp.setenv(name, os.environ.get(name, ""))
+            mp.delenv(name)
+        return main(list(args))
+
+
+def test_cli_run_exits_nonzero_on_failure(tmp_path, capsys):
     nb = _notebook(tmp_path / "bad.ipynb", "assert seed == 0, 'seed must be 0'")
-    code = subprocess.call([sys.executable, "-m", "rclib", "run", str(nb), "-p", "seed", "5", "--quiet",
-                            "-o", str(tmp_path / "o.ipynb")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert code == 1
+    assert _main("run", str(nb), "-p", "seed", "5", "--quiet", "-o", str(tmp_path / "o.ipynb")) == 1
+    assert "seed must be 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, text", [
@@ -71,14 +81,21 @@ def test_cli_run_exits_nonzero_on_failure(tmp_path):
     (["-p", "prune_rate", "1.5"], "prune_rate=1.5 is not allowed"),
     (["-p", "width", "1000000"], "width=1000000 is not allowed"),
 ])
-def test_book_validates_the_merged_config_before_running_anything(tmp_path, args, text):
+def test_book_validates_the_merged_config_before_running_anything(tmp_path, capsys, args, text):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rclib", "book", "--profile", "smoke", "--out", str(tmp_path),
-                           *args], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and text in proc.stderr, proc.stderr
-    assert "FAILED before running anything" in proc.stderr
+    code = _main("book", "--profile", "smoke", "--out", str(tmp_path), *args)
+    err = capsys.readouterr().err
+    assert code == 2 and text in err, err
+    assert "FAILED before running anything" in err
     assert not (tmp_path / "_build").exists()  # nothing staged, nothing executed
     assert time.perf_counter() - start < 60  # seconds, not after chapter 00 has trained
+
+
+def test_exit_code_reaches_the_shell(tmp_path):
+    """``python -m rclib`` exits with ``main``'s code (the tests above call ``main`` directly)."""
+    proc = subprocess.run([sys.executable, "-m", "rclib", "book", "--profile", "smoke", "--out", str(tmp_path),
+                           "-p", "epsilom", "0.2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "did you mean 'epsilon'?" in proc.stderr, proc.stderr
 
 
 def test_dead_kernel_names_the_cell_and_keeps_the_partial_notebook(tmp_path):
