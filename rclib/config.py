@@ -141,7 +141,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "cpu": dict(),
     # the paper's setting on a GPU: ImageNet val 40k/10k, torchvision VGG16 with ImageNet weights
     "paper": dict(
-        dataset="imagenet", data_dir="data/imagenet/val", image_size=224, model="vgg16",
+        dataset="imagenet", data_dir="data/imagenet/val", image_size=224, model="vgg16", width=64, hidden=4096,
         weights="imagenet", batch_norm=False, epochs=0, batch_size=128, eval_batch_size=128, num_workers=4,
         optimizer="sgd", lr=0.005, weight_decay=0.005, epsilon=0.03,
         epsilons=(0.0, 0.005, 0.01, 0.02, 0.03, 0.05), prune_rate=0.5,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -347,3 +349,12 @@ def test_hardening_speed_times_at_the_configured_batch_and_repeats(monkeypatch):
     assert [(r["model"], r["batch"]) for r in rows] == [(m, b) for m in ("unpruned", "masked (r=0.5)", "hardened")
                                                          for b in (1, 7)]
     assert calls == [(1, 2), (7, 2)] * 3
+
+
+def test_paper_profile_is_torchvision_vgg16_at_full_size():
+    """``model="vgg16"`` is scaled by ``width``/``hidden``, whose defaults are vgg_small's: the
+    paper profile must set VGG16's own 64 and 4096 (138,357,544 parameters with 1000 classes)."""
+    cfg = dataclasses.replace(config.profile_config("paper"), weights="none")
+    with torch.device("meta"):  # shapes only
+        model = models.build(cfg, 1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert models.count_parameters(model) == 138_357_544
