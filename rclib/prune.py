@@ -548,12 +548,31 @@ def clone(model: nn.Module) -> nn.Module:
     refuses it. Recomputing it without gradients first (exactly what the next forward pass does)
     makes the copy possible. Used by ``pipeline`` and chapters 01-04.
     """
+    _refresh_masked(model)
+    return copy.deepcopy(model)
+
+
+def move(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """``model.to(device)`` that also moves the masked weights of a pruned model.
+
+    ``torch.nn.utils.prune`` keeps ``<name> = <name>_orig * <name>_mask`` as a plain attribute,
+    which ``Module.to`` leaves where it was until the next forward pass: a pruned model "moved"
+    to the host would still hold a weight-sized tensor per layer on the GPU. Used by
+    ``pipeline.over_seeds``.
+    """
+    model.to(device)
+    _refresh_masked(model)
+    return model
+
+
+def _refresh_masked(model: nn.Module) -> None:
+    """Recompute every ``<name> = <name>_orig * <name>_mask`` now, without gradients (what the
+    next forward pass would do), where the parameters are."""
     with torch.no_grad():
         for m in model.modules():
             for hook in m._forward_pre_hooks.values():
                 if isinstance(hook, torch_prune.BasePruningMethod):
                     setattr(m, hook._tensor_name, hook.apply_mask(m))
-        return copy.deepcopy(model)
 
 
 def mask_agreement(ours: nn.Module, theirs: nn.Module) -> dict[str, object]:

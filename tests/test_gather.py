@@ -9,10 +9,13 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from rclib import book, config, pipeline, plots
 from rclib.__main__ import execution_order
+
+import toys
 
 
 def test_gathering_pages_run_after_the_chapters():
@@ -60,6 +63,32 @@ def test_over_seeds_runs_each_seed_on_its_own_cached_baseline():
     assert seen[0][0] == 0 and seen[1][0] == 1 and not math.isclose(seen[0][1], seen[1][1])
     again = pipeline.over_seeds(cfg, step, progress=False)  # baselines now come from the cache
     assert again == rows and seen[2:] == seen[:2]
+
+
+def test_over_seeds_parks_the_callers_models_and_gives_them_back(monkeypatch):
+    """Models in ``park`` leave their device for the host during the loop and come back after,
+    also when a step fails; models already on the host are not touched. No GPU here: the parked
+    model's device is faked and ``prune.move`` is recorded."""
+    cfg = config.load("smoke", train_size=64, test_size=32, epochs=1, seeds=(0, 1))
+    held, on_cpu = toys.tiny_vgg(), toys.tiny_vgg()
+    moves = []
+    monkeypatch.setattr(pipeline.prune, "move", lambda m, d: moves.append((m, str(d))))
+    monkeypatch.setattr(pipeline, "_device_of", lambda m: torch.device("cuda", 0) if m is held else torch.device("cpu"))
+
+    def step(cfg_s, splits_s, base_s):
+        assert moves == [(held, "cpu")]  # on the host while the seeds run
+        return [dict(value=1)]
+
+    assert len(pipeline.over_seeds(cfg, step, progress=False, park=[held, on_cpu])) == 2
+    assert moves == [(held, "cpu"), (held, "cuda:0")]
+    moves.clear()
+
+    def failing(cfg_s, splits_s, base_s):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        pipeline.over_seeds(cfg, failing, progress=False, park=[held])
+    assert moves == [(held, "cpu"), (held, "cuda:0")]
 
 
 def test_comparison_styles_claims_whose_quantities_coincide():

@@ -328,3 +328,15 @@ def test_global_masks_from_a_sampled_bracket_equal_the_full_partition(grid):
     for k in (1, 12345, scores.size // 2, scores.size - 1):
         got = np.concatenate([m.ravel() for m in prune._global_masks(weights, k)])
         assert np.array_equal(got.astype(bool), prune._keep_mask(scores, k)), k
+
+
+def test_move_takes_the_masked_weights_along():
+    """``Module.to`` leaves torch's masked ``weight`` attribute behind (a weight-sized tensor per
+    layer on the old device); ``prune.move`` recomputes it where the parameters went."""
+    model = tiny()
+    prune.global_unstructured(model, 0.5)
+    plain = prune.clone(model).to("meta")
+    assert all(m.weight.device.type == "cpu" for _, m in models.prunable_layers(plain))
+    prune.move(model, "meta")
+    for _, m in models.prunable_layers(model):
+        assert m.weight.device.type == m.weight_orig.device.type == m.weight_mask.device.type == "meta"
