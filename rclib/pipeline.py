@@ -120,10 +120,6 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
     return accel.prepare(built["model"].to(device), rt).eval(), metrics, hit
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], list[dict[str, Any]]],
                device: str = "cpu", progress: bool = True, park: Sequence[nn.Module] = ()) -> list[dict[str, Any]]:
     """Run ``step(cfg_s, splits_s, base_s)`` once per seed of ``cfg.seeds``, each on that seed's
@@ -137,7 +133,7 @@ def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], lis
 
     Used by chapters 01-04.
     """
-    away = [(m, d) for m in park if (d := _device_of(m)).type != "cpu"]
+    away = [(m, d) for m in park if (d := train.model_device(m)).type != "cpu"]
     for m, _ in away:
         prune.move(m, "cpu")
     try:

@@ -487,10 +487,9 @@ def sparsity(model: nn.Module, layers: Sequence[str] | None = None):
 
     rows = []
     for name, m in _targets(model, layers):
-        w = models.effective(m)
-        zeros = int(w.numel() - torch.count_nonzero(w))
-        rows.append(dict(layer=name, type=type(m).__name__, weights=w.numel(), zeros=zeros,
-                         sparsity=zeros / w.numel()))
+        n = m.weight.numel()
+        zeros = n - models.effective_nonzero(m)
+        rows.append(dict(layer=name, type=type(m).__name__, weights=n, zeros=zeros, sparsity=zeros / n))
     return pd.DataFrame(rows)
 
 

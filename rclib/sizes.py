@@ -174,7 +174,7 @@ def _formula_bytes(entries: list[dict[str, Any]]) -> float:
     for e in entries:
         if e["encoding"] == "raw":
             if e["parameter"]:  # as approx_size_mb: parameters only, not BatchNorm statistics
-                total_bits += 32 * int(torch.count_nonzero(e["tensor"]))
+                total_bits += 32 * count_nonzero(e["tensor"])
         elif e["encoding"] == "shared":
             k = e["codebook"].size
             total_bits += e["nnz"] * max(1, math.ceil(math.log2(k))) + 32 * k

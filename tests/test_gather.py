@@ -73,7 +73,8 @@ def test_over_seeds_parks_the_callers_models_and_gives_them_back(monkeypatch):
     held, on_cpu = toys.tiny_vgg(), toys.tiny_vgg()
     moves = []
     monkeypatch.setattr(pipeline.prune, "move", lambda m, d: moves.append((m, str(d))))
-    monkeypatch.setattr(pipeline, "_device_of", lambda m: torch.device("cuda", 0) if m is held else torch.device("cpu"))
+    device = pipeline.train.model_device
+    monkeypatch.setattr(pipeline.train, "model_device", lambda m: torch.device("cuda", 0) if m is held else device(m))
 
     def step(cfg_s, splits_s, base_s):
         assert moves == [(held, "cpu")]  # on the host while the seeds run
