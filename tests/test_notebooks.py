@@ -8,8 +8,8 @@ two runs with the same profile and seed give identical numbers.
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import nbformat

@@ -6,9 +6,9 @@ torchvision's VGG16 scaled by ``width``/``hidden`` (the same layers and code pat
 one), one seed (the smoke build covers several), two prune rates and small maps and attack
 samples. What stays the paper's: the dataset kind and its stratified 80/20 split,
 ``model="vgg16"`` without BatchNorm, pretrained weights (a local file whose 1000-class head does
-not fit the folder's 10 classes, so the head is replaced), ``epochs=0``, SGD retraining, eps 0.03 and the paper's epsilons. ``head_epochs`` is 0
-here, so the new head stays untrained and every chapter meets the case where no model beats
-chance. The build itself runs in the background from the start of the session (conftest).
+not fit the folder's 10 classes, so the head is replaced), ``epochs=0``, SGD retraining, eps
+0.03 and the paper's epsilons. ``head_epochs`` is 0 here, so the new head stays untrained and
+every chapter meets the case where no model beats chance. The build itself runs in the background from the start of the session (conftest).
 """
 
 from __future__ import annotations

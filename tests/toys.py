@@ -91,7 +91,7 @@ def odd_mode_folder(root: Path, size=(20, 14)) -> Path:
             img.save(root / name / f"{i}_{mode.replace(';', '_')}.{ext}")
     return root
 # The paper profile's overrides for the end-to-end test (conftest.paper_book): data size, model
-# widths, repetitions, grids and samples, and head_epochs 0. That last one leaves the replaced head
+# widths, one seed (the smoke build runs several), repetitions, grids and samples, and head_epochs 0. That last one leaves the replaced head
 # untrained (epochs is 0 under paper), so no model beats chance and every chapter also meets that
 # case (claims without values must say so, not crash); fitting the head is tested on its own.
 PAPER_SMALL = dict(image_size=32, width=4, hidden=32, seeds="[0]", prune_rates="[0.5, 0.9]",
