@@ -21,6 +21,12 @@ hold; that is the honest price of the ``smoke`` profile.
 **One quantity against a bound** (:func:`threshold`, e.g. "the gain is at least 2x"): the same
 all-seeds-and-interval rule on the values themselves.
 
+**Intervals that fit their quantity.** A share lies in [0, 1] and a spread or a largest change is
+never negative, so a t-interval such as "-21.9 to 88.5 %" is impossible. ``bounds=(low, high)``
+(:data:`SHARE`, :data:`NONNEGATIVE`) intersects the t-interval of the mean with the quantity's
+possible range. The true mean lies in that range, so the intersection covers it exactly as often
+as the t-interval does, and it is never wider.
+
 **Correlation** (:func:`correlation`, over models): Pearson's r or Spearman's rho with a
 percentile bootstrap interval (pairs resampled with a seeded ``numpy`` generator, so the same
 seed gives the same interval; resamples in which x or y is constant are skipped). It *holds* iff
@@ -28,7 +34,9 @@ the interval lies strictly on the claimed side of 0, *does not hold* iff it lies
 other side (0 included), else *inconclusive*. Fewer than ``min_n`` models, a constant input, or
 more skipped resamples than one tail of the interval holds (2.5% at 95%: an undefined resample
 could lie in either tail, and a trend carried by a single model shows up exactly so) are
-inconclusive, with the reason.
+inconclusive, with the reason. Models that are not independent (a model and its weight-shared
+twin, which share every weight position) form a *family* (``groups``): the bootstrap resamples
+whole families, and ``min_n`` counts families, so twins cannot pass for extra evidence.
 
 **Share** (:func:`share`, e.g. "most compressed models are rougher than the baseline"): the
 proportion of true flags with a Wilson score interval; it holds iff the interval lies on the
@@ -54,8 +62,7 @@ from scipy import special
 
 __all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "OUTCOMES", "Stat", "Verdict", "spread", "fmt",
            "threshold", "paired", "correlation", "seeded_correlation", "arithmetic", "wilson", "share",
-           "direction",
-           "against_paper"]
+           "direction", "against_paper", "SHARE", "NONNEGATIVE", "DIFFERENCE"]
 
 HOLDS = "holds"
 FAILS = "does not hold"
@@ -63,6 +70,10 @@ INCONCLUSIVE = "inconclusive"
 OUTCOMES = (HOLDS, FAILS, INCONCLUSIVE)
 
 Values = Union[Sequence[float], np.ndarray]
+Bounds = Union[tuple[float, float], None]
+
+SHARE = (0.0, 1.0)  # a proportion (accuracy, share of models): its mean lies in [0, 1]
+NONNEGATIVE = (0.0, math.inf)  # a spread, a largest change, a ratio of sizes or accuracies
 
 # Each claim names the side it asserts and, implicitly, its complement (where "does not hold"
 # lives): ties with the bound belong to whichever of the two contains them.
@@ -188,14 +199,19 @@ def _vector(values: Values, name: str) -> np.ndarray:
     return x
 
 
-def spread(values: Values, level: float = 0.95) -> Stat:
+def spread(values: Values, level: float = 0.95, bounds: Bounds = None) -> Stat:
     """Mean, sample std (ddof=1), n and the Student-t interval of the mean at ``level``.
 
     Rule: ``mean ± t((1 + level) / 2, n - 1) * std / sqrt(n)``; std and interval are NaN for one
-    value. Empty or non-finite input raises ``ValueError``.
+    value. ``bounds=(low, high)``: the quantity's possible range (:data:`SHARE`,
+    :data:`NONNEGATIVE`); the interval is intersected with it, which keeps its coverage (the true
+    mean lies in the range) and never lets a share's interval leave [0, 1]. Values outside the
+    bounds, empty or non-finite input raise ``ValueError``.
     Used by chapters 01-05 and book/claims.
     """
     x = _vector(values, "values")
+    if bounds is not None and x.size and (x.min() < bounds[0] or x.max() > bounds[1]):
+        raise ValueError(f"values {x.tolist()} lie outside their possible range {bounds}")
     n = x.size
     if n == 0:
         raise ValueError("spread of no values")
@@ -204,7 +220,10 @@ def spread(values: Values, level: float = 0.95) -> Stat:
         return Stat(mean, math.nan, 1, math.nan, math.nan, level)
     std = float(x.std(ddof=1))
     half = float(special.stdtrit(n - 1, (1 + level) / 2)) * std / math.sqrt(n)
-    return Stat(mean, std, n, mean - half, mean + half, level)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Stat(mean, std, n, low, high, level)
 
 
 def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = False,
@@ -222,7 +241,7 @@ def fmt(values: Values, scale: float = 100.0, digits: int = 1, signed: bool = Fa
 def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
               items: str = "seeds", scale: float = 1.0, unit: str = "", digits: int = 2,
               signed: bool = False, label: str = "", what: str = "mean", resolution: float = 0.0,
-              empty: str | None = None) -> Verdict:
+              empty: str | None = None, bounds: Bounds = None) -> Verdict:
     """Does a per-seed quantity lie on the ``claim`` side (``>``, ``>=``, ``<``, ``<=``) of a bound?
 
     Rule: HOLDS iff every value is on the claimed side of ``bound`` and so is the whole
@@ -234,7 +253,9 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
     a zero-width interval that would otherwise look decisive). No values (every seed filtered
     out, as in a run where no model beats chance) give an INCONCLUSIVE verdict, never an error:
     a caller that expects that case says why in ``empty`` (e.g. "no compressed model beats
-    chance"); otherwise the reason is generic. Used by chapters 01-05 and book/claims.
+    chance"); otherwise the reason is generic. ``bounds``: the quantity's possible range, as in
+    :func:`spread` (a share: :data:`SHARE`; never negative: :data:`NONNEGATIVE`).
+    Used by chapters 01-05 and book/claims.
     """
     if claim not in _SIDES:
         raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
@@ -245,7 +266,7 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
         why = empty or f"no {items} gave a value to judge"
         return Verdict(INCONCLUSIVE, math.nan, math.nan, math.nan, 0, why,
                        f"{INCONCLUSIVE}: {why}, so there is nothing to test", **show)
-    s = spread(x, level)
+    s = spread(x, level, bounds)
     n = s.n
     on_side, side = _SIDES[claim]
     other_side = _SIDES[_OTHER[claim]][1]
@@ -282,9 +303,12 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
                    f"{what}: {lo_hi})", **show)
 
 
+DIFFERENCE = (-1.0, 1.0)  # the difference of two shares (accuracies): its mean lies in [-1, 1]
+
+
 def paired(a: Values, b: Values, claim: str = ">", margin: float = 0.0, *, level: float = 0.95,
            items: str = "seeds", scale: float = 100.0, unit: str = "pp",
-           digits: int = 1, resolution: float = 0.0) -> Verdict:
+           digits: int = 1, resolution: float = 0.0, bounds: Bounds | str = "auto") -> Verdict:
     """Is ``a - b`` (per seed, same seeds in the same order) on the ``claim`` side of ``margin``?
 
     ``paired(a, b, ">")`` reads "a beats b"; ``paired(a, b, "<", margin=-0.02)`` reads "a is more
@@ -292,13 +316,17 @@ def paired(a: Values, b: Values, claim: str = ">", margin: float = 0.0, *, level
     seed's difference and the t-interval of the mean difference lie on the claimed side of
     ``margin``; FAILS iff all of them lie on the other side (ties included); else INCONCLUSIVE;
     fewer than two seeds is always INCONCLUSIVE. Defaults show accuracies in [0, 1] as
-    percentage points. Used by chapters 01-05 and book/claims.
+    percentage points. ``bounds``: the difference's possible range for its interval (as in
+    :func:`spread`); ``"auto"`` means :data:`DIFFERENCE` for differences of shares in percentage
+    points (``unit="pp"``) and none otherwise. Used by chapters 01-05 and book/claims.
     """
     x, y = _vector(a, "a"), _vector(b, "b")
     if x.shape != y.shape:
         raise ValueError(f"paired values need the same seeds: a has {x.size}, b has {y.size}")
+    if bounds == "auto":
+        bounds = DIFFERENCE if unit == "pp" else None
     return threshold(x - y, claim, margin, level=level, items=items, scale=scale, unit=unit,
-                     digits=digits, signed=True, what="mean difference", resolution=resolution)
+                     digits=digits, signed=True, what="mean difference", resolution=resolution, bounds=bounds)
 
 
 def _pearson_rows(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -310,7 +338,7 @@ def _pearson_rows(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pearson", *,
                 n_boot: int = 2000, seed: int = 0, min_n: int = 5, level: float = 0.95,
-                items: str = "models") -> Verdict:
+                items: str = "models", groups: Sequence | None = None) -> Verdict:
     """Is the correlation of ``x`` and ``y`` (one pair per model) ``"negative"`` or ``"positive"``?
 
     Rule: estimate Pearson's r or Spearman's rho; resample the pairs ``n_boot`` times with
@@ -319,6 +347,10 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
     side of 0; FAILS iff it lies entirely on the other side (0 included); else INCONCLUSIVE.
     Also INCONCLUSIVE, with the reason: fewer than ``min_n`` pairs, a constant x or y, or more
     than ``n_boot * (1 - level) / 2`` resamples skipped. Deterministic for a given ``seed``.
+
+    ``groups``: one label per pair naming its family (e.g. a model and its weight-shared twin
+    share one). The bootstrap then resamples whole families and ``min_n`` counts families, so
+    pairs that are not independent cannot narrow the interval (a cluster bootstrap).
     Used by chapters 01-05 and book/claims.
     """
     if claim not in ("negative", "positive"):
@@ -331,6 +363,11 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
     if xv.shape != yv.shape:
         raise ValueError(f"x and y must pair up: {xv.size} vs {yv.size} values")
     n = xv.size
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups must label every pair: {len(groups)} labels for {n} pairs")
+    family = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    n_fam = int(family.max()) + 1 if n else 0
+    units = items if groups is None else f"{items} in {n_fam} families"
     name = "r" if method == "pearson" else "rho"
     what = "Pearson r" if method == "pearson" else "Spearman rho"
     show = dict(level=level, scale=1.0, unit="", digits=2, signed=True, label=f"{name} = ",
@@ -340,9 +377,10 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
         return Verdict(INCONCLUSIVE, estimate, low, high, n, detail,
                        f"{INCONCLUSIVE}: {why}", **show)
 
-    if n < min_n:
-        return inconclusive(math.nan, f"only {n} {items}",
-                            f"only {n} {items}; a correlation needs at least {min_n}")
+    if n_fam < min_n:
+        what_n = f"{n} {items}" if groups is None else f"{n_fam} families of {items}"
+        return inconclusive(math.nan, f"only {what_n}",
+                            f"only {what_n}; a correlation needs at least {min_n} independent ones")
     for label, v in (("x", xv), ("y", yv)):
         if np.ptp(v) == 0:  # ptp, not std: float rounding can leave a tiny std on equal values
             return inconclusive(math.nan, f"{label} is constant",
@@ -350,36 +388,47 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
                                 f"correlation is defined")
     rank = (lambda v: _rankdata(v, axis=-1)) if method == "spearman" else (lambda v: v)
     estimate = float(_pearson_rows(rank(xv), rank(yv)))
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    xs, ys = xv[idx], yv[idx]
-    ok = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0)
-    bad = n_boot - int(ok.sum())
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        xs, ys = xv[idx], yv[idx]
+        ok = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0)
+        boot = _pearson_rows(rank(xs[ok]), rank(ys[ok])) if ok.any() else np.zeros(0)
+    else:  # resampled families differ in size, so one resample at a time
+        members = [np.flatnonzero(family == f) for f in range(n_fam)]
+        draws = rng.integers(0, n_fam, size=(n_boot, n_fam))
+        boot_list = []
+        for d in draws:
+            i = np.concatenate([members[f] for f in d])
+            if np.ptp(xv[i]) > 0 and np.ptp(yv[i]) > 0:
+                boot_list.append(float(_pearson_rows(rank(xv[i]), rank(yv[i]))))
+        boot = np.asarray(boot_list)
+    bad = n_boot - boot.size
     if bad > n_boot * (1 - level) / 2:
         # An undefined resample could sit in either tail, so once they outnumber one tail's
         # mass the percentile bound is unknown. Typically one model carries the whole trend
         # (the resamples that miss it are flat): that is not evidence of a correlation.
         return inconclusive(estimate, "too many tied resamples",
                             f"{bad} of {n_boot} bootstrap resamples have a constant x or y "
-                            f"(ties among the {n} {items}), more than the interval's tail")
-    boot = _pearson_rows(rank(xs[ok]), rank(ys[ok]))
+                            f"(ties among the {units}), more than the interval's tail")
     low, high = (float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
-    interval = (f"the {_pct(level)} bootstrap interval of {what} over {n} {items} "
+    interval = (f"the {_pct(level)} bootstrap interval of {what} over {n} {units} "
                 f"({low:+.2f} to {high:+.2f})")
     neg = claim == "negative"
     if (high < 0) if neg else (low > 0):
-        return Verdict(HOLDS, estimate, low, high, n, f"{n} {items}",
+        return Verdict(HOLDS, estimate, low, high, n, f"{n} {units}",
                        f"{HOLDS}: {interval} lies {'below' if neg else 'above'} 0", **show)
     if (low >= 0) if neg else (high <= 0):
-        return Verdict(FAILS, estimate, low, high, n, f"{n} {items}",
+        return Verdict(FAILS, estimate, low, high, n, f"{n} {units}",
                        f"{FAILS}: {interval} lies {'at or above' if neg else 'at or below'} 0",
                        **show)
-    return inconclusive(estimate, f"{n} {items}, interval spans 0", f"{interval} spans 0",
+    return inconclusive(estimate, f"{n} {units}, interval spans 0", f"{interval} spans 0",
                         low, high)
 
 
 def seeded_correlation(x: Values, y: Values, seeds: Values, claim: str = "negative",
                        method: str = "pearson", *, n_boot: int = 2000, seed: int = 0,
-                       min_n: int = 5, level: float = 0.95) -> Verdict:
+                       min_n: int = 5, level: float = 0.95, groups: Sequence | None = None) -> Verdict:
     """A correlation over models pooled from several seeds (one pair per model and seed).
 
     Rule: :func:`correlation` on the pooled pairs gives the estimate and its bootstrap
@@ -388,12 +437,15 @@ def seeded_correlation(x: Values, y: Values, seeds: Values, claim: str = "negati
     fails **and** every seed's estimate lies on the other side; else INCONCLUSIVE. Pooling alone
     would let one seed's many models decide; the per-seed check is what "could flip with the
     choice of seeds" means here. Fewer than two seeds is INCONCLUSIVE. The detail names how many
-    seeds agree. Used by chapter 03 and book/claims.
+    seeds agree. ``groups`` (families of dependent models, e.g. ``(seed, method, rate)`` shared by
+    a model and its weight-shared twin) go to the pooled :func:`correlation`.
+    Used by chapter 03 and book/claims.
     """
     xv, yv, sv = _vector(x, "x"), _vector(y, "y"), np.asarray(seeds)
     if not xv.shape == yv.shape == sv.shape:
         raise ValueError(f"x, y and seeds must pair up: {xv.size}, {yv.size}, {sv.size} values")
-    pooled = correlation(xv, yv, claim, method, n_boot=n_boot, seed=seed, min_n=min_n, level=level)
+    pooled = correlation(xv, yv, claim, method, n_boot=n_boot, seed=seed, min_n=min_n, level=level,
+                         groups=groups)
     rank = (lambda v: _rankdata(v)) if method == "spearman" else (lambda v: v)
     per_seed = []
     for s in np.unique(sv):

@@ -308,3 +308,40 @@ def test_no_values_give_an_inconclusive_verdict_with_the_callers_reason():
     assert str(v) == "inconclusive (no compressed model beats chance; n/a%, no interval)"
     assert V.direction(v, "are rougher", "are not rougher") == "may or may not be rougher (inconclusive)"
     assert V.fmt([]) == "n/a" and V.fmt([], empty="none") == "none" and V.fmt([0.5]) == "50.0"
+
+
+def test_a_share_near_100_or_0_keeps_its_interval_inside_0_and_1():
+    near_top = V.spread([0.98, 1.0, 1.0, 0.97, 1.0], bounds=V.SHARE)
+    near_zero = V.spread([0.0, 0.02, 0.0, 0.05, 0.0], bounds=V.SHARE)
+    plain = V.spread([0.98, 1.0, 1.0, 0.97, 1.0])
+    assert plain.high > 1.0  # the plain t-interval leaves the possible range ...
+    assert near_top.high == 1.0 and near_top.low == plain.low  # ... the bounded one is cut at 1
+    assert near_zero.low == 0.0 and 0 < near_zero.high < 1
+    v = V.threshold([0.98, 1.0, 1.0, 0.97, 1.0], ">", 0.5, bounds=V.SHARE)
+    assert v.holds and v.high == 1.0
+
+
+def test_a_spread_near_zero_has_no_negative_interval_and_its_verdict_is_unchanged():
+    values = [0.001, 0.0, 0.002, 0.0, 0.0005]
+    v = V.threshold(values, "<=", 0.02, bounds=V.NONNEGATIVE)
+    assert v.low == 0.0 and v.high > 0 and v.holds
+    assert V.threshold(values, "<=", 0.02).outcome == v.outcome
+    with pytest.raises(ValueError, match="possible range"):
+        V.spread([-0.1, 0.2], bounds=V.NONNEGATIVE)
+
+
+def test_twin_families_are_resampled_together_and_counted_once():
+    # 6 families of two identical twins: 12 pairs, but only 6 independent models
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=6), 2)
+    y = -x + np.repeat(rng.normal(scale=0.8, size=6), 2)
+    fam = np.repeat(np.arange(6), 2)
+    flat = V.correlation(x, y, "negative", min_n=5)
+    grouped = V.correlation(x, y, "negative", min_n=5, groups=fam)
+    assert flat.estimate == grouped.estimate  # the point estimate uses every model
+    assert grouped.high - grouped.low > flat.high - flat.low  # twins no longer narrow the interval
+    assert "6 families" in grouped.detail
+    few = V.correlation(x[:8], y[:8], "negative", min_n=5, groups=fam[:8])
+    assert few.inconclusive and "only 4 families" in few.detail  # 8 models, 4 independent
+    with pytest.raises(ValueError, match="groups"):
+        V.correlation(x, y, groups=fam[:3])
