@@ -213,9 +213,11 @@ def step_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"FAILED before running anything: {err}", file=sys.stderr)
         return 2
-    from . import distributed
+    from . import distributed, pipeline
 
     started = time.perf_counter()
+    if cfg.epsilon == "match":  # the chapters' epsilon: cached by chapter 00, else found here on the baselines
+        cfg = pipeline.operating_point(cfg, config.resolve_device(cfg.device)).apply(cfg)
     distributed.run(args.command, cfg, list(args.step), rates, list(cfg.seeds) if args.all_seeds else [cfg.seed],
                     timeout_s=args.timeout, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":

@@ -261,3 +261,33 @@ def robust_curve(model: nn.Module, loader: DataLoader, epsilons, attack: Attack 
     """``robust_accuracy`` at each epsilon (a figure's y values); ``attack_kwargs`` go to the
     attack, ``runtime`` to :func:`robust_correct`. Used by chapters 00, 01 and 05."""
     return [robust_accuracy(model, loader, attack, float(e), runtime=runtime, **attack_kwargs) for e in epsilons]
+
+
+def fgsm_curve(model: nn.Module, loader: DataLoader, epsilons, *, runtime: Runtime | None = None) -> list[float]:
+    """FGSM robust accuracy at every epsilon of ``epsilons`` from one input gradient per batch.
+
+    FGSM's direction ``sign(grad_x CE(h(x), y))`` does not depend on epsilon, so a whole curve
+    needs one backward pass per batch and one forward pass per epsilon; the numbers equal
+    ``robust_curve(model, loader, epsilons)`` (same gradient, same clamp, same batches), at a
+    fraction of the cost when the grid is fine. Used by ``rclib.pipeline.operating_point``, whose
+    search evaluates some 50 epsilons per baseline (chapter 00).
+    """
+    device = next(model.parameters()).device
+    eps = [float(e) for e in epsilons]
+    if any(e < 0 for e in eps):
+        raise ValueError(f"epsilons={eps!r} is not allowed: every FGSM step must be >= 0")
+    correct, n = torch.zeros(len(eps), dtype=torch.long), 0
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, runtime):
+            for x, y in loader:
+                x, y = batch_to(x, y, device, runtime, loader)
+                step = input_gradient(model, x, y).sign()
+                for j, e in enumerate(eps):
+                    x_adv = x.detach().clone() if e == 0 else (x.detach() + e * step).clamp(0.0, 1.0)
+                    correct[j] += int(_still_correct(model, x_adv, y).sum())
+                n += len(y)
+    finally:
+        model.train(was_training)
+    return [int(c) / max(n, 1) for c in correct]

@@ -17,23 +17,82 @@ def source(obj: Any):
     return Code(inspect.getsource(obj), language="python")
 
 
-def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any) -> dict[str, Any]:
+# The three kinds of rows a chapter glues. Only the paper's claims are tallied as the paper's;
+# the book's own findings are counted apart; checks hold by construction and are never tallied.
+PAPER, FINDING, CHECK = "paper", "finding", "check"
+KINDS = (PAPER, FINDING, CHECK)
+# What a row actually measures: the introduction and the claims page group the paper's claims so
+MEASURES = ("robustness", "robustness beyond clean accuracy", "clean accuracy", "boundary smoothness",
+            "sparsity", "size", "speed")
+PASSED = "passed"
+KIND_LABELS = {PAPER: "the paper's claims", FINDING: "the book's findings", CHECK: "checks (by construction)"}
+KIND_OF = {label: kind for kind, label in KIND_LABELS.items()}
+# The chapters whose rows the claims page and the introduction gather, in reading order
+CHAPTERS = ("notebooks/00_baseline.ipynb", "notebooks/01_pruning.ipynb", "notebooks/02_weight_sharing.ipynb",
+            "notebooks/03_boundary_smoothness.ipynb", "notebooks/04_robust_retraining.ipynb",
+            "notebooks/05_stronger_attacks.ipynb")
+
+
+def _plain(v: Any) -> Any:  # glue stores a repr that must read back: no nan, no numpy types
+    if isinstance(v, (float, int)) and not isinstance(v, bool):
+        return None if v != v else float(f"{v:.6g}")  # 6 significant digits: no 14.799999999999997
+    return v if v is None or isinstance(v, (str, bool)) else str(v)
+
+
+def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any, *, measures: str,
+          setting: str, refuted_by: str, kind: str = PAPER) -> dict[str, Any]:
     """One row of a chapter's "paper vs ours" table, and of the claims page that gathers them.
 
     Args:
         section: where the paper makes the claim and where we measure it, e.g.
             ``"Sec. 3.1 · chapter 01"``.
         quantity: what is compared, in words.
-        paper: the paper's number or statement (``None`` when it reports none).
+        paper: the paper's number or statement, in the same units as ``ours`` where it has one
+            (``None`` when it reports none).
         ours: our number as text with its spread (``verdict.fmt``) or a number.
         verdict: a ``rclib.verdict.Verdict`` or its text.
-    """
-    def plain(v: Any) -> Any:  # glue stores a repr that must read back: no nan, no numpy types
-        if isinstance(v, (float, int)) and not isinstance(v, bool):
-            return None if v != v else float(f"{v:.6g}")  # 6 significant digits: no 14.799999999999997
-        return v if v is None or isinstance(v, (str, bool)) else str(v)
+        measures: what the row actually measures, one of :data:`MEASURES` (a claim about
+            robustness that is judged on clean accuracy is grouped under clean accuracy).
+        setting: in one line, where it is measured (epsilon, prune rate, attack, sample).
+        refuted_by: in one line, the result that would have made it fail.
+        kind: :data:`PAPER` (a claim of the paper, judged in its own terms) or :data:`FINDING`
+            (the book's own result, e.g. a criticism of the paper's method); checks come from
+            :func:`check`.
 
-    return dict(section=section, quantity=quantity, paper=plain(paper), ours=plain(ours), verdict=str(verdict))
+    Used by chapters 00-05; read back by the claims page and the introduction.
+    """
+    if kind not in (PAPER, FINDING):
+        raise ValueError(f"kind={kind!r} is not allowed: {PAPER!r} or {FINDING!r} (checks come from book.check)")
+    if measures not in MEASURES:
+        raise ValueError(f"measures={measures!r} is not allowed: one of {', '.join(MEASURES)}")
+    return dict(section=section, quantity=quantity, paper=_plain(paper), ours=_plain(ours), verdict=str(verdict),
+                kind=kind, measures=measures, setting=setting, refuted_by=refuted_by)
+
+
+class CheckFailed(AssertionError):
+    """A property that holds by construction did not: the implementation is broken, and the
+    chapter stops here rather than print numbers computed by broken code."""
+
+
+def check(section: str, quantity: str, ok: bool, detail: str, *, measures: str) -> dict[str, Any]:
+    """A property that holds by construction (hardened = masked, uniform layer-wise sparsity, at
+    most 2^n shared values, ...): asserted, and listed apart from the claims, never tallied.
+
+    Args:
+        section, quantity, measures: as in :func:`claim`.
+        ok: whether it held on every seed.
+        detail: what was compared, with the numbers (e.g. ``"largest gap 0.00 pp over 5 seeds"``).
+
+    Raises:
+        CheckFailed: when ``ok`` is false, naming the property and the numbers, so a broken
+            implementation fails its chapter instead of reaching the book.
+
+    Used by chapters 00-05.
+    """
+    if not ok:
+        raise CheckFailed(f"check failed, {section}: {quantity} ({detail})")
+    return dict(section=section, quantity=quantity, paper=None, ours=detail, verdict=PASSED, kind=CHECK,
+                measures=measures, setting="every seed", refuted_by="any seed breaking it (the chapter stops)")
 
 
 def stage_dir() -> Path:
@@ -80,32 +139,81 @@ def outcome(verdict_text: str) -> str:
     return str(verdict_text).split(" (")[0].split(":")[0]
 
 
-def verdict_counts(claims):
-    """Claims per chapter and outcome (holds / does not hold / inconclusive), with totals."""
+def tally(claims):
+    """Outcomes counted apart by kind: the paper's claims by what they measure, then the book's
+    own findings, then the checks (all passed, or the chapter would have stopped). One table that
+    the claims page and the introduction both show, so their counts cannot differ.
+
+    Returns a DataFrame indexed by ``(kind, measures)`` with one column per outcome and a total;
+    the paper's claims come first, in :data:`MEASURES` order.
+    """
     import pandas as pd
 
     from .verdict import OUTCOMES
 
     t = claims.assign(outcome=claims.verdict.map(outcome))
-    counts = pd.crosstab(t.chapter, t.outcome).reindex(columns=list(OUTCOMES), fill_value=0)
-    counts.loc["all chapters"] = counts.sum()
-    return counts
+    rows = []
+    for m in MEASURES:
+        sub = t[(t.kind == PAPER) & (t.measures == m)]
+        if len(sub):
+            rows.append((KIND_LABELS[PAPER], m, sub))
+    for kind in (FINDING, CHECK):
+        sub = t[t.kind == kind]
+        if len(sub):
+            rows.append((KIND_LABELS[kind], "all", sub))
+    columns = list(OUTCOMES) + [PASSED, "rows"]
+    if not rows:
+        return pd.DataFrame(columns=columns, index=pd.MultiIndex.from_tuples([], names=["kind", "measures"]))
+    table = pd.DataFrame([{**{o: int((sub.outcome == o).sum()) for o in OUTCOMES + (PASSED,)}, "rows": len(sub)}
+                          for _, _, sub in rows],
+                         index=pd.MultiIndex.from_tuples([(k, m) for k, m, _ in rows], names=["kind", "measures"]))
+    return table
 
 
-def claims_markdown(claims) -> str:
-    """The gathered claims as one Markdown table, each row linking to the chapter that measures
-    it (links point at the rendered HTML pages). Used by the claims page."""
+def counts_of(claims) -> dict[str, int]:
+    """The headline counts glued by the claims page and the introduction: the paper's claims and
+    their outcomes, the findings and the checks."""
+    t = tally(claims)
+    level = t.index.get_level_values(0)
+    paper = t[level == KIND_LABELS[PAPER]]
+    return dict(n_paper=int(paper["rows"].sum()), n_holds=int(paper["holds"].sum()),
+                n_fails=int(paper["does not hold"].sum()), n_inconclusive=int(paper["inconclusive"].sum()),
+                n_findings=int(t[level == KIND_LABELS[FINDING]]["rows"].sum()),
+                n_checks=int(t[level == KIND_LABELS[CHECK]]["rows"].sum()))
+
+
+def claims_table(claims, kind: str = PAPER):
+    """The gathered rows of one kind as an HTML table (a pandas Styler), each row linking to the
+    chapter that measures it; the claims page shows one per kind. An HTML table, not Markdown: the
+    book renders a Markdown output as CommonMark, which has no tables."""
+    import html
+
+    import pandas as pd
+
+    rows = claims[claims.kind == kind]
+
     def cell(v: Any) -> str:
         missing = v is None or v == "" or (isinstance(v, float) and v != v)  # pandas turns None into nan
-        text = "—" if missing else (f"{v:g}" if isinstance(v, float) else str(v))
-        return text.replace("|", "\\|").replace("\n", " ")
+        return "—" if missing else html.escape(f"{v:g}" if isinstance(v, float) else str(v))
 
-    lines = ["| where | claim | paper | ours (mean ± sd over seeds) | verdict |", "|---|---|---|---|---|"]
-    for r in claims.itertuples():
+    def link(r) -> str:
         page = "../" + str(r.chapter).removesuffix(".ipynb") + ".html"
-        lines.append(f"| [{cell(r.section)}]({page}) | {cell(r.quantity)} | {cell(r.paper)} | {cell(r.ours)} | "
-                     f"**{outcome(r.verdict)}**{cell(r.verdict)[len(outcome(r.verdict)):]} |")
-    return "\n".join(lines)
+        return f'<a href="{page}">{cell(r.section)}</a>'
+
+    def verdict_cell(v: str) -> str:
+        word = outcome(v)
+        return f"<b>{html.escape(word)}</b>{cell(v)[len(word):]}"
+
+    out = pd.DataFrame({
+        "where": [link(r) for r in rows.itertuples()],
+        "claim" if kind != CHECK else "property": [cell(q) for q in rows.quantity],
+        "measures": [cell(m) for m in rows.measures],
+        "setting · refuted by": [f"{cell(s)} · <i>{cell(f)}</i>" for s, f in zip(rows.setting, rows.refuted_by)],
+        **({"paper": [cell(p) for p in rows.paper]} if kind == PAPER else {}),
+        "ours": [cell(o) for o in rows.ours],
+        "verdict": [verdict_cell(v) for v in rows.verdict],
+    })
+    return out.style.hide(axis="index").set_properties(**{"text-align": "left", "vertical-align": "top"})
 
 
 def comparison(rows: Sequence[dict[str, Any]]):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import accel, artifacts, attacks, codec, config, data, models, prune, sizes, train
+from . import accel, artifacts, attacks, codec, config, data, models, operating, prune, sizes, train
 from .config import Config
 from .retrain import ABLATION_ROWS, TABLE1_ROWS  # noqa: F401  (chapters read them here)
 
@@ -148,6 +148,49 @@ def over_seeds(cfg: Config, step: Callable[[Config, data.Splits, nn.Module], lis
     finally:
         for m, home in away:
             prune.move(m, home)
+
+
+# The operating point depends on every seed's baseline, not on the chapter's own ``seed``
+OPERATING_FIELDS = tuple(f for f in BASELINE_FIELDS if f != "seed") + ("seeds", "epsilon")
+
+
+def operating_point(cfg: Config, device: str = "cpu") -> operating.OperatingPoint:
+    """The epsilon of every robust number set beside the paper's (:mod:`rclib.operating`), cached.
+
+    With ``epsilon: match`` it runs :func:`rclib.operating.match_epsilon` on the FGSM robust
+    accuracy of the baselines of ``cfg.seeds`` (trained or loaded, one at a time, over their own
+    test sets) and caches the result, keyed by the baselines' settings and the seeds. With a
+    number it returns that number, measuring nothing. Either way ``point.apply(cfg)`` is the config
+    the chapter continues with.
+
+    Raises:
+        ValueError: from :func:`rclib.operating.match_epsilon` when no epsilon matches (nothing is
+            cached then), saying what was measured.
+
+    Used by every chapter right after its configuration cell, and by ``python -m rclib``.
+    """
+    if cfg.epsilon != "match":
+        return operating.fixed(cfg)
+
+    def curve(grid):
+        rows = over_seeds(cfg, lambda c, s, b: [dict(acc=attacks.fgsm_curve(b, s.test, grid, runtime=runtime_of(c, b)))],
+                          device, progress=False)
+        return [r["acc"] for r in rows]  # one row per seed, one column per epsilon
+
+    def compute():
+        eps, per_seed, grid = operating.match_epsilon(curve)
+        return None, {"epsilon": eps, "per_seed": [float(v) for v in per_seed], "seeds": list(cfg.seeds),
+                      "grid": grid, "target": operating.TARGET, "tolerance": operating.TOLERANCE}
+
+    def check(tensors, metrics):
+        if not {"epsilon", "per_seed", "seeds", "grid"} <= metrics.keys() or list(metrics["seeds"]) != list(cfg.seeds):
+            raise KeyError("the operating point lacks its epsilon, its per-seed accuracies or its seeds")
+
+    _, m, _ = artifacts.cached(cfg, "operating_point", OPERATING_FIELDS, compute, check=check,
+                               kind=accel.compute_kind(cfg, device))
+    return operating.OperatingPoint(epsilon=float(m["epsilon"]), matched=True, seeds=tuple(m["seeds"]),
+                                    per_seed=tuple(m["per_seed"]), target=float(m["target"]),
+                                    tolerance=float(m["tolerance"]), grid=tuple(map(tuple, m["grid"])))
 
 
 RETRAIN_FIELDS = ("retrain_epochs", "retrain_optimizer", "retrain_lr", "retrain_momentum",
@@ -388,7 +431,7 @@ def hardening_speed(cfg: Config, splits: data.Splits, base: nn.Module) -> list[d
 
 
 ROBUST_FIELDS = BASELINE_FIELDS + RETRAIN_FIELDS + (
-    "epsilon", "adv_epsilon", "margin_weight", "margin_on", "adv_epochs", "conv_bits", "linear_bits")
+    "epsilon", "epsilons", "adv_epsilon", "margin_weight", "margin_on", "adv_epochs", "conv_bits", "linear_bits")
 
 
 
@@ -413,7 +456,9 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     * Ablation: Alg 7 with ``margin_weight = 0`` (FGSM training only) and with ``eps = 0``
       (clean data + margin only).
 
-    Each row has clean and FGSM (``cfg.epsilon``) test accuracy, the paper's approximate size
+    Each row has clean and FGSM (``cfg.epsilon``) test accuracy, FGSM robust accuracy among the
+    test inputs the model classifies correctly (``robust_given_clean``: robustness apart from
+    clean accuracy), the FGSM curve over ``cfg.epsilons`` (``curve``), the paper's approximate size
     (weight-shared formula for the WS row) and the bytes of our compressed file. The retrained
     models are :func:`rclib.retrain.retrained`'s cached steps and their accuracies
     :func:`rclib.retrain.evaluated`'s (the same counts ``train.evaluate`` and ``robust_accuracy``
@@ -455,22 +500,27 @@ def robust_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
         rows = []
         for name in tqdm(names, desc=f"Table 1 at r={rate:g}", disable=not progress):
             if name in retrain.STEP_OF:  # a retrained model's evaluation is its own cached step
-                counts = retrain.evaluated(cfg, splits, base, rate, retrain.STEP_OF[name])[1]
+                found, counts, _ = retrain.evaluated(cfg, splits, base, rate, retrain.STEP_OF[name])
                 acc = {k: counts[k]["correct"] / max(counts[k]["n"], 1) for k in ("clean", "fgsm")}
+                clean_ok, fgsm_ok = found["clean"].bool(), found["fgsm"].bool()
             m = base if name == "Baseline" else model_of(name)
             if name not in retrain.STEP_OF:
+                clean_ok = attacks.robust_correct(m, splits.test, attacks.fgsm, 0.0, runtime=rt)
+                fgsm_ok = attacks.robust_correct(m, splits.test, attacks.fgsm, cfg.epsilon, runtime=rt)
                 acc = dict(clean=train.evaluate(m, splits.test, runtime=rt),
-                           fgsm=attacks.robust_accuracy(m, splits.test, attacks.fgsm, cfg.epsilon, runtime=rt))
+                           fgsm=int(fgsm_ok.sum()) / max(len(fgsm_ok), 1))
             rows.append(dict(
                 variant=name, seed=cfg.seed, rate=rate, accuracy=acc["clean"], robust_accuracy=acc["fgsm"],
+                robust_given_clean=int((clean_ok & fgsm_ok).sum()) / max(int(clean_ok.sum()), 1),
+                curve=attacks.fgsm_curve(m, splits.test, cfg.epsilons, runtime=rt),
                 approx_mb=share.shared_size_mb(m, share_bits(cfg)) if name.endswith(" + WS") else sizes.approx_size_mb(m),
                 file_bytes=sizes.size_report(m)["file_bytes"]))
             del m
         return None, {"rows": rows}
 
     def check(tensors, metrics):  # every row chapter 04 tabulates
-        artifacts.rows_with("variant", "seed", "rate", "accuracy", "robust_accuracy", "approx_mb",
-                            "file_bytes")(tensors, metrics)
+        artifacts.rows_with("variant", "seed", "rate", "accuracy", "robust_accuracy", "robust_given_clean", "curve",
+                            "approx_mb", "file_bytes")(tensors, metrics)
         missing = set(names) - {row["variant"] for row in metrics["rows"]}
         if missing:
             raise KeyError(f"rows lack the variants {sorted(missing)}")

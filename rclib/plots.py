@@ -84,18 +84,25 @@ def training_curve(history: Sequence[dict] | Sequence[Sequence[dict]], title: st
 
 def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
                   paper: dict[str, tuple[float, float]] | None = None,
-                  title: str = "FGSM robust accuracy", attack: str = "FGSM"):
+                  title: str = "FGSM robust accuracy", attack: str = "FGSM",
+                  operating: tuple[float, float] | None = None):
     """Robust accuracy (%) against epsilon for one or more models; a model's curve may be one
     list or one list per seed (then its mean with a +/- std band).
 
     ``paper`` marks points reported by the paper: ``{label: (epsilon, accuracy in [0, 1])}``.
-    Chapters 00, 01, 02 and 04.
+    ``operating``: ``(epsilon, target accuracy in [0, 1])`` of the paper's operating point
+    (:mod:`rclib.operating`), drawn as dotted lines. Chapters 00, 04 and 05.
     """
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for i, (label, acc) in enumerate(curves.items()):
         _band(ax, epsilons, acc, 100, marker="o", color=f"C{i}", label=label)
     for label, (eps, acc) in (paper or {}).items():
         ax.plot([eps], [100 * acc], "*", markersize=12, color="k", label=label)
+    if operating is not None:
+        eps, target = operating
+        ax.axvline(eps, color="0.3", linestyle=":", linewidth=1)
+        ax.axhline(100 * target, color="0.3", linestyle=":", linewidth=1,
+                   label=f"operating point: $\\epsilon$ = {eps:g}, {100 * target:.0f} %")
     ax.set_xlabel(r"$\epsilon$ (L$\infty$ step, pixels in [0, 1])")
     ax.set_ylabel(f"{attack} robust accuracy (%)")
     ax.set_ylim(0, 100)

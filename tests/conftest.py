@@ -32,7 +32,7 @@ def _private_artifacts(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_cfg():
     """The smoke profile cut down further: 128 train / 64 test digits, one epoch."""
-    return config.load("smoke", train_size=128, test_size=64, epochs=1)
+    return config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1)
 
 
 @pytest.fixture

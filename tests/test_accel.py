@@ -191,7 +191,7 @@ def test_channels_last_model_is_pruned_shared_hardened_and_saved_like_nchw(tmp_p
 def test_pipeline_steps_run_under_bf16_and_cache_apart_from_fp32():
     from rclib import artifacts, pipeline
 
-    cfg = config.load("smoke", train_size=128, test_size=32, epochs=1, width=4, hidden=16, precision="bf16",
+    cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=32, epochs=1, width=4, hidden=16, precision="bf16",
                       prune_rates=(0.5,), adv_epochs=1)
     splits = data.load(cfg)
     base, metrics, hit = pipeline.baseline(cfg, splits, progress=False)

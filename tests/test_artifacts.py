@@ -523,7 +523,7 @@ def test_baseline_with_wrong_tensor_names_is_recomputed(tiny_cfg):
 def test_sweep_rows_missing_a_key_are_recomputed(tiny_model):
     from rclib import data, pipeline
 
-    cfg = config.load("smoke", train_size=128, test_size=64, epochs=1, prune_rates=(0.5,))
+    cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1, prune_rates=(0.5,))
     splits = data.load(cfg)
     path = artifacts.location(cfg, "share_sweep", pipeline.SHARE_FIELDS)
     artifacts.save(path, None, {"rows": [{"rate": 0.5, "shared": False}]})  # an older row format

@@ -208,7 +208,7 @@ def test_boundary_sweep_streams_variants_with_masks_folded(monkeypatch):
     41 GB) and evaluates them with their masks folded, with the numbers of the masked models."""
     from rclib import attacks, config, data, pipeline, prune, train
 
-    cfg = config.load("smoke", train_size=128, test_size=64, epochs=1, width=4, hidden=16, map_rates=[0.5],
+    cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1, width=4, hidden=16, map_rates=[0.5],
                       local_examples=2, resolution=10, local_resolution=11, eval_batch_size=64)
     splits = data.load(cfg)
     base, _, _ = pipeline.baseline(cfg, splits, progress=False)

@@ -27,8 +27,8 @@ from rclib.__main__ import main
 
 TOLERANCE = 0.2  # |accuracy with 2 processes - with 1|, clean and FGSM, on 128 smoke test digits
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ("--profile", "smoke", "--quiet", "--timeout", "120")
-NO_BN = ("-p", "batch_norm", "False", "-p", "dropout", "0.0", "-p", "train_size", "256", "-p", "width", "4")
+SMOKE = ("--profile", "smoke", "-p", "epsilon", "0.1", "--quiet", "--timeout", "120")
+NO_BN = ("-p", "epsilon", "0.1", "-p", "batch_norm", "False", "-p", "dropout", "0.0", "-p", "train_size", "256", "-p", "width", "4")
 
 
 def torchrun(folder: Path, *args: str, fail_rank: str | None = None) -> subprocess.CompletedProcess:
@@ -72,7 +72,7 @@ def runs(tmp_path_factory):
 
 def test_two_processes_keep_the_masks_and_stay_close_to_one(runs):
     two, one, _ = runs
-    cfg = config.load("smoke")
+    cfg = config.load("smoke", epsilon=0.1)
     # the same baseline, the same keys: the chapters read what torchrun wrote
     assert sorted(p.name for p in (two / "smoke").iterdir()) == sorted(p.name for p in (one / "smoke").iterdir())
     base_two = next((two / "smoke").glob("baseline-*")) / artifacts.WEIGHTS
@@ -114,7 +114,7 @@ def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run
                     fail_rank="1:alg7")
     assert proc.returncode != 0 and "rank 1 fails on purpose before rank 0 writes 'alg7'" in proc.stderr
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir()) == ["baseline", "retrained", "trajectory"]
-    cfg = config.load("smoke", batch_norm=False, dropout=0.0, train_size=256, width=4)
+    cfg = config.load("smoke", epsilon=0.1, batch_norm=False, dropout=0.0, train_size=256, width=4)
     assert step_artifact(tmp_path, "alg7") is None
     splits = data.load(cfg)
     monkeypatch.setenv("RCLIB_ARTIFACTS", str(tmp_path))
@@ -158,7 +158,7 @@ def test_context_reads_torchrun_and_refuses_bad_values():
 
 
 def test_shards_cover_every_test_image_once():
-    cfg = config.load("smoke", test_size=10, eval_batch_size=4)
+    cfg = config.load("smoke", epsilon=0.1, test_size=10, eval_batch_size=4)
     test = data.load(cfg).test
     seen = []
     for rank in range(3):

@@ -25,9 +25,11 @@ def test_gathering_pages_run_after_the_chapters():
 
 
 def test_claim_rows_read_back_from_a_glued_notebook(tmp_path):
+    where = dict(setting="r = 0.5", refuted_by="a drop at or below 0")
     rows = [book.claim("Sec. 3.1 · chapter 01", "structured pruning drops faster", "yes", "12.0 ± 3.1",
-                       "holds (3 of 3 seeds)"),
-            book.claim("Sec. 3.2 · chapter 02", "weight sharing cost (pp)", 1.5, float("nan"), "inconclusive")]
+                       "holds (3 of 3 seeds)", measures="clean accuracy", **where),
+            book.claim("Sec. 3.2 · chapter 02", "weight sharing cost (pp)", 1.5, float("nan"), "inconclusive",
+                       measures="clean accuracy", **where)]
     assert rows[1]["ours"] is None  # nan would not read back from the glued text
     # a chapter as papermill + myst_nb.glue leave it: the value's repr under a scrapbook name
     out = new_output("display_data", data={"application/papermill.record/text/plain": repr(rows)},
@@ -96,8 +98,67 @@ def test_comparison_styles_claims_whose_quantities_coincide():
     # chapter 00 under the paper profile: the headline epsilon is the paper's 0.03, so two rows
     # may read alike; a Styler on a repeated index raised "Styler.apply and .map are not compatible
     # with non-unique index or columns" when the table was rendered
-    rows = [book.claim("Table 1 · chapter 00", "FGSM robust accuracy (%) at eps 0.03", 23.5, "12.0 ± 1.0", "holds"),
-            book.claim("Table 1 · chapter 00", "FGSM robust accuracy (%) at eps 0.03", None, "12.0 ± 1.0",
-                       "not compared")]
+    rows = [dict(quantity="FGSM robust accuracy (%) at eps 0.03", paper=23.5, ours="12.0 ± 1.0", verdict="holds"),
+            dict(quantity="FGSM robust accuracy (%) at eps 0.03", paper=None, ours="12.0 ± 1.0",
+                 verdict="not compared")]
     html = book.comparison(rows).to_html()
     assert html.count("FGSM robust accuracy (%) at eps 0.03") == 2 and "—" in html
+
+
+def _rows():
+    where = dict(setting="eps 0.2, r = 0.5", refuted_by="the other side on every seed")
+    return [
+        book.claim("Sec. 3.4 · chapter 04", "doubles", 2.13, "1.9 ± 0.1", "does not hold (0 of 5 seeds agree)",
+                   measures="robustness", **where),
+        book.claim("Sec. 3.4 · chapter 04", "costs clean accuracy", 2.4, "1.0 ± 0.5", "holds (5 of 5 seeds agree)",
+                   measures="clean accuracy", **where),
+        book.claim("Sec. 3.1 · chapter 01", "lowers robust accuracy", 6.2, "3.0 ± 1.0", "holds (5 of 5 seeds agree)",
+                   measures="robustness", **where),
+        book.claim("Sec. 4.1 · chapter 05", "FGSM overstates", "not tested", "+30 ± 2", "holds (5 of 5 seeds agree)",
+                   kind=book.FINDING, measures="robustness", **where),
+        book.check("Sec. 3.1.3 · chapter 01", "hardened = masked", True, "largest gap 0.00 pp", measures="clean accuracy"),
+    ]
+
+
+def test_tally_counts_the_three_kinds_apart_and_groups_the_papers_claims_by_what_they_measure():
+    import pandas as pd
+
+    claims = pd.DataFrame([dict(r, chapter="notebooks/04_robust_retraining.ipynb") for r in _rows()])
+    t = book.tally(claims)
+    assert list(t.index) == [("the paper's claims", "robustness"), ("the paper's claims", "clean accuracy"),
+                             ("the book's findings", "all"), ("checks (by construction)", "all")]
+    assert t.loc[("the paper's claims", "robustness"), ["holds", "does not hold", "rows"]].tolist() == [1, 1, 2]
+    assert t.loc[("checks (by construction)", "all"), ["passed", "holds", "rows"]].tolist() == [1, 0, 1]
+    counts = book.counts_of(claims)
+    # the finding's "holds" and the check are not counted as the paper's
+    assert counts == dict(n_paper=3, n_holds=2, n_fails=1, n_inconclusive=0, n_findings=1, n_checks=1)
+    html = book.claims_table(claims, book.PAPER).to_html()
+    assert html.count('<a href="../notebooks/04_robust_retraining.html">') == 3 and "|---|" not in html
+    assert "hardened = masked" in book.claims_table(claims, book.CHECK).to_html()
+
+
+def test_a_broken_check_stops_with_its_numbers_and_a_claim_needs_its_setting():
+    with pytest.raises(book.CheckFailed, match="hardened = masked.*largest gap 1.39 pp"):
+        book.check("Sec. 3.1.3 · chapter 01", "hardened = masked", False, "largest gap 1.39 pp", measures="clean accuracy")
+    with pytest.raises(ValueError, match="measures="):
+        book.claim("s", "q", 1, 2, "holds", measures="vibes", setting="x", refuted_by="y")
+    with pytest.raises(ValueError, match="book.check"):
+        book.claim("s", "q", 1, 2, "holds", measures="size", setting="x", refuted_by="y", kind=book.CHECK)
+
+
+def test_a_broken_check_fails_its_chapter(tmp_path):
+    """A chapter cell that calls book.check on a property that does not hold raises, so papermill
+    stops the chapter there and nothing after it runs."""
+    import papermill
+
+    nb = new_notebook(cells=[new_code_cell("from rclib import book\n"
+                                           "book.check('chapter 01', 'hardened = masked', 0.0139 == 0, "
+                                           "'largest gap 1.39 pp', measures='clean accuracy')"),
+                             new_code_cell("after = True")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    with pytest.raises(papermill.PapermillExecutionError, match="CheckFailed"):
+        papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), progress_bar=False,
+                                   kernel_name="python3")
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert not out.cells[-1].get("outputs") and out.cells[-1].get("execution_count") is None

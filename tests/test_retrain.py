@@ -12,7 +12,7 @@ from toys import LiveModels
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = config.load("smoke", train_size=128, test_size=64, epochs=1, width=4, hidden=16)
+    cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1, width=4, hidden=16)
     splits = data.load(cfg)
     model = pipeline.new_model(cfg, splits)
     train.fit(model, splits.train, 1, progress=False)

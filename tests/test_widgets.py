@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
     own training size and epochs are the smallest that give a map worth testing."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RCLIB_ARTIFACTS", str(tmp_path_factory.mktemp("artifacts")))
-        cfg = config.load("smoke", test_size=64)
+        cfg = config.load("smoke", epsilon=0.1, test_size=64)
         splits = data.load(cfg)
         base, metrics, _ = pipeline.baseline(cfg, splits, progress=False)
     assert metrics["clean_accuracy"] > 0.4, "the fixture model must learn something"
