@@ -299,8 +299,8 @@ def reduce_history(ctx: Context, history: list[dict[str, Any]], seen: int) -> li
 
 # ---- the steps ----
 
-def _usable(path, check: Callable) -> tuple[dict, dict] | None:
-    found = artifacts.load(path)
+def _usable(path, check: Callable, expect: dict | None = None) -> tuple[dict, dict] | None:
+    found = artifacts.load(path, expect)
     if found is None:
         return None
     try:
@@ -310,9 +310,10 @@ def _usable(path, check: Callable) -> tuple[dict, dict] | None:
     return found
 
 
-def _read(ctx: Context, path, what: str) -> tuple[dict, dict]:
-    """The artifact rank 0 wrote, as another rank reads it after the barrier."""
-    found = artifacts.load(path)
+def _read(ctx: Context, path, what: str, expect: dict | None = None) -> tuple[dict, dict]:
+    """The artifact rank 0 wrote, as another rank reads it after the barrier (its recorded key
+    material compared with ``expect``, :func:`rclib.artifacts.record`)."""
+    found = artifacts.load(path, expect)
     if found is None:
         raise RuntimeError(f"rank {ctx.rank} finds no {what} at {path} after rank 0 wrote it; RCLIB_ARTIFACTS "
                            f"must name a folder every node sees (a shared file system)")
@@ -330,8 +331,8 @@ def baseline(ctx: Context, cfg: Config, splits, progress: bool = False) -> nn.Mo
         say(ctx, f"baseline {'read from' if hit else 'trained and written to'} the cache")
     barrier(ctx)
     if ctx.rank != 0:  # what pipeline.baseline returns on a cache hit
-        path = artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS, kind=accel.compute_kind(cfg, ctx.device))
-        tensors, _ = _read(ctx, path, "baseline")
+        key = dict(cfg=cfg, step="baseline", names=pipeline.BASELINE_FIELDS, kind=accel.compute_kind(cfg, ctx.device))
+        tensors, _ = _read(ctx, artifacts.location(**key), "baseline", artifacts.record(**key))
         base = pipeline.new_model(cfg, splits)
         base.load_state_dict(tensors, strict=True)
         base = accel.prepare(base.to(ctx.device), accel.runtime(cfg, ctx.device)).eval()
@@ -371,7 +372,7 @@ def retrained(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
         return state
     key, check = retrain.artifact(cfg, rate, step, base), retrain.state_check(base, step)
     path = artifacts.location(**key)
-    found = _usable(path, check) if ctx.rank == 0 else None
+    found = _usable(path, check, artifacts.record(**key)) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state, metrics = _train(ctx, cfg, splits, base, rate, step, progress)
         if ctx.rank == 0:
@@ -379,7 +380,7 @@ def retrained(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
             say(ctx, f"{step} at r={rate:g}, seed {cfg.seed}: wrote {path}")
     barrier(ctx)  # the others wait for rank 0's artifact
     if ctx.rank != 0:
-        found = _read(ctx, path, f"{step!r} model")
+        found = _read(ctx, path, f"{step!r} model", artifacts.record(**key))
         say(ctx, f"{step} at r={rate:g}, seed {cfg.seed}: read {path}")
     return found[0]
 
@@ -399,7 +400,7 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
         return metrics
     key = retrain.evaluation_artifact(cfg, rate, step, base)
     path = artifacts.location(**key)
-    found = _usable(path, retrain.evaluation_check) if ctx.rank == 0 else None
+    found = _usable(path, retrain.evaluation_check, artifacts.record(**key)) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state = retrained(ctx, cfg, splits, base, rate, step, progress)
         model = new_model(cfg, splits)
@@ -417,7 +418,7 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
             say(ctx, f"evaluated {step} at r={rate:g}, seed {cfg.seed}: wrote {path}")
     barrier(ctx)
     if ctx.rank != 0:
-        found = _read(ctx, path, f"evaluation of {step!r}")
+        found = _read(ctx, path, f"evaluation of {step!r}", artifacts.record(**key))
     return found[1]
 
 
@@ -439,7 +440,7 @@ def trajectory(ctx: Context, cfg: Config, splits, base: nn.Module, rates: list[f
     key = pipeline.trajectory_artifact(cfg, base, rates)
     check = pipeline.trajectory_check(rates)
     path = artifacts.location(**key)
-    found = _usable(path, check) if ctx.rank == 0 else None
+    found = _usable(path, check, artifacts.record(**key)) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         def retrain(model: nn.Module) -> None:  # Alg 5's retrain(), data-parallel
             check_identical(ctx, model, "the channel-pruned model (weights and masks)")
@@ -455,7 +456,7 @@ def trajectory(ctx: Context, cfg: Config, splits, base: nn.Module, rates: list[f
             say(ctx, f"alg5, seed {cfg.seed}: wrote {path}")
     barrier(ctx)
     if ctx.rank != 0:
-        _read(ctx, path, "Alg 5 trajectory")
+        _read(ctx, path, "Alg 5 trajectory", artifacts.record(**key))
         say(ctx, f"alg5, seed {cfg.seed}: read {path}")
 
 
