@@ -1,7 +1,8 @@
 """Where the command line may write: judged before any chapter runs, so that the user's own
 files are never overwritten and an hour of work never ends in an unwritable output.
 
-:func:`check_output` (``python -m rclib run -o OUT``) refuses a path that is a source notebook
+:func:`check_output` (``python -m rclib run -o OUT``) refuses a new path not ending in ``.ipynb``,
+a path that is a source notebook
 (the chapter itself or any notebook of the checkout that is not under ``_build``), an existing
 folder, device, pipe or socket (``-o /dev/null`` would run the whole chapter, then fail to read
 back what it wrote), a file that cannot be written, or a folder that cannot be created.
@@ -56,6 +57,8 @@ def source_notebook(path: Path, root: Path) -> bool:
 def check_output(output: Path, notebook: Path, root: Path, option: str = "-o/--output") -> None:
     """``output`` may receive ``notebook``'s executed copy (see the module docstring)."""
     output = Path(output)
+    if output.suffix != ".ipynb" and not os.path.exists(output):
+        raise ValueError(f"{option} {output} is not allowed: an .ipynb file (the executed notebook)")
     if os.path.realpath(output) == os.path.realpath(notebook) or source_notebook(output, root):
         raise ValueError(f"{option} {output} is not allowed: it is a source notebook of this checkout, which "
                          f"the executed copy would overwrite; give a path under {BUILD}/ or outside the checkout")
