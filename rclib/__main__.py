@@ -5,6 +5,7 @@
     python -m rclib build            # render what was executed last, without re-running
     python -m rclib retrain  --step STEP [STEP ...] [--rate R ...] [--all-seeds] [--profile P] [-p NAME VALUE ...]
     python -m rclib evaluate --step STEP [STEP ...] [--rate R ...] [--all-seeds] [--profile P] [-p NAME VALUE ...]
+                             [--timeout S] [--join-timeout S]
     torchrun --nproc_per_node=N -m rclib retrain ...   # the same on N processes (rclib.distributed)
 
 Why papermill first and not Jupyter Book's own execution: its cache runs notebooks in file-name
@@ -17,6 +18,11 @@ sources), a failure stops everything with the notebook and cell named, and then
 test counts as the cached artifacts chapters 04 and 05 read (``rclib.retrain``), in this process
 or, launched by torchrun, on N processes with DistributedDataParallel (``rclib.distributed``);
 a book built afterwards finds them and does not recompute them.
+
+Every refusal happens before any work: exit status 2 and one line naming the option (a bad
+``-p`` value, ``-p profile`` clashing with ``--profile``, an output path that would overwrite a
+source notebook or cannot be written: ``rclib.outputs``, torchrun variables that do not fit:
+``rclib.distributed.context``).
 
 Used by ``make book``, the README and the notebook smoke tests.
 """

@@ -185,22 +185,6 @@ def record(cfg: Config, step: str, names: tuple[str, ...], content: str | None =
     return json.loads(json.dumps(out))  # tuples as lists: the form it has when read back
 
 
-def _differences(found: Any, expect: dict[str, Any]) -> str:
-    """Which parts of a recorded key differ from the expected one, briefly ("" when none)."""
-    if not isinstance(found, dict):
-        return f"no key record ({type(found).__name__})"
-    diff = []
-    for k, want in expect.items():
-        got = found.get(k)
-        if k == "config" and isinstance(got, dict) and isinstance(want, dict):
-            diff += [f"{n}: {str(got.get(n, 'absent'))[:40]}, asked {str(w)[:40]}" for n, w in want.items()
-                     if got.get(n, "absent") != w]
-            diff += [f"{n}: not asked" for n in got if n not in want]
-        elif got != want:
-            diff.append(f"{k}: differs" if k in ("source", "content") else f"{k}: {str(got)[:40]}, asked {str(want)[:40]}")
-    return "; ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
-
-
 def _manifest(path: Path) -> Any:
     """The parsed manifest, refused unread when it is not a small regular file."""
     try:
@@ -236,7 +220,7 @@ def _verified(path: Path, expect: dict[str, Any] | None = None) -> dict[str, str
         raise Damaged("not a folder")
     manifest = _manifest(path)
     if expect is not None:
-        diff = _differences(manifest.get("info") if isinstance(manifest, dict) else None, expect)
+        diff = verify.key_differences(manifest.get("info") if isinstance(manifest, dict) else None, expect)
         if diff:
             raise Damaged(f"its manifest records other key material ({diff})")
     files = manifest.get("files") if isinstance(manifest, dict) else None

@@ -12,6 +12,8 @@ recomputed checksum passes it. So :mod:`rclib.artifacts` also judges what it rea
 * :func:`check_tensors`: every floating-point tensor is finite (NaN weights are never served).
 * :func:`check_state`: the tensors are exactly the reference model's state: names, shapes AND
   dtypes (int8 or bool weights of the right shape would otherwise load by silent conversion).
+* :func:`key_differences`: what an entry's recorded key material says that differs from what
+  the reader asks for (settings, source, inputs, compute kind).
 
 Each raises ``TypeError`` or ``ValueError`` (both in ``artifacts.CHECK_ERRORS``) with a one-line
 reason; the caller warns and recomputes. Used by ``artifacts.load`` and ``artifacts.cached``
@@ -113,3 +115,21 @@ def check_state(tensors: Mapping[str, torch.Tensor] | None, reference: Mapping[s
         if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
             raise TypeError(f"tensor {name!r} is {tuple(t.shape)} {t.dtype}; {what} holds "
                             f"{tuple(ref.shape)} {ref.dtype}")
+
+
+def key_differences(found: Any, expect: dict[str, Any]) -> str:
+    """Which parts of a recorded key (an artifact manifest's ``info``) differ from the expected
+    one, briefly (at most three, "" when none); used by ``artifacts`` to refuse an entry copied
+    or linked under another key."""
+    if not isinstance(found, dict):
+        return f"no key record ({type(found).__name__})"
+    diff = []
+    for k, want in expect.items():
+        got = found.get(k)
+        if k == "config" and isinstance(got, dict) and isinstance(want, dict):
+            diff += [f"{n}: {str(got.get(n, 'absent'))[:40]}, asked {str(w)[:40]}" for n, w in want.items()
+                     if got.get(n, "absent") != w]
+            diff += [f"{n}: not asked" for n in got if n not in want]
+        elif got != want:
+            diff.append(f"{k}: differs" if k in ("source", "content") else f"{k}: {str(got)[:40]}, asked {str(want)[:40]}")
+    return "; ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
