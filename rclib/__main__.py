@@ -5,6 +5,7 @@
     python -m rclib build            # render what was executed last, without re-running
     python -m rclib retrain  --step STEP [STEP ...] [--rate R ...] [--all-seeds] [--profile P] [-p NAME VALUE ...]
     python -m rclib evaluate --step STEP [STEP ...] [--rate R ...] [--all-seeds] [--profile P] [-p NAME VALUE ...]
+                             [--timeout S] [--join-timeout S]
     torchrun --nproc_per_node=N -m rclib retrain ...   # the same on N processes (rclib.distributed)
 
 Why papermill first and not Jupyter Book's own execution: its cache runs notebooks in file-name
@@ -17,6 +18,11 @@ sources), a failure stops everything with the notebook and cell named, and then
 test counts as the cached artifacts chapters 04 and 05 read (``rclib.retrain``), in this process
 or, launched by torchrun, on N processes with DistributedDataParallel (``rclib.distributed``);
 a book built afterwards finds them and does not recompute them.
+
+Every refusal happens before any work: exit status 2 and one line naming the option (a bad
+``-p`` value, ``-p profile`` clashing with ``--profile``, an output path that would overwrite a
+source notebook or cannot be written: ``rclib.outputs``, torchrun variables that do not fit:
+``rclib.distributed.context``).
 
 Used by ``make book``, the README and the notebook smoke tests.
 """
@@ -34,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from . import config
+from . import config, outputs
 from .config import DEFAULT_PROFILE, PROFILES, project_root
 
 BUILD = "_build"
@@ -190,11 +196,38 @@ def _environment() -> None:
 STEP_COMMANDS = ("retrain", "evaluate")
 
 
+def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``-p NAME VALUE`` pairs as config overrides. Raises ``ValueError`` for options that
+    clash: ``-p profile`` naming another profile than ``--profile`` (the run would check one and
+    execute the other), or one name given twice with different values."""
+    out: dict[str, Any] = {}
+    for name, text in args.parameter:
+        value = parse_value(text)
+        if name == "profile":
+            if value != args.profile:
+                raise ValueError(f"-p profile {text!r} is not allowed: it clashes with --profile {args.profile!r}; "
+                                 "choose the profile with --profile alone")
+            continue
+        if name in out and out[name] != value:
+            raise ValueError(f"-p {name} is not allowed twice with different values ({out[name]!r} and {value!r})")
+        out[name] = value
+    return out
+
+
+def refuse(err: BaseException) -> int:
+    """One line on stderr and exit status 2: a refusal before anything runs."""
+    print(f"FAILED before running anything: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
+
+
 def step_command(args: argparse.Namespace) -> int:
-    """``retrain`` / ``evaluate``: check the config, the steps and the rates (exit 2, before any
-    process group or training starts), then run them (``rclib.distributed.run``)."""
-    overrides = {k: parse_value(v) for k, v in args.parameter}
+    """``retrain`` / ``evaluate``: check the options, the config, the steps, the rates and
+    torchrun's environment (exit 2, before any process group or training starts), then run
+    them (``rclib.distributed.run``)."""
+    from . import distributed, pipeline
+
     try:
+        overrides = overrides_of(args)
         cfg = config.load(args.profile, **overrides)
         from . import retrain
 
@@ -208,18 +241,23 @@ def step_command(args: argparse.Namespace) -> int:
         for r in rates:
             if not 0 < r < 1:
                 raise ValueError(f"--rate {r!r} is not allowed: a prune rate in (0, 1)")
-        if args.timeout <= 0:
-            raise ValueError(f"--timeout {args.timeout!r} is not allowed: a number of seconds > 0")
+        for option, value in (("--timeout", args.timeout), ("--join-timeout", args.join_timeout)):
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{option} {value!r} is not allowed: a finite number of seconds > 0")
+        # torchrun's variables, checked together here rather than as a traceback inside run
+        distributed.context(os.environ, cfg.device, args.timeout, args.join_timeout)
     except ValueError as err:
-        print(f"FAILED before running anything: {err}", file=sys.stderr)
-        return 2
-    from . import distributed, pipeline
+        return refuse(err)
 
     started = time.perf_counter()
     if cfg.epsilon == "match":  # the chapters' epsilon: cached by chapter 00, else found here on the baselines
         cfg = pipeline.operating_point(cfg, config.resolve_device(cfg.device)).apply(cfg)
-    distributed.run(args.command, cfg, list(args.step), rates, list(cfg.seeds) if args.all_seeds else [cfg.seed],
-                    timeout_s=args.timeout, progress=not args.quiet)
+    try:
+        distributed.run(args.command, cfg, list(args.step), rates, list(cfg.seeds) if args.all_seeds else [cfg.seed],
+                        timeout_s=args.timeout, progress=not args.quiet, join_timeout_s=args.join_timeout)
+    except distributed.JoinFailed as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.command} done in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
@@ -261,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a Config field; checked before anything runs")
         p.add_argument("--timeout", type=float, default=1800,
                        help="seconds a process waits for the others at a barrier or collective (default 1800)")
+        p.add_argument("--join-timeout", type=float, default=300, dest="join_timeout",
+                       help="seconds a process waits for the others to join the process group at the start "
+                            "(default 300; only with several processes)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -268,23 +309,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in STEP_COMMANDS:
         return step_command(args)
     root = project_root()
+    try:
+        if args.out is not None:
+            outputs.check_folder(args.out)
+    except ValueError as err:
+        return refuse(err)
     out = (args.out or root).resolve()
     if args.command == "build":
         return build_book(root, out)
 
-    params = {"profile": args.profile}
-    params.update({k: parse_value(v) for k, v in args.parameter})
     try:  # every chapter takes every field: one check of the merged config, before any work
-        config.load(args.profile, **{k: v for k, v in params.items() if k != "profile"})
+        overrides = overrides_of(args)
+        config.load(args.profile, **overrides)
+        if args.command == "run":
+            notebook = args.notebook
+            if not notebook.is_file():
+                raise ValueError(f"notebook {str(notebook)!r} is not allowed: no such notebook file")
+            rel = notebook.resolve().relative_to(root) if notebook.resolve().is_relative_to(root) else Path(notebook.name)
+            output = args.output or out / BUILD / STAGE / rel
+            outputs.check_output(output, notebook, root)
     except ValueError as err:
-        print(f"FAILED before running anything: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
+    params = {"profile": args.profile, **overrides}
     if args.command == "run":
-        notebook = args.notebook
-        if not notebook.exists():
-            parser.error(f"no such notebook: {notebook}")
-        rel = notebook.resolve().relative_to(root) if notebook.resolve().is_relative_to(root) else Path(notebook.name)
-        output = args.output or out / BUILD / STAGE / rel
         try:
             seconds = run_notebook(notebook, output, params, args.timeout, progress=not args.quiet)
         except ChapterFailed as err:

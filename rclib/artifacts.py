@@ -25,18 +25,34 @@ Writes
   process ever deletes a folder that another one is renaming. Several processes may therefore
   save and load the same key at once.
 
+Key material
+  The manifest also records everything the key was computed from (:func:`record`): the step,
+  the settings it depends on, the rclib source fingerprint, the disk-content fingerprint and the
+  compute kind. A reader serves an entry only when that record equals what it asks for, so a
+  folder copied or linked under another key (seed 1's folder replaced by seed 0's) is refused
+  with ``its manifest records other key material (seed: 0, asked 1)`` and recomputed.
+
 Damage
   ``manifest.json`` lists the files (``weights.safetensors``, ``metrics.json``, nothing else) and
   a sha256 for each. On load, any of these means "recompute", with the warning
   ``ignoring damaged artifact <path> (<reason>); it will be recomputed`` and never a crash:
   the path is a file, not a folder; the manifest is missing or not JSON; it names any other file
   (a path outside the folder, such as ``/dev/zero``, is refused unread); a listed file is missing,
-  not a regular file, or fails its checksum; the JSON or safetensors cannot be parsed. Nothing is
-  ever unpickled. A caller may also pass ``check(tensors, metrics)`` to :func:`cached`; when it
+  not a regular file, or fails its checksum; the JSON or safetensors cannot be parsed; the
+  entry itself is a link (a link out of the cache is refused unread), or the manifest is not a
+  regular file (a FIFO would block, a link to ``/dev/zero`` never end) or is larger than
+  ``MAX_MANIFEST`` bytes; the recorded key material differs from what is asked; the metrics
+  break :func:`rclib.verify.check_metrics` (an accuracy outside [0, 1], NaN, a string where a
+  number belongs) or a floating-point tensor is not finite. Nothing is ever unpickled. A caller may also pass ``check(tensors, metrics)`` to :func:`cached`; when it
   raises ``KeyError``, ``IndexError``, ``TypeError``, ``ValueError`` or ``RuntimeError`` (metrics
   lack a key, tensors have the wrong names or shapes), the warning is
   ``ignoring unusable artifact <path> (<error>); it will be recomputed``. Either way the
   rejected artifact is moved aside and the recomputed one takes its place.
+
+Read-only cache
+  When the cache cannot be written (a read-only mount, no permission), results are computed and
+  used but not stored, with the warning ``artifact cache ... is not writable (...); results are
+  not stored``; reading it works as usual.
 
 The root is ``$RCLIB_ARTIFACTS`` when set (tests use a temporary folder), else
 ``<project>/data/artifacts``. ``make clean`` removes it.
@@ -61,8 +77,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import accel
-from .config import DISK_DATASETS, Config, project_root, resolve_path
+from . import accel, verify, walk
+from .config import DISK_DATASETS, Config, project_root, resolve_path, source_fingerprint
 
 WEIGHTS = "weights.safetensors"
 METRICS = "metrics.json"
@@ -72,6 +88,9 @@ CHECK_ERRORS = (KeyError, IndexError, TypeError, ValueError, RuntimeError)
 # where torchvision keeps each dataset under data_dir (the rest of data_dir is not read)
 TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}
 RENAME_ATTEMPTS = 20
+MAX_MANIFEST = 1 << 20  # bytes: a manifest lists two files and a key record; more is damage
+# errors that mean "this cache cannot be written here", as opposed to a bug or a full disk
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 Tensors = dict[str, torch.Tensor]
 Metrics = dict[str, Any]
@@ -95,29 +114,16 @@ def _file_sha256(path: Path) -> str:
 
 
 def _folder_listing(folder: Path) -> list[str]:
-    """``relative/path size mtime_ns`` for every file under ``folder`` (symlinks followed, as
-    torchvision's ImageFolder does; each real folder visited once, so a link cycle ends)."""
-    skip = root().resolve()
-    seen: set[tuple[int, int]] = set()
+    """``relative/path size mtime_ns`` for every file under ``folder`` (links followed, as
+    torchvision's ImageFolder does, but never into a cycle or a kernel file system, and at most
+    ``walk.MAX_ENTRIES`` entries: :func:`rclib.walk.files`). The artifact root is skipped."""
     out: list[str] = []
-    stack = [(folder, "")]
-    while stack:
-        here, rel = stack.pop()
-        st = os.stat(here)
-        if (st.st_dev, st.st_ino) in seen or Path(here).resolve() == skip:
+    for here, e in walk.files(folder, skip=root()):
+        try:
+            s = e.stat()
+        except (FileNotFoundError, NotADirectoryError):  # a dangling link: no file to read
             continue
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(here) as entries:
-            for e in entries:
-                name = f"{rel}{e.name}"
-                try:
-                    if e.is_dir():
-                        stack.append((Path(e.path), name + "/"))
-                    else:
-                        s = e.stat()
-                        out.append(f"{name}\0{s.st_size}\0{s.st_mtime_ns}")
-                except FileNotFoundError:  # a dangling link: no file to read
-                    continue
+        out.append(f"{walk.relative(here, e, folder)}\0{s.st_size}\0{s.st_mtime_ns}")
     return sorted(out)
 
 
@@ -167,14 +173,56 @@ class Damaged(Exception):
     """An artifact folder that must not be served; the message says why."""
 
 
-def _verified(path: Path) -> dict[str, str]:
-    """The manifest's ``{file: sha256}`` once every listed file checks out; raises otherwise."""
-    if not path.is_dir():
-        raise Damaged("not a folder")
+def record(cfg: Config, step: str, names: tuple[str, ...], content: str | None = None,
+           kind: str | None = None) -> dict[str, Any]:
+    """The key material of an entry (what :func:`location` hashes), as the manifest stores it:
+    step, settings, rclib source fingerprint, disk-content fingerprint, compute kind. Same
+    arguments as :func:`location`."""
+    content = content_fingerprint(cfg, names) if content is None else content
+    kind = accel.compute_kind(cfg) if kind is None else kind
+    out = {"step": step, "config": {n: getattr(cfg, n) for n in names}, "compute": kind,
+           "source": source_fingerprint(), "content": content}
+    return json.loads(json.dumps(out))  # tuples as lists: the form it has when read back
+
+
+def _manifest(path: Path) -> Any:
+    """The parsed manifest, refused unread when it is not a small regular file."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        st = os.lstat(path / MANIFEST)
     except FileNotFoundError:
         raise Damaged(f"{MANIFEST} is missing") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO blocks forever, a link to /dev/zero never ends
+        raise Damaged(f"{MANIFEST} is not a regular file; refused unread")
+    if st.st_size > MAX_MANIFEST:
+        raise Damaged(f"{MANIFEST} has {st.st_size:,} bytes, more than {MAX_MANIFEST:,}; refused unread")
+    with open(path / MANIFEST, "rb") as f:
+        return json.loads(f.read(MAX_MANIFEST + 1))
+
+
+def recorded(path: Path) -> dict[str, Any] | None:
+    """The key material an entry's manifest records (None when it records none or cannot be
+    read): what ``save(..., info=)`` wrote. For inspection and for tests that rewrite an entry."""
+    try:
+        manifest = _manifest(Path(path))
+    except (Damaged, OSError, ValueError):
+        return None
+    info = manifest.get("info") if isinstance(manifest, dict) else None
+    return info if isinstance(info, dict) else None
+
+
+def _verified(path: Path, expect: dict[str, Any] | None = None) -> dict[str, str]:
+    """The manifest's ``{file: sha256}`` once every listed file checks out and, with ``expect``,
+    once its key record equals ``expect``; raises :class:`Damaged` otherwise."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):  # a link may lead out of the cache, or to another key's entry
+        raise Damaged("a link, not a folder of the cache; refused unread")
+    if not stat.S_ISDIR(mode):
+        raise Damaged("not a folder")
+    manifest = _manifest(path)
+    if expect is not None:
+        diff = verify.key_differences(manifest.get("info") if isinstance(manifest, dict) else None, expect)
+        if diff:
+            raise Damaged(f"its manifest records other key material ({diff})")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or METRICS not in files:
         raise Damaged(f"{MANIFEST} does not list {METRICS}")
@@ -194,12 +242,14 @@ def _verified(path: Path) -> dict[str, str]:
     return files
 
 
-def _read(path: Path) -> tuple[Tensors | None, Metrics]:
-    files = _verified(path)
+def _read(path: Path, expect: dict[str, Any] | None = None) -> tuple[Tensors | None, Metrics]:
+    files = _verified(path, expect)
     metrics = json.loads((path / METRICS).read_text())
     if not isinstance(metrics, dict):
         raise Damaged(f"{METRICS} holds a {type(metrics).__name__}, not an object")
+    verify.check_metrics(metrics)
     tensors = load_file(str(path / WEIGHTS)) if WEIGHTS in files else None
+    verify.check_tensors(tensors)
     return tensors, metrics
 
 
@@ -267,14 +317,15 @@ def _warn(path: Path, kind: str, err: BaseException) -> None:
     warnings.warn(f"ignoring {kind} artifact {path} ({reason}); it will be recomputed", stacklevel=3)
 
 
-def load(path: Path) -> tuple[Tensors | None, Metrics] | None:
-    """``(tensors, metrics)`` when ``path`` holds a complete, intact artifact, else ``None``
-    (with a warning when something is there but damaged; see the module docstring)."""
+def load(path: Path, expect: dict[str, Any] | None = None) -> tuple[Tensors | None, Metrics] | None:
+    """``(tensors, metrics)`` when ``path`` holds a complete, intact artifact whose recorded key
+    material equals ``expect`` (:func:`record`; not compared when None), else ``None`` (with a
+    warning when something is there but damaged; see the module docstring)."""
     path = Path(path)
     if not os.path.lexists(path):
         return None
     try:
-        return _read(path)
+        return _read(path, expect)
     except Exception as err:  # Damaged, bad JSON, bad safetensors header, a file vanishing, ...
         _warn(path, "damaged", err)
         return None
@@ -303,7 +354,8 @@ def cached(cfg: Config, step: str, names: tuple[str, ...],
     content = content_fingerprint(cfg, names)  # once: a large image folder takes a while to list
     kind = accel.compute_kind(cfg) if kind is None else kind
     path = location(cfg, step, names, content, kind)
-    found = load(path)
+    info = record(cfg, step, names, content, kind)
+    found = load(path, info)
     if found is not None and check is not None:
         try:
             check(*found)
@@ -312,14 +364,27 @@ def cached(cfg: Config, step: str, names: tuple[str, ...],
             found = None
     if found is not None:
         return found[0], found[1], True
+    writable = True
     if os.path.lexists(path):  # rejected above: an intact but unusable copy would block save
-        discard(path)
+        writable = try_write(lambda: discard(path), path)
     tensors, metrics = compute()
-    info = {"step": step, "config": {n: getattr(cfg, n) for n in names}, "compute": kind}
-    if content:
-        info["content"] = content
-    save(path, tensors, metrics, info=info)
+    if writable:
+        try_write(lambda: save(path, tensors, metrics, info=info), path)
     return tensors, metrics, False
+
+
+def try_write(write: Callable[[], Any], path: Path) -> bool:
+    """Run a cache write (used here and by ``decoded``); on a read-only or forbidden cache warn once and return False (the
+    result is used, not stored). Other errors (a full disk, a bug) propagate."""
+    try:
+        write()
+        return True
+    except OSError as err:
+        if err.errno not in READ_ONLY_ERRNOS:
+            raise
+        warnings.warn(f"artifact cache {root()} is not writable ({err.strerror}: {err.filename or path}); "
+                      "results are not stored", stacklevel=3)
+        return False
 
 
 def rows_with(*keys: str) -> Callable[[Tensors | None, Metrics], None]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import walk
 from .config import MAP_POINTS, Config, resolve_path
 
 DIGITS_IMAGES = 1797  # scikit-learn's load_digits
@@ -46,16 +47,21 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 def image_folder_classes(root: Path) -> dict[str, int]:
     """``{class sub-folder: number of image files}`` of an ImageFolder, counted as torchvision's
-    ``ImageFolder`` counts them (every sub-folder is a class; files searched recursively)."""
+    ``ImageFolder`` counts them (every sub-folder is a class; files searched recursively, links
+    followed but never into a cycle: :func:`rclib.walk.files`, which raises ``walk.TooLarge``
+    for a kernel file system or more than ``walk.MAX_ENTRIES`` entries in all)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
+    if walk.pseudo(root):
+        raise walk.TooLarge(f"{root} is in a kernel file system, not an image folder")
     counts: dict[str, int] = {}
+    budget = walk.MAX_ENTRIES
     with os.scandir(root) as entries:
         for entry in entries:
             if entry.is_dir():
-                counts[entry.name] = sum(
-                    1 for _, _, files in os.walk(entry.path, followlinks=True)
-                    for f in files if f.lower().endswith(IMG_EXTENSIONS))
+                found = list(walk.files(entry.path, budget))
+                budget -= len(found)
+                counts[entry.name] = sum(1 for _, e in found if e.name.lower().endswith(IMG_EXTENSIONS))
     return dict(sorted(counts.items()))
 
 
@@ -64,7 +70,10 @@ def _folder_shape(cfg: Config) -> DataShape:
     if not root.is_dir():
         _fail("data_dir", cfg.data_dir, f"dataset {cfg.dataset!r} reads images from disk, and {root} is "
               "not an existing folder (an ImageFolder: one sub-folder per class)")
-    counts = image_folder_classes(root)
+    try:
+        counts = image_folder_classes(root)
+    except walk.TooLarge as err:
+        _fail("data_dir", cfg.data_dir, f"an image folder a walk can list ({err})")
     empty = [name for name, n in counts.items() if n == 0]
     if len(counts) - len(empty) < 2 or empty:
         what = (f"{root} has {len(counts)} sub-folders" +
@@ -144,6 +153,43 @@ def dataset_shape(cfg: Config) -> DataShape:
             n_train, n_test = _idx_count(raw / "train-labels-idx1-ubyte"), _idx_count(raw / "t10k-labels-idx1-ubyte")
         return DataShape(n_train, n_test, 10, (TORCHVISION_CHANNELS[cfg.dataset], s, s))
     return _folder_shape(cfg)
+
+
+def check_split(cfg: Config, shape: DataShape) -> None:
+    """The split must leave every class on both sides: scikit-learn's stratified split of
+    ``digits`` needs at least one image per class in each split (``test_fraction`` 0.001 leaves
+    2 test images for 10 classes, 0.999 one training image). Checked here rather than failing in
+    a chapter's data cell. Folder datasets use ``data.stratified_split``, which keeps every class
+    of two or more images on both sides by construction; torchvision's datasets have their own
+    split and do not use ``test_fraction``."""
+    if cfg.dataset != "digits":
+        return
+    k = shape.num_classes
+    for side, n in (("test", shape.n_test), ("training", shape.n_train)):
+        if n < k:
+            _fail("test_fraction", cfg.test_fraction, f"a fraction that leaves at least one image of each of "
+                  f"the {k} classes on both sides of the split; it leaves {n} {side} image(s)")
+
+
+def check_training(cfg: Config, shape: DataShape) -> None:
+    """Training must be able to run: some training at all, and no BatchNorm batch of one.
+
+    * ``epochs`` 0 with ``weights='none'`` trains nothing: every chapter would report verdicts
+      on a randomly initialised model at chance. A weights file (the paper profile) is a model.
+    * With ``batch_norm``, ``batch_size`` 1 makes every training batch a single image, which
+      BatchNorm cannot normalise ("Expected more than 1 value per channel"), mid-training. A
+      training set whose LAST batch would hold one image (``train_size`` 513, ``batch_size`` 64)
+      is not refused: ``data.load`` drops that one image per epoch (a different one each epoch,
+      as the order is shuffled); every other configuration keeps all its batches and numbers.
+    """
+    if cfg.epochs == 0 and cfg.weights == "none":
+        raise ValueError(f"epochs={cfg.epochs!r} with weights={cfg.weights!r} is not allowed: it trains "
+                         "nothing, and every page would report on an untrained model at chance; give "
+                         "epochs >= 1, or a weights file to start from")
+    if cfg.batch_norm and cfg.batch_size == 1:
+        raise ValueError(f"batch_size={cfg.batch_size!r} is not allowed with batch_norm=True: every training "
+                         "batch would be one image, which BatchNorm cannot normalise; use batch_size >= 2, "
+                         "or batch_norm=False")
 
 
 def check_sizes(cfg: Config, shape: DataShape) -> None:
@@ -272,6 +318,7 @@ def check_weights(cfg: Config, shape: DataShape) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except Exception as err:  # garbage, an empty file, a renamed pickle: the header does not parse
         _fail("weights", cfg.weights, f"a readable safetensors file; its header does not parse ({err})")
     from .models import head_name
@@ -286,6 +333,43 @@ def check_weights(cfg: Config, shape: DataShape) -> None:
         _fail("weights", cfg.weights, f"a state dict of the configured model (model={cfg.model!r}, "
               f"width={cfg.width}, hidden={cfg.hidden}, {shape.num_classes} classes); {len(diff)} tensors "
               f"differ: {shown}{' ...' if len(diff) > 4 else ''}")
+    want_dtype = {k: SAFETENSORS_DTYPES.get(str(v.dtype), str(v.dtype)) for k, v in meta.state_dict().items()}
+    wrong = sorted(k for k in found if dtypes[k] != want_dtype[k])
+    if wrong:  # int8 or bool weights of the right shape would load by silent conversion
+        shown = "; ".join(f"{k}: file {dtypes[k]}, model {want_dtype[k]}" for k in wrong[:4])
+        _fail("weights", cfg.weights, f"a state dict with the model's dtypes; {len(wrong)} tensors differ: "
+              f"{shown}{' ...' if len(wrong) > 4 else ''}")
+    bad = nonfinite_tensor(path)
+    if bad:
+        _fail("weights", cfg.weights, f"a file of finite weights; tensor {bad!r} holds NaN or infinite values "
+              "(a diverged training run?)")
+
+
+# torch dtype (as str) -> the name a safetensors header uses
+SAFETENSORS_DTYPES = {"torch.float32": "F32", "torch.float64": "F64", "torch.float16": "F16",
+                      "torch.bfloat16": "BF16", "torch.int64": "I64", "torch.int32": "I32",
+                      "torch.int8": "I8", "torch.uint8": "U8", "torch.bool": "BOOL"}
+_FINITE: dict[tuple, str | None] = {}
+
+
+def nonfinite_tensor(path: Path) -> str | None:
+    """The name of the first floating-point tensor of a safetensors file holding NaN or an
+    infinity, else None. Tensors are read one at a time (memory of the largest one), and the
+    answer is remembered per (path, size, mtime, inode) for the life of the process."""
+    import torch
+    from safetensors import safe_open
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if key not in _FINITE:
+        _FINITE[key] = None
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    _FINITE[key] = k
+                    break
+    return _FINITE[key]
 
 
 def imagenet_checkpoint(cfg: Config) -> tuple[Path, str]:
@@ -320,6 +404,8 @@ def check_pretrained(cfg: Config) -> None:
 def feasible(cfg: Config, defaults: Config | None = None) -> None:
     """Run every check of this module; ``defaults`` (the profile's config) sharpens messages."""
     shape = dataset_shape(cfg)
+    check_split(cfg, shape)
     check_sizes(cfg, shape)
+    check_training(cfg, shape)
     check_memory(cfg, shape, defaults)
     check_weights(cfg, shape)

@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import container
+from . import container, specs
 from .codebook import MAX_CODEBOOK, distinct  # noqa: F401  (MAX_CODEBOOK public here too)
 from .container import FORMAT_VERSION, MAGIC  # noqa: F401  (public here too)
 from .huffman import Corrupt, Payload, counts_of, decode_stream, encode_stream, entropy_bits, field_int, segment
@@ -350,6 +350,10 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rec["shape"])
                 and isinstance(rec.get("dtype"), str) and rec["dtype"] in _DTYPES):
             raise ValueError(f"{path}: file is corrupt (bad tensor record)")
+    names = [rec["name"] for rec in records]
+    twice = sorted({n for i, n in enumerate(names) if n in names[:i]}) if len(set(names)) != len(names) else []
+    if twice:
+        raise ValueError(f"{path}: file is corrupt (tensor records listed twice: {twice[:5]})")
     rebuilt = model is None
     if rebuilt:
         model = _skeleton(path, header.get("spec"))
@@ -390,6 +394,10 @@ def _skeleton(path: str | os.PathLike, spec: Any) -> nn.Module:
 
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: the file records no rclib architecture; pass model= to fill")
+    try:  # the spec carries no tensors a checksum could cross-check: judged field by field
+        specs.check(spec)
+    except ValueError as err:
+        raise ValueError(f"{path}: file is corrupt ({err})") from None
     try:
         with torch.device("meta"):
             return models.from_spec(spec)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -197,10 +198,26 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+MAX_TEXT = 100_000  # characters of one parameter's value; longer is refused before it is parsed
+MAX_ENTRIES = 10_000  # entries of one list parameter (seeds, prune rates, ...)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxstring, _SHORT.maxother = 2, 10, 10, 80, 80
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` bounded in size and cost whatever the value (a YAML alias bomb is a small
+    object whose full repr is gigabytes): what every error message of this module prints."""
+    return _SHORT.repr(value)
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """Turn papermill/CLI values (ints for floats, lists or YAML strings for tuples) into the field's type."""
+    """Turn papermill/CLI values (ints for floats, lists or YAML strings for tuples) into the field's type.
+    The cost is bounded whatever the value: text beyond ``MAX_TEXT`` characters and lists beyond
+    ``MAX_ENTRIES`` entries are refused before they are parsed or judged."""
     kind = _TYPES[name]
-    bad = f"{name}={value!r} has the wrong type; expected {kind}"
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise ValueError(f"{name}={shown(value)} is not allowed: at most {MAX_TEXT:,} characters ({len(value):,} given)")
+    bad = f"{name}={shown(value)} has the wrong type; expected {kind}"
     if kind.startswith("tuple"):
         if isinstance(value, str):
             try:
@@ -210,23 +227,28 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)) or not value:
-            raise ValueError(f"{bad} (a non-empty list such as [0.5, 0.9])")
+            raise ValueError(f"{name}={shown(value)} has the wrong type; expected {kind} (a non-empty list such "
+                             "as [0.5, 0.9])")
+        if len(value) > MAX_ENTRIES:
+            raise ValueError(f"{name}={shown(value)} is not allowed: at most {MAX_ENTRIES:,} entries ({len(value):,} given)")
         out = []
         for v in value:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{name}={value!r} is not allowed: every entry must be a number ({v!r} is not)")
+                raise ValueError(f"{name}={shown(value)} is not allowed: every entry must be a number "
+                                 f"({shown(v)} is not)")
             if kind == "tuple[int, ...]":
                 if not float(v).is_integer():
-                    raise ValueError(f"{name}={value!r} is not allowed: every entry must be a whole number "
+                    raise ValueError(f"{name}={shown(value)} is not allowed: every entry must be a whole number "
                                      f"({v!r} is not)")
                 v = int(v)
             elif not math.isfinite(v):
-                raise ValueError(f"{name}={value!r} is not allowed: every entry must be a finite number "
+                raise ValueError(f"{name}={shown(value)} is not allowed: every entry must be a finite number "
                                  f"({v!r} is not)")
             out.append(v if kind == "tuple[int, ...]" else float(v))
-        repeated = sorted({v for v in out if out.count(v) > 1})
+        seen: set = set()
+        repeated = sorted({v for v in out if v in seen or seen.add(v)})  # one pass: bounded cost
         if repeated:  # refused, not silently de-duplicated: a repeated rate or seed is a typo
-            raise ValueError(f"{name}={tuple(out)!r} is not allowed: every entry must be distinct "
+            raise ValueError(f"{name}={shown(tuple(out))} is not allowed: every entry must be distinct "
                              f"({', '.join(map(str, repeated))} repeated)")
         return tuple(out)
     if kind == "float | str":  # a number, or the field's one word (WORDS)
@@ -268,7 +290,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+        raise ValueError(f"{name}={shown(value)} is not allowed: {allowed}")
 
 
 def validate(cfg: Config) -> Config:

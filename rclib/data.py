@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from . import walk
 from .config import Config, resolve_device, resolve_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,6 +205,24 @@ def rgb_loader(path: str) -> Any:
         return img.convert("RGB")
 
 
+def _bounded_folder(image_folder: type) -> type:
+    """torchvision's ``ImageFolder`` listing its samples with :func:`rclib.walk.files` instead of
+    ``os.walk(followlinks=True)``: the same samples in the same order, except that a link cycle
+    (a class folder holding ``a -> .``) ends instead of hanging, and the walk is bounded."""
+    class BoundedFolder(image_folder):
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            samples = []
+            for name in sorted(class_to_idx):
+                for here, e in walk.files(os.path.join(directory, name)):
+                    path = os.path.join(here, e.name)
+                    if (is_valid_file(path) if is_valid_file is not None
+                            else e.name.lower().endswith(tuple(extensions))):
+                        samples.append((path, class_to_idx[name]))
+            return samples
+    return BoundedFolder
+
+
 def _image_folder(cfg: Config):
     import copy
 
@@ -217,7 +236,8 @@ def _image_folder(cfg: Config):
     else:
         resize = cfg.image_size
     geometry = [T.Resize(resize), T.CenterCrop(cfg.image_size)]
-    full = datasets.ImageFolder(str(root), transform=T.Compose([*geometry, T.ToTensor()]), loader=rgb_loader)
+    full = _bounded_folder(datasets.ImageFolder)(str(root), transform=T.Compose([*geometry, T.ToTensor()]),
+                                                 loader=rgb_loader)
     if len(full) < 2:
         raise ValueError(f"data_dir={cfg.data_dir!r} holds {len(full)} images; an ImageFolder needs at least 2")
     paths = [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in full.samples]
@@ -268,7 +288,7 @@ def load(cfg: Config, device: str | torch.device | None = None) -> Splits:
     Returns:
         :class:`Splits`; batches are ``(x, y)`` with ``x`` of shape (B, C, H, W) in [0, 1] and
         ``y`` of shape (B,) class indices. The train loader shuffles with a seeded generator, so
-        the same seed gives the same batches.
+        the same seed gives the same batches; with BatchNorm it drops a last batch of one image.
 
     Example:
         >>> splits = load(config.load("smoke"))
@@ -289,7 +309,10 @@ def load(cfg: Config, device: str | torch.device | None = None) -> Splits:
     gen = torch.Generator().manual_seed(cfg.seed)
     device = resolve_device(cfg.device) if device is None else device
     return Splits(
+        # a last batch of ONE image fails inside BatchNorm mid-training: drop that one image per
+        # epoch (shuffled, so another each epoch); any other remainder is kept as before
         train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                         drop_last=cfg.batch_norm and len(train) % cfg.batch_size == 1,
                          **loader_options(cfg, device, train)),
         # evaluation and attacks keep no parameter gradients, so they afford larger batches
         test=DataLoader(test, batch_size=cfg.eval_batch_size, shuffle=False, **loader_options(cfg, device, test)),

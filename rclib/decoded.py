@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -109,16 +110,20 @@ def load_or_build(cfg: Config, pixels: Dataset, indices: list[int], targets: lis
     path = location(cfg, resize, indices)
     want = torch.tensor(targets, dtype=torch.long)
     shape = (3, cfg.image_size, cfg.image_size)
-    found = artifacts.load(path)  # warns about a damaged cache itself
+    # the key material, recorded and compared: a folder copied or linked under another key is refused
+    info = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "entry": Path(path).name}
+    found = artifacts.load(path, expect=info)  # warns about a damaged cache itself
     if found is not None:
         problem = _usable(found, len(indices), shape, want)
         if problem is None:
             return DecodedImages(found[0]["images"], want, indices)
         warnings.warn(f"ignoring unusable decoded cache {path} ({problem}); it will be rebuilt", stacklevel=2)
-    if Path(path).exists():
-        artifacts.discard(path)  # an intact but unusable copy would be kept by save
+    writable = True
+    if os.path.lexists(path):  # an intact but unusable copy would be kept by save
+        writable = artifacts.try_write(lambda: artifacts.discard(path), path)
     images = _build(pixels, indices, workers)
-    artifacts.save(path, {"images": images, "labels": want},
-                   {"n": len(indices), "shape": list(shape), "resize": resize},
-                   info={"dataset": cfg.dataset, "data_dir": cfg.data_dir})
+    if writable:  # a read-only cache: decoded for this run, not stored
+        artifacts.try_write(lambda: artifacts.save(path, {"images": images, "labels": want},
+                                                   {"n": len(indices), "shape": list(shape), "resize": resize},
+                                                   info=info), path)
     return DecodedImages(images, want, indices)

@@ -68,6 +68,9 @@ from . import artifacts
 from .config import Config, resolve_device
 
 DEFAULT_TIMEOUT_S = 1800
+# joining the group: a peer that never comes (a crashed node, a wrong MASTER_ADDR) ends the wait
+# after this, not after the 1800 s that long collectives (rank 0 training the baseline) may need
+DEFAULT_JOIN_TIMEOUT_S = 300
 FAIL_ENV = "RCLIB_TEST_FAIL_RANK"  # test hook, "r" or "r:step": rank r raises before rank 0 writes
 COMMANDS = ("retrain", "evaluate")
 
@@ -82,6 +85,7 @@ class Context:
     local_rank: int = 0
     device: str = "cpu"
     timeout_s: float = DEFAULT_TIMEOUT_S
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
 
     @property
     def backend(self) -> str:
@@ -94,22 +98,47 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def context(env: Mapping[str, str], device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Context:
+class JoinFailed(RuntimeError):
+    """The process group could not be formed (a peer never came within the join timeout, or
+    the rendezvous address is unreachable); the message says which and how long was waited."""
+
+
+MAX_WORLD = 1 << 20  # more processes than any cluster runs: a typo, refused before any wait
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, str(default)).strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise ValueError(f"{name}={text[:20]!r} is not allowed: a whole number >= 0 (torchrun sets it)")
+    return int(text)
+
+
+def context(env: Mapping[str, str], device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
+            join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> Context:
     """The :class:`Context` torchrun's environment describes (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``; rank 0 of 1 when they are absent) on ``device`` (``cfg.device``: with
-    CUDA and several processes, ``cuda:LOCAL_RANK``). Raises ValueError naming a bad variable.
-    Used by :func:`run`."""
-    values = {}
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
-        text = env.get(name, str(default))
-        if not text.isdigit():
-            raise ValueError(f"{name}={text!r} is not allowed: a whole number >= 0 (torchrun sets it)")
-        values[name] = int(text)
-    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
-    if world < 1 or rank >= world:
-        raise ValueError(f"RANK={rank}, WORLD_SIZE={world} is not allowed: 0 <= RANK < WORLD_SIZE")
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s={timeout_s!r} is not allowed: a number of seconds > 0")
+    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; rank 0 of 1 when
+    they are absent) on ``device`` (``cfg.device``: with CUDA and several processes,
+    ``cuda:LOCAL_RANK``). The variables must fit together: ``0 <= RANK < WORLD_SIZE``,
+    ``LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE`` (when given), ``LOCAL_RANK <= RANK``, and
+    with several processes a ``MASTER_ADDR`` and a ``MASTER_PORT`` in 1..65535. Raises
+    ValueError naming the variables. Used by :func:`run` and ``python -m rclib`` (exit 2)."""
+    rank, world, local = _env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1), _env_int(env, "LOCAL_RANK", 0)
+    if not 1 <= world <= MAX_WORLD or rank >= world:
+        raise ValueError(f"RANK={rank}, WORLD_SIZE={world} is not allowed: 0 <= RANK < WORLD_SIZE <= {MAX_WORLD}")
+    local_world = _env_int(env, "LOCAL_WORLD_SIZE", world)
+    if not local < local_world <= world or local > rank:
+        raise ValueError(f"LOCAL_RANK={local}, LOCAL_WORLD_SIZE={local_world} with RANK={rank}, WORLD_SIZE={world} "
+                         f"is not allowed: LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE and LOCAL_RANK <= RANK")
+    if world > 1:
+        if not env.get("MASTER_ADDR", "").strip():
+            raise ValueError(f"MASTER_ADDR is not allowed to be missing with WORLD_SIZE={world}: the processes "
+                             "meet there (launch with torchrun, which sets it)")
+        port = env.get("MASTER_PORT", "").strip()
+        if not (port.isascii() and port.isdigit() and 1 <= int(port[:6]) <= 65535):
+            raise ValueError(f"MASTER_PORT={port[:20]!r} is not allowed with WORLD_SIZE={world}: a port in 1..65535")
+    for name, value in (("timeout_s", timeout_s), ("join_timeout_s", join_timeout_s)):
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{name}={value!r} is not allowed: a finite number of seconds > 0")
     kind = resolve_device(device)
     if kind == "cuda" and world > 1:
         visible = torch.cuda.device_count()
@@ -117,7 +146,8 @@ def context(env: Mapping[str, str], device: str = "auto", timeout_s: float = DEF
             raise ValueError(f"LOCAL_RANK={local} is not allowed: this node sees {visible} GPU(s); "
                              f"start at most {visible} processes per node (--nproc_per_node)")
         kind = f"cuda:{local}"
-    return Context(rank=rank, world=world, local_rank=local, device=kind, timeout_s=float(timeout_s))
+    return Context(rank=rank, world=world, local_rank=local, device=kind, timeout_s=float(timeout_s),
+                   join_timeout_s=float(join_timeout_s))
 
 
 @contextmanager
@@ -131,8 +161,18 @@ def process_group(ctx: Context) -> Iterator[Context]:
         return
     if ctx.device.startswith("cuda"):
         torch.cuda.set_device(ctx.device)
-    dist.init_process_group(ctx.backend, init_method="env://", rank=ctx.rank, world_size=ctx.world,
-                            timeout=datetime.timedelta(seconds=ctx.timeout_s))
+    # joining waits at most join_timeout_s; afterwards every collective gets timeout_s
+    join = min(ctx.join_timeout_s, ctx.timeout_s)
+    started = time.perf_counter()
+    try:
+        dist.init_process_group(ctx.backend, init_method="env://", rank=ctx.rank, world_size=ctx.world,
+                                timeout=datetime.timedelta(seconds=join))
+    except (RuntimeError, ValueError, OSError) as err:  # DistNetworkError, DistStoreError: RuntimeErrors
+        reason = " ".join(str(err).split())[:200]
+        raise JoinFailed(f"rank {ctx.rank} of {ctx.world} could not join the process group at "
+                         f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                         f"{time.perf_counter() - started:.0f} s (--join-timeout {join:g}): {reason}") from None
+    dist.set_timeout(datetime.timedelta(seconds=ctx.timeout_s))
     yield ctx
     barrier(ctx)
     dist.destroy_process_group()
@@ -299,8 +339,8 @@ def reduce_history(ctx: Context, history: list[dict[str, Any]], seen: int) -> li
 
 # ---- the steps ----
 
-def _usable(path, check: Callable) -> tuple[dict, dict] | None:
-    found = artifacts.load(path)
+def _usable(path, check: Callable, expect: dict | None = None) -> tuple[dict, dict] | None:
+    found = artifacts.load(path, expect)
     if found is None:
         return None
     try:
@@ -310,9 +350,10 @@ def _usable(path, check: Callable) -> tuple[dict, dict] | None:
     return found
 
 
-def _read(ctx: Context, path, what: str) -> tuple[dict, dict]:
-    """The artifact rank 0 wrote, as another rank reads it after the barrier."""
-    found = artifacts.load(path)
+def _read(ctx: Context, path, what: str, expect: dict | None = None) -> tuple[dict, dict]:
+    """The artifact rank 0 wrote, as another rank reads it after the barrier (its recorded key
+    material compared with ``expect``, :func:`rclib.artifacts.record`)."""
+    found = artifacts.load(path, expect)
     if found is None:
         raise RuntimeError(f"rank {ctx.rank} finds no {what} at {path} after rank 0 wrote it; RCLIB_ARTIFACTS "
                            f"must name a folder every node sees (a shared file system)")
@@ -330,8 +371,8 @@ def baseline(ctx: Context, cfg: Config, splits, progress: bool = False) -> nn.Mo
         say(ctx, f"baseline {'read from' if hit else 'trained and written to'} the cache")
     barrier(ctx)
     if ctx.rank != 0:  # what pipeline.baseline returns on a cache hit
-        path = artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS, kind=accel.compute_kind(cfg, ctx.device))
-        tensors, _ = _read(ctx, path, "baseline")
+        key = dict(cfg=cfg, step="baseline", names=pipeline.BASELINE_FIELDS, kind=accel.compute_kind(cfg, ctx.device))
+        tensors, _ = _read(ctx, artifacts.location(**key), "baseline", artifacts.record(**key))
         base = pipeline.new_model(cfg, splits)
         base.load_state_dict(tensors, strict=True)
         base = accel.prepare(base.to(ctx.device), accel.runtime(cfg, ctx.device)).eval()
@@ -371,7 +412,7 @@ def retrained(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
         return state
     key, check = retrain.artifact(cfg, rate, step, base), retrain.state_check(base, step)
     path = artifacts.location(**key)
-    found = _usable(path, check) if ctx.rank == 0 else None
+    found = _usable(path, check, artifacts.record(**key)) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state, metrics = _train(ctx, cfg, splits, base, rate, step, progress)
         if ctx.rank == 0:
@@ -379,7 +420,7 @@ def retrained(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
             say(ctx, f"{step} at r={rate:g}, seed {cfg.seed}: wrote {path}")
     barrier(ctx)  # the others wait for rank 0's artifact
     if ctx.rank != 0:
-        found = _read(ctx, path, f"{step!r} model")
+        found = _read(ctx, path, f"{step!r} model", artifacts.record(**key))
         say(ctx, f"{step} at r={rate:g}, seed {cfg.seed}: read {path}")
     return found[0]
 
@@ -399,7 +440,7 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
         return metrics
     key = retrain.evaluation_artifact(cfg, rate, step, base)
     path = artifacts.location(**key)
-    found = _usable(path, retrain.evaluation_check) if ctx.rank == 0 else None
+    found = _usable(path, retrain.evaluation_check, artifacts.record(**key)) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state = retrained(ctx, cfg, splits, base, rate, step, progress)
         model = new_model(cfg, splits)
@@ -417,7 +458,7 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
             say(ctx, f"evaluated {step} at r={rate:g}, seed {cfg.seed}: wrote {path}")
     barrier(ctx)
     if ctx.rank != 0:
-        found = _read(ctx, path, f"evaluation of {step!r}")
+        found = _read(ctx, path, f"evaluation of {step!r}", artifacts.record(**key))
     return found[1]
 
 
@@ -439,7 +480,7 @@ def trajectory(ctx: Context, cfg: Config, splits, base: nn.Module, rates: list[f
     key = pipeline.trajectory_artifact(cfg, base, rates)
     check = pipeline.trajectory_check(rates)
     path = artifacts.location(**key)
-    found = _usable(path, check) if ctx.rank == 0 else None
+    found = _usable(path, check, artifacts.record(**key)) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         def retrain(model: nn.Module) -> None:  # Alg 5's retrain(), data-parallel
             check_identical(ctx, model, "the channel-pruned model (weights and masks)")
@@ -455,13 +496,13 @@ def trajectory(ctx: Context, cfg: Config, splits, base: nn.Module, rates: list[f
             say(ctx, f"alg5, seed {cfg.seed}: wrote {path}")
     barrier(ctx)
     if ctx.rank != 0:
-        _read(ctx, path, "Alg 5 trajectory")
+        _read(ctx, path, "Alg 5 trajectory", artifacts.record(**key))
         say(ctx, f"alg5, seed {cfg.seed}: read {path}")
 
 
 def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: list[int],
         timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True,
-        env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        env: Mapping[str, str] | None = None, join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> list[dict[str, Any]]:
     """``python -m rclib retrain|evaluate``: every step at every rate for every seed, on the
     processes torchrun started (or this one). Returns one row per (seed, rate, step) with the
     evaluation counts for ``evaluate`` and the step's seconds; rank 0 prints them. Used by
@@ -470,7 +511,7 @@ def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: 
 
     if command not in COMMANDS:
         raise ValueError(f"command={command!r} is not allowed: one of {', '.join(COMMANDS)}")
-    ctx = context(os.environ if env is None else env, cfg.device, timeout_s)
+    ctx = context(os.environ if env is None else env, cfg.device, timeout_s, join_timeout_s)
     rows = []
     with process_group(ctx):
         say(ctx, f"{command} on {ctx.device} ({ctx.backend if ctx.world > 1 else 'one process'})")

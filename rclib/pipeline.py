@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import accel, artifacts, attacks, codec, config, data, models, operating, prune, sizes, train
+from . import accel, artifacts, attacks, codec, config, data, models, operating, prune, sizes, train, verify
 from .config import Config
 from .retrain import ABLATION_ROWS, TABLE1_ROWS  # noqa: F401  (chapters read them here)
 
@@ -111,6 +111,7 @@ def baseline(cfg: Config, splits: data.Splits, device: str = "cpu",
         if not {"clean_accuracy", "history"} <= metrics.keys():
             raise KeyError(f"metrics lack clean_accuracy or history: {sorted(metrics)}")
         built["model"] = new_model(cfg, splits, pretrained=False)
+        verify.check_state(tensors, built["model"].state_dict(), "the baseline model")  # dtypes too
         built["model"].load_state_dict(tensors, strict=True)
 
     tensors, metrics, hit = artifacts.cached(cfg, "baseline", BASELINE_FIELDS, compute, check=check,

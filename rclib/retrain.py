@@ -101,13 +101,13 @@ def artifact(cfg: Config, rate: float, step: str, base: nn.Module) -> dict[str, 
 
 
 def state_check(base: nn.Module, step: str) -> Callable[[dict | None, dict], None]:
-    """The ``check`` of a step's artifact: its tensors fit ``base``'s architecture exactly (names
-    and shapes) and its metrics hold a history; raises ``RuntimeError`` or ``KeyError`` otherwise."""
-    want = {k: v.shape for k, v in sizes.effective_state(base).items()}
+    """The ``check`` of a step's artifact: its tensors fit ``base``'s architecture exactly (names,
+    shapes and dtypes) and its metrics hold a history; raises ``RuntimeError`` or ``KeyError`` otherwise."""
+    want = {k: (v.shape, v.dtype) for k, v in sizes.effective_state(base).items()}
 
     def check(tensors, metrics):
-        if tensors is None or {k: v.shape for k, v in tensors.items()} != want:
-            raise RuntimeError(f"the {step!r} tensors do not fit the model (names or shapes)")
+        if tensors is None or {k: (v.shape, v.dtype) for k, v in tensors.items()} != want:
+            raise RuntimeError(f"the {step!r} tensors do not fit the model (names, shapes or dtypes)")
         if "history" not in metrics:
             raise KeyError("metrics lack history")
     return check

@@ -261,8 +261,9 @@ def _strict_check(tensors, metrics):
 def _rewrite(path, tensors=None, metrics=None):
     """Replace an artifact's content with a consistent (checksum-valid) but different one."""
     old_t, old_m = artifacts.load(path)
+    info = artifacts.recorded(path)  # the same key material: only the content is rewritten
     artifacts.discard(path)
-    artifacts.save(path, old_t if tensors is None else tensors, old_m if metrics is None else metrics)
+    artifacts.save(path, old_t if tensors is None else tensors, old_m if metrics is None else metrics, info=info)
 
 
 @pytest.mark.parametrize("content", ["metrics lack a key", "wrong tensor names", "no tensors"])
@@ -276,8 +277,9 @@ def test_unusable_content_warns_and_recomputes(content):
     elif content == "wrong tensor names":
         _rewrite(path, tensors={"renamed": torch.zeros(1)})
     else:
+        info = artifacts.recorded(path)
         artifacts.discard(path)
-        artifacts.save(path, None, {"accuracy": 0.5})
+        artifacts.save(path, None, {"accuracy": 0.5}, info=info)
     with pytest.warns(UserWarning, match=r"unusable artifact .*(KeyError|RuntimeError|TypeError).* recomputed"):
         tensors, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute, check=_strict_check)
     assert not hit and compute.calls == 2 and metrics["calls"] == 2 and set(tensors) == {"w", "idx"}
@@ -525,8 +527,9 @@ def test_sweep_rows_missing_a_key_are_recomputed(tiny_model):
 
     cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1, prune_rates=(0.5,))
     splits = data.load(cfg)
-    path = artifacts.location(cfg, "share_sweep", pipeline.SHARE_FIELDS)
-    artifacts.save(path, None, {"rows": [{"rate": 0.5, "shared": False}]})  # an older row format
+    path = artifacts.location(cfg, "share_sweep", pipeline.SHARE_FIELDS, kind=pipeline.kind_of(cfg, tiny_model))
+    info = artifacts.record(cfg, "share_sweep", pipeline.SHARE_FIELDS, kind=pipeline.kind_of(cfg, tiny_model))
+    artifacts.save(path, None, {"rows": [{"rate": 0.5, "shared": False}]}, info=info)  # an older row format
     with pytest.warns(UserWarning, match=r"unusable artifact .*KeyError.* recomputed"):
         rows, hit = pipeline.share_sweep(cfg, splits, tiny_model, progress=False)
     assert not hit and len(rows) == 2 and all("file_bytes" in r for r in rows)

@@ -269,8 +269,53 @@ def test_spec_bigger_than_its_records_refused_without_allocating(saved, monkeypa
 
     _resign(path, one_huge_linear)
     monkeypatch.setattr(nn.Module, "to_empty", lambda *a, **k: pytest.fail("materialised the spec"))
-    with pytest.raises(ValueError, match="does not match the file"):
+    # the spec no longer chains (64 features into a 30000-input layer): refused by the spec check
+    with pytest.raises(ValueError, match=r"spec\.layers\.classifier\[0\].*is not allowed"):
         codec.load_compressed(path)
+
+
+def _set(field, value):
+    def edit(h):
+        h["spec"][field] = value
+    return edit
+
+
+def _last_relu(h):  # a ReLU after the logits: loads, then clamps every negative logit to 0
+    h["spec"]["layers"]["classifier"].append(["relu"])
+
+
+def _pool(h):  # a pooling size the first linear layer does not take (a 10 TB forward pass)
+    h["spec"]["layers"]["avgpool"] = ["avgpool", [100000, 100000]]
+
+
+def _conv_channels(h):  # a convolution that takes other channels than the previous layer gives
+    conv = next(e for e in h["spec"]["layers"]["features"] if e[0] == "conv")
+    conv[1] += 1
+
+
+def _twice(h):  # one tensor record listed twice
+    h["tensors"].append(dict(h["tensors"][0]))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_set("std", [0.0]), r"spec\.std\[0\]=0\.0"),
+    (_set("std", [-1.0]), r"spec\.std\[0\]"),
+    (_set("mean", [0.1, 0.2]), r"spec\.mean="),
+    (_set("mean", ["a"]), r"spec\.mean\[0\]"),
+    (_set("input_shape", [1, 8]), r"spec\.input_shape"),
+    (_set("num_classes", 0), r"spec\.num_classes"),
+    (_last_relu, r"spec\.layers\.classifier\[\d+\].*last layer must be a linear"),
+    (_pool, r"spec\.layers\.avgpool height"),
+    (_conv_channels, r"spec\.layers\.features\[\d+\]"),
+    (_twice, r"listed twice: \['"),
+])
+def test_spec_fields_without_tensors_are_checked(saved, edit, field):
+    """Fields that carry no tensors (valid checksums): each bad one is refused naming the path and the field."""
+    _, path = saved
+    _resign(path, edit)
+    with pytest.raises(ValueError, match=field) as err:
+        codec.load_compressed(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_spec_and_records_too_big_for_the_payload_refused_without_allocating(saved, monkeypatch):

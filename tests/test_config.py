@@ -27,7 +27,9 @@ def test_paper_profile_needs_its_data_folder(tmp_path):
     with pytest.raises(ValueError, match="data_dir"):
         config.load("paper", data_dir=str(tmp_path / "absent"))
     root = image_folder(tmp_path / "val", ["n01", "n02"], 3, size=(12, 12))
-    cfg = config.load("paper", data_dir=str(root), local_examples=1, weights="none")
+    cfg = config.load("paper", data_dir=str(root), local_examples=1, weights="none", epochs=1)
+    with pytest.raises(ValueError, match=r"epochs=0 with weights='none' is not allowed: it trains nothing"):
+        config.load("paper", data_dir=str(root), local_examples=1, weights="none")  # the profile's epochs 0
     assert cfg.dataset == "imagenet" and cfg.model == "vgg16" and config.PROFILES["paper"]["weights"] == "imagenet"
 
 

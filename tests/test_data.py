@@ -470,8 +470,9 @@ def test_damaged_or_unusable_decoded_cache_warns_and_is_rebuilt(tmp_path, damage
         match = "ignoring damaged artifact"
     else:  # a consistent artifact (checksums fine) holding the wrong labels
         tensors = load_file(str(path / artifacts.WEIGHTS))
+        info = artifacts.recorded(path)
         artifacts.discard(path)
-        artifacts.save(path, {**tensors, "labels": 1 - tensors["labels"]}, {"n": 0})
+        artifacts.save(path, {**tensors, "labels": 1 - tensors["labels"]}, {"n": 0}, info=info)
         match = "ignoring unusable decoded cache"
     with pytest.warns(UserWarning, match=match):
         again = data.load(_folder_cfg(root))

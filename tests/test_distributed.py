@@ -150,7 +150,8 @@ def test_bad_values_stop_before_anything_runs(tmp_path, capsys):
 
 def test_context_reads_torchrun_and_refuses_bad_values():
     assert distributed.context({}, "cpu") == distributed.Context()
-    ctx = distributed.context({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cpu")
+    ctx = distributed.context({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": "29500"}, "cpu")
     assert (ctx.rank, ctx.world, ctx.device, ctx.backend) == (1, 2, "cpu", "gloo")
     for env in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}, {"WORLD_SIZE": "0"}):
         with pytest.raises(ValueError, match="RANK|WORLD_SIZE"):

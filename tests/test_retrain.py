@@ -96,8 +96,9 @@ def test_evaluation_step_counts_and_robust_table_reads_it(setup):
     # a run elsewhere (torchrun) left other counts under the same key: the table shows them
     path = artifacts.location(**retrain.evaluation_artifact(cfg, 0.5, "alg7", base))
     doctored = dict(metrics, clean={"correct": 1, "n": n}, fgsm={"correct": 0, "n": n})
+    info = artifacts.recorded(path)  # same key material, other counts
     artifacts.discard(path)
-    artifacts.save(path, outcomes, doctored)
+    artifacts.save(path, outcomes, doctored, info=info)
     rows, _, _ = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
     row = next(r for r in rows if r["variant"] == retrain.STEPS["alg7"])
     assert row["accuracy"] == 1 / n and row["robust_accuracy"] == 0
