@@ -332,7 +332,7 @@ def baseline(ctx: Context, cfg: Config, splits, progress: bool = False) -> nn.Mo
     if ctx.rank != 0:  # what pipeline.baseline returns on a cache hit
         path = artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS, kind=accel.compute_kind(cfg, ctx.device))
         tensors, _ = _read(ctx, path, "baseline")
-        base = pipeline.new_model(cfg, splits)
+        base = pipeline.new_model(cfg, splits, pretrained=False)  # the cached state replaces every weight
         base.load_state_dict(tensors, strict=True)
         base = accel.prepare(base.to(ctx.device), accel.runtime(cfg, ctx.device)).eval()
     check_identical(ctx, base, "the baseline")
@@ -402,7 +402,7 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
     found = _usable(path, retrain.evaluation_check) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state = retrained(ctx, cfg, splits, base, rate, step, progress)
-        model = new_model(cfg, splits)
+        model = new_model(cfg, splits, pretrained=False)  # the retrained state replaces every weight
         model.load_state_dict(state, strict=True)
         loader, keep = test_shard(ctx, splits.test)
         rt = runtime_of(cfg, base)
