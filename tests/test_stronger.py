@@ -83,9 +83,9 @@ def test_spool_gives_back_exactly_what_was_written_batch_by_batch(tmp_path):
     spool.close()
 
 
-def _image_rows_held(shape, exclude) -> int:
-    """Images held by live CPU float tensors of ``shape`` (C, H, W), each storage counted once,
-    other than the storages in ``exclude``."""
+def _image_storages(shape, exclude=frozenset()) -> dict[int, int]:
+    """``{storage address: images}`` of live CPU float tensors of ``shape`` (C, H, W), each storage
+    counted once, other than the storages in ``exclude``."""
     import gc
 
     storages: dict[int, int] = {}
@@ -95,7 +95,11 @@ def _image_rows_held(shape, exclude) -> int:
             ptr = o.untyped_storage().data_ptr()
             if ptr not in exclude:
                 storages[ptr] = max(storages.get(ptr, 0), len(o))
-    return sum(storages.values())
+    return storages
+
+
+def _image_rows_held(shape, exclude) -> int:
+    return sum(_image_storages(shape, exclude).values())
 
 
 def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_memory_results(monkeypatch):
@@ -112,8 +116,8 @@ def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_mem
     train.fit(base, splits.train, 1, progress=False)
     base.eval()
     shape = tuple(splits.input_shape)
-    own = {t.untyped_storage().data_ptr() for part in (splits.train, splits.test)  # the digits themselves
-           for t in getattr(part.dataset, "tensors", ())}
+    # storages alive before (the digits themselves, other tests' leftovers) are not attack_table's
+    own = _image_storages(shape)
     held: list[int] = []
     read = attack_study.Spool.__iter__
 
