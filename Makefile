@@ -7,7 +7,7 @@ PROFILE ?= cpu
 # (measured 20x slower on these 2-core machines). PASSIVE makes them sleep instead.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install book test lab bench clean
+.PHONY: install book test lab bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/
+
+# one bounded measurement of the paper setting on this device (README, "Measuring on a GPU")
+gpu-check: install
+	$(PY) -m rclib gpu-check
 
 bench: install
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

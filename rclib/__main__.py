@@ -7,6 +7,7 @@
     python -m rclib evaluate --step STEP [STEP ...] [--rate R ...] [--all-seeds] [--profile P] [-p NAME VALUE ...]
                              [--timeout S] [--join-timeout S]
     torchrun --nproc_per_node=N -m rclib retrain ...   # the same on N processes (rclib.distributed)
+    python -m rclib gpu-check [--budget S] [--size auto|full|tiny]   # measure the paper setting here
 
 Why papermill first and not Jupyter Book's own execution: its cache runs notebooks in file-name
 order, reports a failing notebook only as a warning, and cannot see changed artifacts. Here each
@@ -224,7 +225,7 @@ def step_command(args: argparse.Namespace) -> int:
     """``retrain`` / ``evaluate``: check the options, the config, the steps, the rates and
     torchrun's environment (exit 2, before any process group or training starts), then run
     them (``rclib.distributed.run``)."""
-    from . import distributed, pipeline
+    from . import distributed
 
     try:
         overrides = overrides_of(args)
@@ -250,8 +251,6 @@ def step_command(args: argparse.Namespace) -> int:
         return refuse(err)
 
     started = time.perf_counter()
-    if cfg.epsilon == "match":  # the chapters' epsilon: cached by chapter 00, else found here on the baselines
-        cfg = pipeline.operating_point(cfg, config.resolve_device(cfg.device)).apply(cfg)
     try:
         distributed.run(args.command, cfg, list(args.step), rates, list(cfg.seeds) if args.all_seeds else [cfg.seed],
                         timeout_s=args.timeout, progress=not args.quiet, join_timeout_s=args.join_timeout)
@@ -260,6 +259,41 @@ def step_command(args: argparse.Namespace) -> int:
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.command} done in {time.perf_counter() - started:.1f} s", flush=True)
+    return 0
+
+
+# ---- gpu-check: one bounded measurement of the paper setting on this device (rclib.gpucheck)
+
+def add_gpu_check(sub: Any) -> None:
+    """The ``gpu-check`` subcommand's arguments."""
+    p = sub.add_parser("gpu-check", help="measure the paper setting on this device within a time budget "
+                       "(writes _build/gpu-check/gpu-check.json and .md)")
+    p.add_argument("--budget", type=float, default=480, metavar="S",
+                   help="seconds; stages that would start later are skipped and the report says so (default 480)")
+    p.add_argument("--size", choices=("auto", "full", "tiny"), default="auto",
+                   help="full: VGG16 at 224 px, the paper's batch sizes; tiny: seconds on a CPU; auto: full on CUDA")
+    p.add_argument("--device", choices=config.DEVICES, default="auto")
+    p.add_argument("--out", type=Path, default=None, help="folder for the report (default: _build/gpu-check)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def gpu_check(args: argparse.Namespace) -> int:
+    """Run :func:`rclib.gpucheck.run`; exit 2 on a bad argument, before any work."""
+    if not args.budget > 0:
+        print(f"FAILED before running anything: --budget {args.budget!r} is not allowed: seconds > 0", file=sys.stderr)
+        return 2
+    try:
+        config.resolve_device(args.device)
+    except ValueError as err:
+        print(f"FAILED before running anything: {err}", file=sys.stderr)
+        return 2
+    from . import gpucheck
+
+    out = args.out or project_root() / BUILD / "gpu-check"
+    report = gpucheck.run(out, args.budget, args.size, args.device, progress=not args.quiet)
+    if not args.quiet:
+        print(f"report: {out / 'gpu-check.md'} and {out / 'gpu-check.json'}"
+              f"{'' if report['complete'] else ' (partial: the budget ran out)'}")
     return 0
 
 
@@ -303,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds a process waits for the others to join the process group at the start "
                             "(default 300; only with several processes)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_gpu_check(sub)
     args = parser.parse_args(argv)
 
     _environment()
+    if args.command == "gpu-check":
+        return gpu_check(args)
     if args.command in STEP_COMMANDS:
         return step_command(args)
     root = project_root()

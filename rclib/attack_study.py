@@ -8,10 +8,14 @@ Used by chapter 05.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import accel, artifacts, attacks, data
@@ -54,13 +58,80 @@ def zero_gradient_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bat
     """Per input, True where the input gradient of the cross-entropy is exactly zero: a saturated
     softmax (or a dead path) gives gradient attacks nothing to follow there, the classic sign of
     gradient masking. Eval mode makes examples independent, so a batch gradient is per example.
-    Used by chapter 05."""
+    Used by chapter 05 (:func:`zero_gradient_batches` streams the same over a loader)."""
+    return zero_gradient_batches(model, _batches(x, y, batch_size))
+
+
+def zero_gradient_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """:func:`zero_gradient_inputs` over ``(x, y)`` batches (a test loader), holding one batch at a
+    time. Used by :func:`attack_table` (chapter 05)."""
     device = next(model.parameters()).device
     out = []
-    for xb, yb in _batches(x, y, batch_size):
+    for xb, yb in batches:
         g = attacks.input_gradient(model, xb.to(device), yb.to(device))
         out.append((g.flatten(1).abs().amax(1) == 0).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def test_batches(cfg: Config, dataset: Dataset, batch_size: int, device: Any = "cpu") -> DataLoader:
+    """The test set in its fixed order, ``batch_size`` examples a batch, read (or decoded) as it
+    is consumed: at 224 px the whole 10k-image test set is 6 GB of float32, so chapter 05 never
+    holds it at once. Loader options follow ``cfg`` (``data.loader_options``). Used by
+    :func:`attack_table`."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **data.loader_options(cfg, device, dataset))
+
+
+def take(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of the examples ``indices`` of ``dataset`` (a small sample: chapter 05's
+    :func:`attack_subset`), read one by one without touching the others."""
+    items = [dataset[int(i)] for i in indices]
+    if not items:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
+
+
+def craft_into(spool: "Spool", source: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               eps: float, generator: torch.Generator) -> None:
+    """PGD-10 examples crafted on ``source`` for every batch, appended to ``spool`` as they come
+    (one batch in memory). Used by :func:`attack_table` (chapter 05's transfer examples)."""
+    device = next(source.parameters()).device
+    for x, y in batches:
+        spool.append(attacks.pgd(source, x.to(device), y.to(device), eps, steps=PGD_STEPS, generator=generator), y)
+
+
+class Spool:
+    """Adversarial examples written batch by batch to a ``.npy`` file and read back one batch at a
+    time: chapter 05's transfer examples (PGD-10 crafted on a surrogate, then fed to every other
+    model). At 224 px they are 6 GB of float32 per surrogate, too much to keep in memory for two
+    surrogates and the test set together; on disk they cost one write and one read per model.
+    float32 is stored as it is, so what is read back is bit for bit what was crafted.
+
+    Iterating yields ``(x, y)`` CPU batches with the sizes they were written with. Used by
+    :func:`attack_table` (chapter 05)."""
+
+    def __init__(self, path: Path, n: int, shape: tuple[int, ...]):
+        self.path = Path(path)
+        self._images = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n, *shape))
+        self._labels = torch.zeros(n, dtype=torch.long)
+        self._sizes: list[int] = []
+
+    def append(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Write one batch after the ones written before."""
+        start = sum(self._sizes)
+        self._images[start:start + len(y)] = x.detach().to("cpu", torch.float32).numpy()
+        self._labels[start:start + len(y)] = y.detach().cpu()
+        self._sizes.append(len(y))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._images.flush()
+        start = 0
+        for size in self._sizes:
+            yield torch.from_numpy(np.array(self._images[start:start + size])), self._labels[start:start + size]
+            start += size
+
+    def close(self) -> None:
+        """Drop the file mapping (the file goes with its temporary folder)."""
+        del self._images
 
 
 def madry_model(cfg: Config, splits: data.Splits, base: nn.Module, rate: float) -> nn.Module:
@@ -102,6 +173,12 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     with one, on an otherwise idle 2-core machine), and one thread also makes the numbers
     independent of the thread count.
 
+    Memory: the test set streams in batches (:func:`test_batches`) and the transfer examples of
+    each surrogate wait on disk (:class:`Spool`, under :func:`spool_dir`, removed afterwards), so
+    at 224 px the host holds a batch or two of images, not the 20-25 GB of the test set and two
+    surrogates' examples as tensors; the disk holds 6 GB per surrogate meanwhile. The rows are
+    those of the former all-in-memory computation (same batches, same draws; a test compares).
+
     Returns:
         ``(rows, cached)``; each row has ``variant, kind ("table" | "curve" | "check"), attack,
         eps, on, accuracy, n`` (accuracy in [0, 1]; for the zero-gradient row, the share of such
@@ -131,21 +208,33 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             m = new_model(cfg, splits, pretrained=False)
             m.load_state_dict(states[name], strict=True)
             return accel.prepare(m.to(device), rt).eval()
-        x, y = data.as_tensors(splits.test.dataset)
-        idx = attack_subset(cfg, len(y))
-        xs, ys = x[idx], y[idx]
-        test, sub = _batches(x, y, cfg.batch_size), _batches(xs, ys, cfg.batch_size)
+        # the test set streams batch by batch (at 224 px it is 6 GB of float32); only the small
+        # attack subset is held as tensors
+        dataset = splits.test.dataset
+        test = test_batches(cfg, dataset, cfg.batch_size, device)
         eps = cfg.epsilon
 
         def gen() -> torch.Generator:  # every PGD run starts from the same seeded draws
             return torch.Generator(device=device).manual_seed(cfg.seed)
 
-        crafted = {}
-        for src in TRANSFER_SOURCES:
-            g, source = gen(), model_of(src)
-            crafted[src] = [(attacks.pgd(source, xb.to(device), yb.to(device), eps, steps=PGD_STEPS,
-                                         generator=g).cpu(), yb) for xb, yb in test]
-            del source
+        with tempfile.TemporaryDirectory(prefix="transfer-", dir=spool_dir()) as folder:
+            crafted = {}
+            for i, src in enumerate(TRANSFER_SOURCES):  # crafted once per surrogate, spooled to disk
+                g, source = gen(), model_of(src)
+                crafted[src] = Spool(Path(folder) / f"{i}.npy", len(dataset), tuple(splits.input_shape))
+                craft_into(crafted[src], source, test, eps, g)
+                del source
+            try:
+                return attack_models(model_of, test, crafted, gen, device, rt)
+            finally:
+                for spool in crafted.values():
+                    spool.close()
+
+    def attack_models(model_of, test: DataLoader, crafted: dict[str, Spool], gen, device, rt):
+        eps = cfg.epsilon
+        idx = attack_subset(cfg, len(test.dataset))
+        xs, ys = take(test.dataset, idx)  # the expensive attacks' few inputs, held as tensors
+        sub = _batches(xs, ys, cfg.batch_size)
         rows: list[dict[str, Any]] = []
         outcomes: dict[str, torch.Tensor] = {}
 
@@ -189,7 +278,8 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             add(name, "check", "PGD-10 from x", LARGE_EPS, "subset",
                 attacks.robust_correct(m, sub, attacks.pgd, LARGE_EPS, steps=PGD_STEPS, random_start=False,
                                        runtime=rt))
-            add(name, "check", "zero input gradient", 0.0, "test", zero_gradient_inputs(m, x, y, cfg.eval_batch_size))
+            add(name, "check", "zero input gradient", 0.0, "test",
+                zero_gradient_batches(m, test_batches(cfg, test.dataset, cfg.eval_batch_size, device)))
             if name in CURVE_VARIANTS:
                 for e in cfg.epsilons:  # the table's own outcomes where it has them: same digits, same runs
                     for attack, run in (("FGSM", dict(attack=attacks.fgsm)),
@@ -215,6 +305,14 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     _, metrics, hit = artifacts.cached(step_cfg, "attack_table", ATTACK_FIELDS, compute, check=check,
                                        kind=kind_of(cfg, base))
     return [dict(r, seed=cfg.seed, rate=rate) for r in metrics["rows"]], hit
+
+
+def spool_dir() -> Path:
+    """Where chapter 05's transfer examples wait on disk while a seed's models are attacked: a
+    folder beside the artifact cache (a fast local disk, not a RAM-backed /tmp), created on demand."""
+    folder = artifacts.root() / "spool"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 MASKING_CHECKS = ("iterative at least as strong as one-step", "white-box at least as strong as transfer",

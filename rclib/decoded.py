@@ -16,6 +16,13 @@ the key: editing rclib must not cost a 10k-image decode; :data:`VERSION` is rais
 module changes what it stores. Writes are atomic and checksummed (:func:`rclib.artifacts.save`);
 a damaged or unusable cache is reported with a warning and rebuilt.
 
+Bound: each seed's split is its own entry (1.5 GB at 224x224), and keys change with the folder,
+the sizes and the library versions, so old entries would pile up. After a new entry is written,
+the least recently used ones are removed until all of them together take at most
+``RCLIB_DECODED_GB`` (default :data:`KEEP_GB`, room for the ``paper`` profile's three seeds and
+a few more); an entry in use is never removed. ``rm -r data/artifacts/decoded`` (or
+``make clean``) drops them all.
+
 Used by ``data.load`` (``decoded_cache``), hence by every chapter run on a folder dataset.
 """
 
@@ -36,6 +43,7 @@ from .config import Config
 VERSION = 1
 FOLDER = "decoded"  # under artifacts.root(), beside the profiles' folders
 BUILD_BATCH = 64
+KEEP_GB = 8.0  # default bound on all decoded entries together (RCLIB_DECODED_GB overrides it)
 
 
 class DecodedImages(Dataset):
@@ -116,6 +124,7 @@ def load_or_build(cfg: Config, pixels: Dataset, indices: list[int], targets: lis
     if found is not None:
         problem = _usable(found, len(indices), shape, want)
         if problem is None:
+            _touch(path)
             return DecodedImages(found[0]["images"], want, indices)
         warnings.warn(f"ignoring unusable decoded cache {path} ({problem}); it will be rebuilt", stacklevel=2)
     writable = True
@@ -126,4 +135,63 @@ def load_or_build(cfg: Config, pixels: Dataset, indices: list[int], targets: lis
         artifacts.try_write(lambda: artifacts.save(path, {"images": images, "labels": want},
                                                    {"n": len(indices), "shape": list(shape), "resize": resize},
                                                    info=info), path)
+        _touch(path)
+        evict(keep_bytes(), protect=path)
     return DecodedImages(images, want, indices)
+
+
+def keep_bytes() -> int:
+    """The bound on all decoded entries together: ``RCLIB_DECODED_GB`` gigabytes (1e9 bytes),
+    default :data:`KEEP_GB`; refused when it is not a number >= 0."""
+    text = os.environ.get("RCLIB_DECODED_GB", str(KEEP_GB))
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:
+        raise ValueError(f"RCLIB_DECODED_GB={text!r} is not allowed: a number of gigabytes >= 0")
+    return int(gb * 1e9)
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry as just used: eviction removes the least recently used first."""
+    try:
+        os.utime(path)
+    except OSError:  # removed meanwhile by another process's eviction: nothing to mark
+        pass
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def entries() -> list[tuple[Path, int, float]]:
+    """Every decoded entry as ``(path, bytes, last use)``, least recently used first (hidden
+    temporary folders of writes in progress are not entries)."""
+    folder = artifacts.root() / FOLDER
+    found = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        try:
+            if p.is_dir() and not p.name.startswith("."):
+                found.append((p, _size(p), p.stat().st_mtime))
+        except FileNotFoundError:  # discarded by another process meanwhile
+            continue
+    return sorted(found, key=lambda e: e[2])
+
+
+def evict(limit: int, protect: Path | None = None) -> list[Path]:
+    """Remove the least recently used decoded entries until all together take at most
+    ``limit`` bytes, never ``protect`` (the entry just written or read); returns what was
+    removed. Used by :func:`load_or_build`."""
+    found = entries()
+    total = sum(size for _, size, _ in found)
+    removed = []
+    for path, size, _ in found:
+        if total <= limit:
+            break
+        if protect is not None and path.resolve() == Path(protect).resolve():
+            continue
+        artifacts.discard(path)
+        removed.append(path)
+        total -= size
+    return removed

@@ -373,7 +373,7 @@ def baseline(ctx: Context, cfg: Config, splits, progress: bool = False) -> nn.Mo
     if ctx.rank != 0:  # what pipeline.baseline returns on a cache hit
         key = dict(cfg=cfg, step="baseline", names=pipeline.BASELINE_FIELDS, kind=accel.compute_kind(cfg, ctx.device))
         tensors, _ = _read(ctx, artifacts.location(**key), "baseline", artifacts.record(**key))
-        base = pipeline.new_model(cfg, splits)
+        base = pipeline.new_model(cfg, splits, pretrained=False)  # the cached state replaces every weight
         base.load_state_dict(tensors, strict=True)
         base = accel.prepare(base.to(ctx.device), accel.runtime(cfg, ctx.device)).eval()
     check_identical(ctx, base, "the baseline")
@@ -443,7 +443,7 @@ def evaluated(ctx: Context, cfg: Config, splits, base: nn.Module, rate: float, s
     found = _usable(path, retrain.evaluation_check, artifacts.record(**key)) if ctx.rank == 0 else None
     if not from_rank0(ctx, found is not None):
         state = retrained(ctx, cfg, splits, base, rate, step, progress)
-        model = new_model(cfg, splits)
+        model = new_model(cfg, splits, pretrained=False)  # the retrained state replaces every weight
         model.load_state_dict(state, strict=True)
         loader, keep = test_shard(ctx, splits.test)
         rt = runtime_of(cfg, base)
@@ -507,7 +507,7 @@ def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: 
     processes torchrun started (or this one). Returns one row per (seed, rate, step) with the
     evaluation counts for ``evaluate`` and the step's seconds; rank 0 prints them. Used by
     ``rclib.__main__``."""
-    from . import config, data, retrain
+    from . import config, data, pipeline, retrain
 
     if command not in COMMANDS:
         raise ValueError(f"command={command!r} is not allowed: one of {', '.join(COMMANDS)}")
@@ -515,6 +515,11 @@ def run(command: str, cfg: Config, steps: list[str], rates: list[float], seeds: 
     rows = []
     with process_group(ctx):
         say(ctx, f"{command} on {ctx.device} ({ctx.backend if ctx.world > 1 else 'one process'})")
+        if cfg.epsilon == "match":  # the chapters' epsilon: rank 0 finds it (or reads chapter 00's), then all read it
+            if ctx.rank == 0:
+                pipeline.operating_point(cfg, ctx.device)
+            barrier(ctx)
+            cfg = pipeline.operating_point(cfg, ctx.device).apply(cfg)
         for seed in seeds:
             cfg_s = dataclasses.replace(cfg, seed=seed)
             config.configure_torch(cfg_s)

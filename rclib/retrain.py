@@ -212,7 +212,7 @@ def evaluated(cfg: Config, splits, base: nn.Module, rate: float, step: str,
 
     def compute():
         state, _, _ = retrained(cfg, splits, base, rate, step, progress)
-        m = new_model(cfg, splits)
+        m = new_model(cfg, splits, pretrained=False)  # the state replaces every weight: skip the checkpoint
         m.load_state_dict(state, strict=True)
         m = accel.prepare(m.to(next(base.parameters()).device), rt).eval()
         found = outcomes(m, splits.test, cfg.epsilon, cfg.seed, rt)

@@ -455,6 +455,35 @@ def test_decoded_cache_key_follows_folder_size_and_split(tmp_path):
     assert len(list(folder.iterdir())) == 4
 
 
+def test_decoded_cache_keeps_the_recently_used_entries_within_its_bound(tmp_path, monkeypatch):
+    """Each seed's split is an entry of its own (1.5 GB at 224 px): past RCLIB_DECODED_GB the least
+    recently used go, never the entry in use, and a later load of a kept one is still a hit."""
+    from rclib import decoded
+
+    root = image_folder(tmp_path / "imgs", ["a", "b"], 6, size=(20, 20))
+    data.load(_folder_cfg(root, seed=0))
+    one = decoded.entries()[0][1]  # bytes of one entry (all have the same shape here)
+    monkeypatch.setenv("RCLIB_DECODED_GB", str(2.5 * one / 1e9))  # room for two entries
+    data.load(_folder_cfg(root, seed=1))
+    data.load(_folder_cfg(root, seed=0))  # a hit: seed 0 is now the most recently used
+    first = {p.name for p, _, _ in decoded.entries()}
+    data.load(_folder_cfg(root, seed=2))  # a third entry: seed 1, the least recently used, goes
+    kept = decoded.entries()
+    assert len(first) == 2 and len(kept) == 2 and sum(size for _, size, _ in kept) <= 2.5 * one
+    names = {p.name for p, _, _ in kept}
+    assert len(names & first) == 1  # one of the two old entries survived: the one used last
+    build = decoded._build
+    monkeypatch.setattr(decoded, "_build", lambda *a: pytest.fail("seed 0 was evicted"))
+    data.load(_folder_cfg(root, seed=0))
+    monkeypatch.setattr(decoded, "_build", build)
+    monkeypatch.setenv("RCLIB_DECODED_GB", "0")  # even a bound of nothing keeps the entry in use
+    data.load(_folder_cfg(root, seed=3))
+    assert len(decoded.entries()) == 1
+    monkeypatch.setenv("RCLIB_DECODED_GB", "lots")
+    with pytest.raises(ValueError, match="RCLIB_DECODED_GB='lots'"):
+        decoded.keep_bytes()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "labels"])
 def test_damaged_or_unusable_decoded_cache_warns_and_is_rebuilt(tmp_path, damage):
     from safetensors.torch import load_file

@@ -102,3 +102,44 @@ def test_evaluation_step_counts_and_robust_table_reads_it(setup):
     rows, _, _ = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
     row = next(r for r in rows if r["variant"] == retrain.STEPS["alg7"])
     assert row["accuracy"] == 1 / n and row["robust_accuracy"] == 0
+
+
+def test_rebuilding_a_retrained_model_does_not_read_the_pretrained_weights(setup, tmp_path, monkeypatch):
+    """Under ``paper`` a rebuild that loads a full state right away must not read the 0.5 GB
+    ImageNet checkpoint first only to overwrite it (``pretrained=False``)."""
+    from safetensors.torch import save_file
+
+    cfg, splits, base = setup
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
+    cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1, width=4, hidden=16,
+                      weights=str(weights))
+    reads: list[str] = []
+    real = models._pretrained_state
+
+    def counted(c):
+        reads.append(c.weights)
+        return real(c)
+
+    monkeypatch.setattr(models, "_pretrained_state", counted)
+    _, metrics, hit = retrain.evaluated(cfg, splits, base, 0.5, "clean")
+    assert not hit and metrics["clean"]["n"] == 64
+    assert reads == []
+    pipeline.new_model(cfg, splits)  # the counter itself works: a plain build reads them once
+    assert reads == [str(weights)]
+
+
+def test_every_rebuild_from_a_state_skips_the_pretrained_weights():
+    """Each ``new_model(...)`` whose next lines load a full state passes ``pretrained=False``
+    (retrain and both places in distributed read the checkpoint only to overwrite it before)."""
+    import inspect
+    import re
+
+    from rclib import attack_study, distributed
+
+    for module in (retrain, distributed, pipeline, attack_study):
+        lines = inspect.getsource(module).splitlines()
+        for i, line in enumerate(lines):
+            if re.search(r"new_model\(cfg, splits[^)]*\)", line) and \
+                    any("load_state_dict" in nxt for nxt in lines[i + 1:i + 3]):
+                assert "pretrained=False" in line, f"{module.__name__} line {i + 1}: {line.strip()}"

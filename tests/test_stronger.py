@@ -71,3 +71,101 @@ def test_masking_checks_pass_on_an_honest_model():
 def test_each_masking_symptom_fails_its_own_check_only(change, check):
     out = attack_study.masking_checks(_rows(**change))
     assert [c["passed"] for c in out] == [i != check for i in range(len(attack_study.MASKING_CHECKS))]
+
+
+def test_spool_gives_back_exactly_what_was_written_batch_by_batch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(n, 3, 5, 5, generator=g), torch.randint(0, 9, (n,), generator=g)) for n in (4, 4, 3)]
+    spool = attack_study.Spool(tmp_path / "s.npy", 11, (3, 5, 5))
+    for x, y in batches:
+        spool.append(x, y)
+    for _ in range(2):  # every model reads the same examples again
+        back = list(spool)
+        assert [len(y) for _, y in back] == [4, 4, 3]
+        assert all(torch.equal(x, bx) and torch.equal(y, by) for (x, y), (bx, by) in zip(batches, back))
+    spool.close()
+
+
+def _image_storages(shape, exclude=frozenset()) -> dict[int, int]:
+    """``{storage address: images}`` of live CPU float tensors of ``shape`` (C, H, W), each storage
+    counted once, other than the storages in ``exclude``."""
+    import gc
+
+    storages: dict[int, int] = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.dim() == 4 and tuple(o.shape[1:]) == shape and o.device.type == "cpu" \
+                and o.is_floating_point():
+            ptr = o.untyped_storage().data_ptr()
+            if ptr not in exclude:
+                storages[ptr] = max(storages.get(ptr, 0), len(o))
+    return storages
+
+
+def _image_rows_held(shape, exclude) -> int:
+    return sum(_image_storages(shape, exclude).values())
+
+
+def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_memory_results(monkeypatch):
+    """Chapter 05 at 224 px held the test set and two surrogates' transfer examples as tensors
+    (20-25 GB); now they stream. The rows equal those of the former all-in-memory computation,
+    recomputed here, and while a model meets a surrogate's examples at most one batch of them (and
+    the small attack subset) is held."""
+    from rclib import attacks, data, pipeline, train
+
+    cfg = config.load("smoke", epsilon=0.1, train_size=48, test_size=24, epochs=1, width=4, hidden=16, attack_sample=4,
+                      batch_size=8, eval_batch_size=16)
+    splits = data.load(cfg)
+    base = pipeline.new_model(cfg, splits)
+    train.fit(base, splits.train, 1, progress=False)
+    base.eval()
+    shape = tuple(splits.input_shape)
+    # storages alive before (the digits themselves, other tests' leftovers) are not attack_table's
+    own = _image_storages(shape)
+    held: list[int] = []
+    read = attack_study.Spool.__iter__
+
+    def sampled(spool):
+        for i, batch in enumerate(read(spool)):
+            if i == 2:
+                held.append(_image_rows_held(shape, own))
+            yield batch
+
+    monkeypatch.setattr(attack_study.Spool, "__iter__", sampled)
+    rows, hit = attack_study.attack_table(cfg, splits, base, 0.5, progress=False)
+    assert not hit and len(held) == 2 * len(attack_study.ATTACK_VARIANTS) - 2
+    # the batch being read and the one before it (still named by the loop that consumes them) and
+    # the attack subset: not the 2 x 24 transfer examples and 24 test images held before
+    assert 0 < max(held) <= 2 * cfg.batch_size + cfg.attack_sample, held
+
+    # the former computation: the whole test set and every transfer example in memory
+    _, states, _ = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
+    x, y = data.as_tensors(splits.test.dataset)
+    test = attack_study._batches(x, y, cfg.batch_size)
+
+    def model_of(name):
+        m = pipeline.new_model(cfg, splits, pretrained=False)
+        m.load_state_dict(states[name], strict=True)
+        return m.eval()
+
+    def gen():
+        return torch.Generator().manual_seed(cfg.seed)
+
+    crafted = {}
+    for src in attack_study.TRANSFER_SOURCES:
+        g, source = gen(), model_of(src)
+        crafted[src] = [(attacks.pgd(source, xb, yb, cfg.epsilon, steps=attack_study.PGD_STEPS, generator=g), yb)
+                        for xb, yb in test]
+    got = {(r["variant"], r["attack"]): r["accuracy"] for r in rows if r["on"] == "test"}
+    for name in attack_study.TABLE1_ROWS[1:4]:
+        m = model_of(name)
+        want = {"FGSM": attacks.robust_correct(m, test, attacks.fgsm, cfg.epsilon),
+                "PGD-10": attacks.robust_correct(m, test, attacks.pgd, cfg.epsilon, steps=attack_study.PGD_STEPS,
+                                                 generator=gen()),
+                "zero input gradient": attack_study.zero_gradient_inputs(m, x, y, cfg.eval_batch_size)}
+        for src in attack_study.TRANSFER_SOURCES:
+            if src != name:
+                want[f"transfer PGD-10 from {src}"] = attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb,
+                                                                             cfg.epsilon)
+        for attack, correct in want.items():
+            assert got[(name, attack)] == float(correct.float().mean()), (name, attack)
+    assert not any(attack_study.spool_dir().iterdir())  # the transfer examples' files are gone
