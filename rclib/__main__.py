@@ -83,6 +83,89 @@ def execution_order(notebooks: list[Path]) -> list[Path]:
     return sorted(notebooks, key=lambda nb: nb.parts[0] == "book")
 
 
+# A chapter that reads models another chapter caches starts after it has finished; run at the
+# same time, both would train the same models in two processes. Chapter 03 maps Alg 5's
+# iterative trajectory that chapter 01 trains; chapter 05 attacks chapter 04's Table 1 models.
+AFTER = {Path("notebooks/03_boundary_smoothness.ipynb"): Path("notebooks/01_pruning.ipynb"),
+         Path("notebooks/05_stronger_attacks.ipynb"): Path("notebooks/04_robust_retraining.ipynb")}
+
+
+def default_jobs() -> int:
+    """Chapters at once: 2 on a CPU machine with 2 or more cores (each chapter runs one torch
+    thread, see ``Config.threads``), 1 where a GPU is visible (a paper-scale chapter wants its
+    memory to itself)."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
+def execute_all(root: Path, src: Path, notebooks: list[Path], args: argparse.Namespace,
+                params: dict[str, Any], jobs: int) -> None:
+    """``python -m rclib book``'s execution: the first chapter alone (it trains every seed's
+    baseline and finds the operating point that all later chapters read), then the other chapters
+    ``jobs`` at a time, each in its own ``python -m rclib run`` process and honouring
+    :data:`AFTER` (the chapters that others wait for start first, then toc order), then the
+    gathering pages. The first failure stops the scheduling of new chapters; those already
+    running finish. Raises ChapterFailed naming the chapter."""
+    import concurrent.futures as cf
+
+    chapters = [nb for nb in notebooks if nb.parts[0] != "book"]
+    pages = [nb for nb in notebooks if nb.parts[0] == "book"]
+    total, count = len(notebooks), iter(range(1, len(notebooks) + 1))
+
+    def here(nb: Path) -> None:
+        print(f"[{next(count)}/{total}] {nb} (profile {args.profile})", flush=True)
+        seconds = run_notebook(root / nb, src / nb, params, args.timeout, progress=not args.quiet)
+        print(f"      done in {seconds:.1f} s", flush=True)
+
+    def apart(nb: Path) -> float:
+        log = src / (str(nb) + ".log")
+        cmd = [sys.executable, "-m", "rclib", "run", str(root / nb), "-o", str(src / nb), "--profile", args.profile,
+               "--quiet", "--timeout", str(args.timeout)] + [a for pair in args.parameter for a in ("-p", *pair)]
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=root).returncode
+        if code != 0:
+            tail = [line for line in log.read_text().splitlines() if line.startswith("FAILED")]
+            raise ChapterFailed(tail[-1].removeprefix("FAILED: ") if tail else f"{nb} failed (exit {code}); see {log}")
+        log.unlink()
+        return time.perf_counter() - start
+
+    if chapters:
+        here(chapters[0])
+    waited_for = set(AFTER.values())
+    pending = sorted(chapters[1:], key=lambda nb: nb not in waited_for)  # stable: toc order otherwise
+    done, failure = {chapters[0]} if chapters else set(), None
+    if jobs == 1:
+        for nb in pending:
+            here(nb)
+    else:
+        with cf.ThreadPoolExecutor(jobs) as pool:
+            running: dict[cf.Future, Path] = {}
+            while pending or running:
+                ready = [nb for nb in pending if AFTER.get(nb) in done or AFTER.get(nb) not in chapters]
+                while failure is None and ready and len(running) < jobs:
+                    nb = ready.pop(0)
+                    pending.remove(nb)
+                    print(f"[{next(count)}/{total}] {nb} (profile {args.profile}, {len(running) + 1} of {jobs} at once)",
+                          flush=True)
+                    running[pool.submit(apart, nb)] = nb
+                if not running:
+                    break
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    nb = running.pop(future)
+                    try:
+                        print(f"      {nb} done in {future.result():.1f} s", flush=True)
+                        done.add(nb)
+                    except ChapterFailed as err:
+                        failure = failure or err
+        if failure is not None:
+            raise failure
+    for nb in pages:
+        here(nb)
+
+
 def parse_value(text: str) -> Any:
     """A ``-p`` value as papermill would read it: int, float, bool/None, a YAML list, else text."""
     if text in ("None", "True", "False"):
@@ -308,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("-o", "--output", type=Path, help="default: _build/src/<notebook path>")
         else:
             p.add_argument("--no-build", action="store_true", help="execute only; skip jupyter-book")
+            p.add_argument("--jobs", type=int, default=None,
+                           help="chapters executed at once after chapter 00 (default: 2 on a CPU machine with "
+                                "2 or more cores, 1 with a GPU, whose memory one chapter at paper scale needs)")
         p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
         p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                        help="override a Config field in every chapter run (papermill -p); checked "
@@ -377,18 +463,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{notebook} ran in {seconds:.1f} s -> {output}")
         return 0
 
+    jobs = default_jobs() if args.jobs is None else args.jobs
+    if jobs < 1:
+        return refuse(ValueError(f"--jobs {args.jobs!r} is not allowed: a whole number >= 1"))
     notebooks = execution_order(toc_notebooks(root))
     src = stage(root, out)
     os.environ["RCLIB_STAGE"] = str(src)  # where gathering pages find the executed chapters
     started = time.perf_counter()
-    for i, nb in enumerate(notebooks, 1):
-        print(f"[{i}/{len(notebooks)}] {nb} (profile {args.profile})", flush=True)
-        try:
-            seconds = run_notebook(root / nb, src / nb, params, args.timeout, progress=not args.quiet)
-        except ChapterFailed as err:
-            print(f"FAILED: {err}", file=sys.stderr)
-            return 1
-        print(f"      done in {seconds:.1f} s", flush=True)
+    try:
+        execute_all(root, src, notebooks, args, params, jobs)
+    except ChapterFailed as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
     print(f"executed {len(notebooks)} chapters in {time.perf_counter() - started:.1f} s", flush=True)
     if args.no_build:
         return 0
