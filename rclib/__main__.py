@@ -104,7 +104,8 @@ def execute_all(root: Path, src: Path, notebooks: list[Path], args: argparse.Nam
     """``python -m rclib book``'s execution: the first chapter alone (it trains every seed's
     baseline and finds the operating point that all later chapters read), then the other chapters
     ``jobs`` at a time, each in its own ``python -m rclib run`` process and honouring
-    :data:`AFTER` (the chapters that others wait for start first, then toc order), then the
+    :data:`AFTER` (the chapters that others wait for start first, then those that waited, then
+    toc order), then the
     gathering pages. The first failure stops the scheduling of new chapters; those already
     running finish. Raises ChapterFailed naming the chapter."""
     import concurrent.futures as cf
@@ -133,8 +134,9 @@ def execute_all(root: Path, src: Path, notebooks: list[Path], args: argparse.Nam
 
     if chapters:
         here(chapters[0])
-    waited_for = set(AFTER.values())
-    pending = sorted(chapters[1:], key=lambda nb: nb not in waited_for)  # stable: toc order otherwise
+    # the chapters others wait for first, then those that waited (the two long chains, 01 -> 03 and
+    # 04 -> 05, then run side by side), then toc order
+    pending = sorted(chapters[1:], key=lambda nb: (nb not in AFTER.values(), nb not in AFTER))
     done, failure = {chapters[0]} if chapters else set(), None
     if jobs == 1:
         for nb in pending:

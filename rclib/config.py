@@ -100,7 +100,7 @@ class Config:
     # decision boundaries (Sec. 3.3)
     map_rates: tuple[float, ...] = (0.2, 0.4, 0.5)  # chapter 03's prune rates for roughness vs robustness
     resolution: int = 100  # grid points per side of a PCA decision map
-    local_examples: int = 20  # test inputs whose local maps are averaged
+    local_examples: int = 12  # test inputs whose local maps are averaged (12: the cpu book's 10-minute budget)
     local_resolution: int = 41  # grid points per side of each local decision map
     hurt_rate: float = 0.7  # chapter 04's second global prune rate, where pruning clearly hurts
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seeds of the repeated runs (mean and spread)

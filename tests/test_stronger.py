@@ -131,6 +131,9 @@ def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_mem
             yield batch
 
     monkeypatch.setattr(attack_study.Spool, "__iter__", sampled)
+    # what streams is the data, not the attack budgets: the ART cascade's steps only cost time here
+    for name, small in (("APGD_STEPS", 3), ("APGD_TARGETS", 1), ("SQUARE_QUERIES", 5)):
+        monkeypatch.setattr(attack_study, name, small)
     rows, hit = attack_study.attack_table(cfg, splits, base, 0.5, progress=False)
     assert not hit and len(held) == 2 * len(attack_study.ATTACK_VARIANTS) - 2
     # the batch being read and the one before it (still named by the loop that consumes them) and
