@@ -25,16 +25,16 @@ from .retrain import ABLATION_ROWS, MADRY_ROW, MADRY_STEPS, TABLE1_ROWS  # noqa:
 
 ATTACK_VARIANTS = TABLE1_ROWS + ABLATION_ROWS + (MADRY_ROW,)
 CURVE_VARIANTS = TABLE1_ROWS + (MADRY_ROW,)
-ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons", "attack_sample")
+ATTACK_FIELDS = ROBUST_FIELDS + ("prune_rate", "epsilons", "attack_sample", "apgd_steps", "apgd_targets", "square_queries")
 # Budgets. The cheap rclib attacks (FGSM, PGD-10, PGD-50 with 2 restarts) run on every digit of the
 # sample. The ART attacks run as AutoAttack runs them, each on the digits that every attack before
 # it left standing (Croce & Hein, 2020): APGD-CE at AutoAttack's 100 steps, then targeted APGD-T at
 # 100 steps per target, then black-box Square. ART's APGD costs about 40 ms a step per batch on
 # one CPU thread whatever the batch holds (measured: 100 steps on 100 digits 8.4 s, and 9 targets
 # 36 s, on a cpu-profile baseline), so the cascade is what makes AutoAttack's step count
-# affordable: a digit already broken costs nothing more.
+# affordable: a digit already broken costs nothing more. The budgets are Config fields (apgd_steps,
+# apgd_targets, square_queries): AutoAttack's 100 steps in the cpu profile, fewer in smoke.
 PGD_STEPS, PGD_LONG, PGD_RESTARTS = 10, 50, 2
-APGD_STEPS, APGD_TARGETS, SQUARE_QUERIES = 100, 3, 300
 LARGE_EPS, NEAR_ZERO = 0.5, 0.05  # at eps 0.5 a gradient can move every pixel to mid-grey
 CHEAP_ATTACKS = ("FGSM", "PGD-10", f"PGD-{PGD_LONG} x{PGD_RESTARTS}")
 CASCADE = (("+ APGD-CE", "apgd-ce"), ("+ APGD-T", "apgd-t"), ("+ Square", "square"))
@@ -160,8 +160,8 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
     * on :func:`attack_subset` (``on="subset"``, ``cfg.attack_sample`` digits; the cheap attacks again so
       every column of the worst case is on the same digits): PGD-50 with 2 restarts (rclib); then,
       as AutoAttack runs them, each on the digits that every earlier attack left standing,
-      APGD-CE (``APGD_STEPS``), APGD-T (``APGD_TARGETS`` targets x ``APGD_STEPS``) and Square
-      (``SQUARE_QUERIES`` queries, black-box) through ART (:mod:`rclib.strong`); their columns
+      APGD-CE (``cfg.apgd_steps``), APGD-T (``cfg.apgd_targets`` targets x ``cfg.apgd_steps``) and
+      Square (``cfg.square_queries`` queries, black-box) through ART (:mod:`rclib.strong`); their columns
       ("+ APGD-CE", ...) are the worst case so far, and "worst case" is the per-digit worst case
       over all six attacks (clean accuracy is not an attack: a digit misclassified clean is
       misclassified by every attack anyway); PGD-10 from x at ``LARGE_EPS``; and the curves: FGSM
@@ -242,7 +242,7 @@ def attack_table(cfg: Config, splits: data.Splits, base: nn.Module, rate: float,
             rows.append(dict(variant=variant, kind=kind, attack=attack, eps=float(e), on=on,
                              accuracy=float(correct.float().mean()) if len(correct) else 0.0, n=len(correct)))
 
-        strong_kw = dict(apgd_steps=APGD_STEPS, targets=APGD_TARGETS, square_queries=SQUARE_QUERIES,
+        strong_kw = dict(apgd_steps=cfg.apgd_steps, targets=cfg.apgd_targets, square_queries=cfg.square_queries,
                          batch_size=cfg.batch_size, seed=cfg.seed)
         for name in tqdm(ATTACK_VARIANTS, desc=f"attacks, seed {cfg.seed}", disable=not progress):
             m = model_of(name)

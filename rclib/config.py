@@ -106,6 +106,9 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seeds of the repeated runs (mean and spread)
     # stronger attacks (chapter 05, beyond the paper)
     attack_sample: int = 100  # test inputs (a seeded sample) for chapter 05's expensive attacks and curves (100: one input is 1 point)
+    apgd_steps: int = 100  # iterations of chapter 05's APGD-CE and of each APGD-T target (AutoAttack: 100)
+    apgd_targets: int = 3  # target classes of chapter 05's APGD-T (AutoAttack: 9)
+    square_queries: int = 300  # queries per input of chapter 05's black-box Square attack (AutoAttack: 5000)
 
     def digest(self, names: tuple[str, ...] | None = None) -> str:
         """Short hash of the named fields (all when None) and of the rclib source.
@@ -137,7 +140,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         threads=1, train_size=512, test_size=128, width=8, hidden=64, batch_size=64,
         epochs=12, lr=3e-3, epsilons=(0.0, 0.1, 0.2), prune_rates=(0.5, 0.9), retrain_epochs=1,
-        seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4, size_model="small", attack_sample=20,
+        seeds=(0, 1), map_rates=(0.5,), resolution=40, local_examples=4, local_resolution=21, size_model="small",
+        attack_sample=20, apgd_steps=10, apgd_targets=2, square_queries=50,
         latency_batch=64, latency_repeats=5,
     ),
     # minutes on a laptop CPU: the published book
@@ -305,7 +309,7 @@ def validate(cfg: Config) -> Config:
                           ("size_model", SIZE_MODELS), ("precision", PRECISIONS)):
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), f"one of {', '.join(choices)}")
     for name in ("threads", "image_size", "width", "hidden", "batch_size", "eval_batch_size", "local_examples",
-                 "attack_sample", "latency_batch", "latency_repeats"):
+                 "attack_sample", "apgd_steps", "apgd_targets", "square_queries", "latency_batch", "latency_repeats"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "a positive whole number")
     for name in ("train_size", "test_size", "num_workers", "epochs", "retrain_epochs", "adv_epochs", "head_epochs"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "a whole number >= 0")

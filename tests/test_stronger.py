@@ -112,8 +112,9 @@ def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_mem
     the small attack subset) is held."""
     from rclib import attacks, data, pipeline, train
 
+    # what streams is the data, not the attack budgets: the ART cascade's steps only cost time here
     cfg = config.load("smoke", epsilon=0.1, train_size=48, test_size=24, epochs=1, width=4, hidden=16, attack_sample=4,
-                      batch_size=8, eval_batch_size=16)
+                      batch_size=8, eval_batch_size=16, apgd_steps=3, apgd_targets=1, square_queries=5)
     splits = data.load(cfg)
     base = pipeline.new_model(cfg, splits)
     train.fit(base, splits.train, 1, progress=False)
@@ -131,9 +132,6 @@ def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_mem
             yield batch
 
     monkeypatch.setattr(attack_study.Spool, "__iter__", sampled)
-    # what streams is the data, not the attack budgets: the ART cascade's steps only cost time here
-    for name, small in (("APGD_STEPS", 3), ("APGD_TARGETS", 1), ("SQUARE_QUERIES", 5)):
-        monkeypatch.setattr(attack_study, name, small)
     rows, hit = attack_study.attack_table(cfg, splits, base, 0.5, progress=False)
     assert not hit and len(held) == 2 * len(attack_study.ATTACK_VARIANTS) - 2
     # the batch being read and the one before it (still named by the loop that consumes them) and
