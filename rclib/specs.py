@@ -74,17 +74,24 @@ def _features(layers: Any, c: int, h: int, w: int) -> tuple[int, int, int]:
             (n,) = _entry(field, e, "bn", 1)
             if _whole(field, n) != c:
                 raise _bad(field, e, f"a BatchNorm of the {c} channels the previous layer gives")
-        elif kind == "relu":
-            _entry(field, e, "relu", 0)
-        elif kind == "dropout":
-            (pr,) = _entry(field, e, "dropout", 1)
-            if not 0 <= _real(field, pr) < 1:
-                raise _bad(field, e, "a dropout probability in [0, 1)")
-        else:
+        elif not _relu_or_dropout(field, e, kind):
             raise _bad(field, e, "a conv, bn, relu, maxpool or dropout layer")
         if h < 1 or w < 1:
             raise _bad(field, e, f"a layer that leaves a map of at least 1x1 (it leaves {h}x{w})")
     return c, h, w
+
+
+def _relu_or_dropout(field: str, e: Any, kind: Any) -> bool:
+    """Check a ReLU or dropout entry, which both stacks may hold; False for any other kind."""
+    if kind == "relu":
+        _entry(field, e, "relu", 0)
+    elif kind == "dropout":
+        (pr,) = _entry(field, e, "dropout", 1)
+        if not 0 <= _real(field, pr) < 1:
+            raise _bad(field, e, "a dropout probability in [0, 1)")
+    else:
+        return False
+    return True
 
 
 def _classifier(layers: Any, n_in: int, num_classes: int) -> None:
@@ -99,13 +106,7 @@ def _classifier(layers: Any, n_in: int, num_classes: int) -> None:
             if _whole(f"{field} in_features", a, 1, MAX_WIDTH * POOL_SIDE ** 2) != n:
                 raise _bad(field, e, f"a linear layer taking the {n} features the previous layer gives")
             n = _whole(f"{field} out_features", b)
-        elif kind == "relu":
-            _entry(field, e, "relu", 0)
-        elif kind == "dropout":
-            (pr,) = _entry(field, e, "dropout", 1)
-            if not 0 <= _real(field, pr) < 1:
-                raise _bad(field, e, "a dropout probability in [0, 1)")
-        else:
+        elif not _relu_or_dropout(field, e, kind):
             raise _bad(field, e, "a linear, relu or dropout layer")
     if layers[-1][0] != "linear" or n != num_classes:
         raise _bad(f"layers.classifier[{len(layers) - 1}]", layers[-1],
