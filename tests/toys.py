@@ -96,7 +96,8 @@ def odd_mode_folder(root: Path, size=(20, 14)) -> Path:
 # case (claims without values must say so, not crash); fitting the head is tested on its own.
 PAPER_SMALL = dict(image_size=32, width=4, hidden=32, seeds="[0]", prune_rates="[0.5, 0.9]",
                    map_rates="[0.5]", resolution=20, local_examples=4, local_resolution=11, attack_sample=8,
-                   size_model="small", num_workers=0, latency_batch=8, latency_repeats=3, head_epochs=0)
+                   size_model="small", num_workers=0, latency_batch=8, latency_repeats=3, head_epochs=0,
+                   prune_step=0.3, apgd_steps=5, apgd_targets=1, square_queries=10)
 
 
 def paper_weights(folder: Path) -> Path:
