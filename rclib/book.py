@@ -135,7 +135,8 @@ def gather(chapters: Sequence[str], src=None):
 
 
 def outcome(verdict_text: str) -> str:
-    """The outcome word of a verdict's text ("holds (3 of 3 seeds agree; ...)" -> "holds")."""
+    """The outcome word of a verdict's text ("holds: 3 of 3 seeds agree; ..." -> "holds"; the older
+    "holds (3 of 3 ...)" form too)."""
     return str(verdict_text).split(" (")[0].split(":")[0]
 
 

@@ -163,7 +163,8 @@ class Verdict:
         return f"{est}, {_pct(self.level)} CI {lo} to {hi}"
 
     def __str__(self) -> str:
-        return f"{self.outcome} ({self.detail}; {self.numbers()})"
+        # a colon, not parentheses: chapters glue this inside a sentence's own parentheses
+        return f"{self.outcome}: {self.detail}; {self.numbers()}"
 
 
 def _num(x: float, scale: float, digits: int, signed: bool) -> str:

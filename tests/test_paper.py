@@ -46,8 +46,8 @@ def test_every_chapter_runs_under_the_paper_profile_within_6_gib(paper_book):
 # have none. Chapters 02 and 03 stopped on them (verdict "no values", a pivot without columns),
 # chapter 04 on ratios with a zero denominator; now they are inconclusive and say why.
 UNTRAINED = {  # chapter: (claims, a glued verdict that has no values, how it starts)
-    "02_weight_sharing": (5, "v_cost", "inconclusive (no seed has a pruned model that beats chance"),
-    "03_boundary_smoothness": (7, "v_rougher_local", "inconclusive (no seed has a compressed model that beats"),
+    "02_weight_sharing": (5, "v_cost", "inconclusive: no seed has a pruned model that beats chance"),
+    "03_boundary_smoothness": (7, "v_rougher_local", "inconclusive: no seed has a compressed model that beats"),
 }
 
 

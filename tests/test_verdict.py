@@ -84,7 +84,7 @@ def test_one_seed_is_always_inconclusive():
     assert v.outcome == INCONCLUSIVE and v.n == 1
     assert "anecdote" in v.detail
     assert math.isnan(v.low) and math.isnan(v.high)
-    assert str(v).endswith("no interval)")
+    assert str(v).endswith("no interval")
 
 
 def test_pairing_sees_a_steady_gain_that_unpaired_spreads_would_hide():
@@ -229,9 +229,9 @@ def test_wilson_matches_its_formula_at_the_edges():
 def test_verdict_string_form():
     v = V.Verdict(HOLDS, 0.234, 0.120, 0.348, 3, "3 of 3 seeds", "holds: ...",
                   scale=100, unit="pp", digits=1)
-    assert str(v) == "holds (3 of 3 seeds; +23.4 pp, 95% CI +12.0 to +34.8)"
+    assert str(v) == "holds: 3 of 3 seeds; +23.4 pp, 95% CI +12.0 to +34.8"
     r = V.correlation(*_line(-1.0, 0.05))
-    assert str(r).startswith("holds (12 models; r = -")
+    assert str(r).startswith("holds: 12 models; r = -")
     with pytest.raises(ValueError):
         V.Verdict("probably", 0.0, 0.0, 0.0, 3, "", "")
 
@@ -240,8 +240,8 @@ def test_paired_string_matches_its_numbers():
     a, b = [0.90, 0.85, 0.88], [0.70, 0.60, 0.65]
     v = V.paired(a, b, ">")
     s = V.spread(np.subtract(a, b))
-    assert str(v) == (f"holds (3 of 3 seeds agree; {100 * s.mean:+.1f} pp, "
-                      f"95% CI {100 * s.low:+.1f} to {100 * s.high:+.1f})")
+    assert str(v) == (f"holds: 3 of 3 seeds agree; {100 * s.mean:+.1f} pp, "
+                      f"95% CI {100 * s.low:+.1f} to {100 * s.high:+.1f}")
 
 
 def test_direction_and_against_paper():
@@ -305,7 +305,7 @@ def test_no_values_give_an_inconclusive_verdict_with_the_callers_reason():
     assert V.paired([], [], ">").inconclusive
     v = V.threshold([], ">", 0.5, scale=100, unit="%", empty="no compressed model beats chance")
     assert v.inconclusive and v.n == 0 and math.isnan(v.estimate)
-    assert str(v) == "inconclusive (no compressed model beats chance; n/a%, no interval)"
+    assert str(v) == "inconclusive: no compressed model beats chance; n/a%, no interval"
     assert V.direction(v, "are rougher", "are not rougher") == "may or may not be rougher (inconclusive)"
     assert V.fmt([]) == "n/a" and V.fmt([], empty="none") == "none" and V.fmt([0.5]) == "50.0"
 
