@@ -25,6 +25,7 @@ KINDS = (PAPER, FINDING, CHECK)
 MEASURES = ("robustness", "robustness beyond clean accuracy", "clean accuracy", "boundary smoothness",
             "sparsity", "size", "speed")
 PASSED = "passed"
+ROW_DETAILS = ("kind", "measures", "setting", "refuted_by")  # what claim() and check() add for the claims page
 KIND_LABELS = {PAPER: "the paper's claims", FINDING: "the book's findings", CHECK: "checks (by construction)"}
 KIND_OF = {label: kind for kind, label in KIND_LABELS.items()}
 # The chapters whose rows the claims page and the introduction gather, in reading order
@@ -219,7 +220,8 @@ def claims_table(claims, kind: str = PAPER):
 
 def comparison(rows: Sequence[dict[str, Any]]):
     """A "paper vs ours" table: one row per claim with ``quantity``, ``paper``, ``ours``,
-    ``verdict`` (and any further columns given).
+    ``verdict`` (and any further columns given). A chapter passes its glued rows as they are; their
+    kind, measures, setting and refutation belong to the claims page and are not shown here.
 
     Returned as a pandas Styler: unlike a DataFrame's repr it never truncates the verdicts,
     and a value the paper does not report shows as a dash. The quantity is the first column,
@@ -229,7 +231,7 @@ def comparison(rows: Sequence[dict[str, Any]]):
     import pandas as pd
 
     table = pd.DataFrame(list(rows))
-    table = table[["quantity"] + [c for c in table.columns if c != "quantity"]]
+    table = table[["quantity"] + [c for c in table.columns if c not in ("quantity",) + ROW_DETAILS]]
     return table.style.format(precision=2, na_rep="—").hide(axis="index").set_properties(
         subset=["quantity", "verdict"], **{"text-align": "left"})
 

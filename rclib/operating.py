@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import paper
+from . import paper, verdict
 from .config import Config
 
 TARGET = paper.TABLE1["Baseline"]["robust_accuracy"] / 100  # 0.12: Table 1's baseline under FGSM
@@ -165,8 +165,6 @@ def describe(point: OperatingPoint) -> str:
     Used by chapter 00 and the claims page."""
     if not point.matched:
         return f"epsilon {point.epsilon:g}, fixed by the configuration"
-    sd = float(np.std(point.per_seed, ddof=1)) if len(point.per_seed) > 1 else float("nan")
-    spread = f" ± {100 * sd:.1f}" if sd == sd else ""
     return (f"epsilon {point.epsilon:g}, where the {len(point.per_seed)} baselines keep "
-            f"{100 * point.mean:.1f}{spread} % FGSM robust accuracy (the paper's baseline: "
+            f"{verdict.fmt(point.per_seed)} % FGSM robust accuracy (the paper's baseline: "
             f"{100 * point.target:.1f} %, matched within {100 * point.tolerance:g} point)")
