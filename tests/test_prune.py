@@ -340,3 +340,16 @@ def test_move_takes_the_masked_weights_along():
     prune.move(model, "meta")
     for _, m in models.prunable_layers(model):
         assert m.weight.device.type == m.weight_orig.device.type == m.weight_mask.device.type == "meta"
+
+
+def test_global_pruning_without_masks_leaves_the_zeros_the_masks_would():
+    """``masks=False`` (chapter 02's VGG16 size count) zeroes in place exactly the weights that
+    masked pruning followed by ``make_permanent`` zeroes, and refuses a model already pruned."""
+    masked, plain = tiny(), tiny()
+    plain.load_state_dict(masked.state_dict())
+    prune.make_permanent(prune.global_unstructured(masked, 0.6))
+    assert prune.global_unstructured(plain, 0.6, masks=False) is plain and not prune.is_pruned(plain)
+    for (_, a), (_, b) in zip(models.prunable_layers(masked), models.prunable_layers(plain)):
+        assert torch.equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="masks=False is not allowed on a pruned model"):
+        prune.global_unstructured(prune.global_unstructured(tiny(), 0.3), 0.5, masks=False)
