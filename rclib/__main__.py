@@ -31,13 +31,14 @@ Used by ``make book``, the README and the notebook smoke tests.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -103,69 +104,60 @@ def execute_all(root: Path, src: Path, notebooks: list[Path], args: argparse.Nam
                 params: dict[str, Any], jobs: int) -> None:
     """``python -m rclib book``'s execution: the first chapter alone (it trains every seed's
     baseline and finds the operating point that all later chapters read), then the other chapters
-    ``jobs`` at a time, each in its own ``python -m rclib run`` process and honouring
-    :data:`AFTER` (the chapters that others wait for start first, then those that waited, then
-    toc order), then the
-    gathering pages. The first failure stops the scheduling of new chapters; those already
-    running finish. Raises ChapterFailed naming the chapter."""
-    import concurrent.futures as cf
-
+    ``jobs`` at a time, honouring :data:`AFTER` (the chapters that others wait for start first,
+    then those that waited, then toc order), then the gathering pages, also ``jobs`` at a time
+    (they only read the chapters). Each kernel is driven from a thread of this process. The first
+    failure stops the scheduling of new notebooks; those already running finish. Raises
+    ChapterFailed naming the chapter."""
     chapters = [nb for nb in notebooks if nb.parts[0] != "book"]
     pages = [nb for nb in notebooks if nb.parts[0] == "book"]
-    total, count = len(notebooks), iter(range(1, len(notebooks) + 1))
-
-    def here(nb: Path) -> None:
-        print(f"[{next(count)}/{total}] {nb} (profile {args.profile})", flush=True)
-        seconds = run_notebook(root / nb, src / nb, params, args.timeout, progress=not args.quiet)
-        print(f"      done in {seconds:.1f} s", flush=True)
-
-    def apart(nb: Path) -> float:
-        log = src / (str(nb) + ".log")
-        cmd = [sys.executable, "-m", "rclib", "run", str(root / nb), "-o", str(src / nb), "--profile", args.profile,
-               "--quiet", "--timeout", str(args.timeout)] + [a for pair in args.parameter for a in ("-p", *pair)]
-        start = time.perf_counter()
-        with open(log, "w") as f:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=root).returncode
-        if code != 0:
-            tail = [line for line in log.read_text().splitlines() if line.startswith("FAILED")]
-            raise ChapterFailed(tail[-1].removeprefix("FAILED: ") if tail else f"{nb} failed (exit {code}); see {log}")
-        log.unlink()
-        return time.perf_counter() - start
-
+    count = iter(range(1, len(notebooks) + 1))
     if chapters:
-        here(chapters[0])
+        print(f"[{next(count)}/{len(notebooks)}] {chapters[0]} (profile {args.profile})", flush=True)
+        seconds = run_notebook(root / chapters[0], src / chapters[0], params, args.timeout, progress=not args.quiet)
+        print(f"      done in {seconds:.1f} s", flush=True)
     # the chapters others wait for first, then those that waited (the two long chains, 01 -> 03 and
     # 04 -> 05, then run side by side), then toc order
-    pending = sorted(chapters[1:], key=lambda nb: (nb not in AFTER.values(), nb not in AFTER))
-    done, failure = {chapters[0]} if chapters else set(), None
-    if jobs == 1:
-        for nb in pending:
-            here(nb)
-    else:
-        with cf.ThreadPoolExecutor(jobs) as pool:
-            running: dict[cf.Future, Path] = {}
-            while pending or running:
-                ready = [nb for nb in pending if AFTER.get(nb) in done or AFTER.get(nb) not in chapters]
-                while failure is None and ready and len(running) < jobs:
-                    nb = ready.pop(0)
-                    pending.remove(nb)
-                    print(f"[{next(count)}/{total}] {nb} (profile {args.profile}, {len(running) + 1} of {jobs} at once)",
-                          flush=True)
-                    running[pool.submit(apart, nb)] = nb
-                if not running:
-                    break
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for future in finished:
-                    nb = running.pop(future)
-                    try:
-                        print(f"      {nb} done in {future.result():.1f} s", flush=True)
-                        done.add(nb)
-                    except ChapterFailed as err:
-                        failure = failure or err
-        if failure is not None:
-            raise failure
-    for nb in pages:
-        here(nb)
+    later = sorted(chapters[1:], key=lambda nb: (nb not in AFTER.values(), nb not in AFTER))
+    for batch, known in ((later, set(chapters)), (pages, set())):
+        side_by_side(batch, known, jobs, count, len(notebooks),
+                     lambda nb, bar: run_notebook(root / nb, src / nb, params, args.timeout, progress=bar),
+                     f"profile {args.profile}", not args.quiet)
+
+
+def side_by_side(pending: list[Path], known: set[Path], jobs: int, count: Iterator[int], total: int,
+                 execute: Callable[[Path, bool], float], what: str, progress: bool) -> None:
+    """Run ``execute(nb, progress_bar)`` for every notebook of ``pending``, ``jobs`` at a time in
+    threads, starting one only once its :data:`AFTER` entry (if among ``known``) has finished.
+
+    Threads, not a ``python -m rclib run`` process per notebook: each kernel is a process of its
+    own anyway, and the wrapper cost an interpreter and a torch import (about 2.5 s of CPU) each.
+    With ``jobs`` > 1 no progress bar (two would interleave on one terminal); the scheduler's
+    lines say what runs. The first failure stops new starts; raised once the running ones end.
+    """
+    pending, done, failure = list(pending), set(), None
+    with cf.ThreadPoolExecutor(jobs) as pool:
+        running: dict[cf.Future, Path] = {}
+        while pending or running:
+            ready = [nb for nb in pending if AFTER.get(nb) in done or AFTER.get(nb) not in known]
+            while failure is None and ready and len(running) < jobs:
+                nb = ready.pop(0)
+                pending.remove(nb)
+                at_once = f", {len(running) + 1} of {jobs} at once" if jobs > 1 else ""
+                print(f"[{next(count)}/{total}] {nb} ({what}{at_once})", flush=True)
+                running[pool.submit(execute, nb, progress and jobs == 1)] = nb
+            if not running:
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                nb = running.pop(future)
+                try:
+                    print(f"      {nb} done in {future.result():.1f} s", flush=True)
+                    done.add(nb)
+                except ChapterFailed as err:
+                    failure = failure or err
+    if failure is not None:
+        raise failure
 
 
 def parse_value(text: str) -> Any:
