@@ -7,7 +7,7 @@ PROFILE ?= cpu
 # (measured 20x slower on these 2-core machines). PASSIVE makes them sleep instead.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install book test lab bench gpu-check clean
+.PHONY: install book test test-all lab bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,12 @@ $(VENV)/.installed: pyproject.toml
 book: install
 	$(PY) -m rclib book --profile $(PROFILE)
 
+# everything but the paper-profile book (marker `paper`, pyproject.toml); test-all runs it too (CI)
 test: install
 	$(PY) -m pytest
+
+test-all: install
+	$(PY) -m pytest -m ""
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

@@ -27,8 +27,11 @@ from rclib.__main__ import main
 
 TOLERANCE = 0.2  # |accuracy with 2 processes - with 1|, clean and FGSM, on 128 smoke test digits
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ("--profile", "smoke", "-p", "epsilon", "0.1", "--quiet", "--timeout", "120")
-NO_BN = ("-p", "epsilon", "0.1", "-p", "batch_norm", "False", "-p", "dropout", "0.0", "-p", "train_size", "256", "-p", "width", "4")
+# smoke at half its training set and epochs: what is compared (masks, the same batches, a gap
+# between 1 and 2 processes) does not need a good model, and the four runs stay short
+SMALL = dict(epsilon=0.1, train_size=256, epochs=6)
+SMOKE = ("--profile", "smoke", *(a for k, v in SMALL.items() for a in ("-p", k, str(v))), "--quiet", "--timeout", "120")
+NO_BN = ("-p", "batch_norm", "False", "-p", "dropout", "0.0", "-p", "width", "4")
 
 
 def torchrun(folder: Path, *args: str, fail_rank: str | None = None) -> subprocess.CompletedProcess:
@@ -72,7 +75,7 @@ def runs(tmp_path_factory):
 
 def test_two_processes_keep_the_masks_and_stay_close_to_one(runs):
     two, one, _ = runs
-    cfg = config.load("smoke", epsilon=0.1)
+    cfg = config.load("smoke", **SMALL)
     # the same baseline, the same keys: the chapters read what torchrun wrote
     assert sorted(p.name for p in (two / "smoke").iterdir()) == sorted(p.name for p in (one / "smoke").iterdir())
     base_two = next((two / "smoke").glob("baseline-*")) / artifacts.WEIGHTS
@@ -114,7 +117,7 @@ def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run
                     fail_rank="1:alg7")
     assert proc.returncode != 0 and "rank 1 fails on purpose before rank 0 writes 'alg7'" in proc.stderr
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir()) == ["baseline", "retrained", "trajectory"]
-    cfg = config.load("smoke", epsilon=0.1, batch_norm=False, dropout=0.0, train_size=256, width=4)
+    cfg = config.load("smoke", **SMALL, batch_norm=False, dropout=0.0, width=4)
     assert step_artifact(tmp_path, "alg7") is None
     splits = data.load(cfg)
     monkeypatch.setenv("RCLIB_ARTIFACTS", str(tmp_path))

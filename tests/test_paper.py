@@ -8,18 +8,23 @@ samples. What stays the paper's: the dataset kind and its stratified 80/20 split
 ``model="vgg16"`` without BatchNorm, pretrained weights (a local file whose 1000-class head does
 not fit the folder's 10 classes, so the head is replaced), ``epochs=0``, SGD retraining, eps
 0.03 and the paper's epsilons. ``head_epochs`` is 0 here, so the new head stays untrained and
-every chapter meets the case where no model beats chance. The build itself runs in the background from the start of the session (conftest).
+every chapter meets the case where no model beats chance. The build itself runs in the background
+from the start of the session (conftest). Marked ``paper``: ``make test-all`` and CI run it,
+``make test`` (the 3-minute loop) does not.
 """
 
 from __future__ import annotations
 
 import resource
 
+import pytest
+
 from rclib import book
 
 from test_notebooks import _check_claims
 
 GIB = 1024 ** 3
+pytestmark = pytest.mark.paper  # make test-all and CI; make test leaves it out
 
 
 def test_every_chapter_runs_under_the_paper_profile_within_6_gib(paper_book):
