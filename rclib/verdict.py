@@ -366,7 +366,13 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
     n = xv.size
     if groups is not None and len(groups) != n:
         raise ValueError(f"groups must label every pair: {len(groups)} labels for {n} pairs")
-    family = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    if groups is None:
+        family = np.arange(n)
+    elif any(isinstance(g, tuple) for g in groups):  # np.asarray would make tuples a 2-D array of fields
+        index = {g: i for i, g in enumerate(sorted(set(groups)))}
+        family = np.array([index[g] for g in groups], dtype=int)
+    else:
+        family = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
     n_fam = int(family.max()) + 1 if n else 0
     units = items if groups is None else f"{items} in {n_fam} families"
     name = "r" if method == "pearson" else "rho"

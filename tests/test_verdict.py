@@ -345,3 +345,7 @@ def test_twin_families_are_resampled_together_and_counted_once():
     assert few.inconclusive and "only 4 families" in few.detail  # 8 models, 4 independent
     with pytest.raises(ValueError, match="groups"):
         V.correlation(x, y, groups=fam[:3])
+    # families named by tuples (seed, model), as chapter 06 names a model and its twin, are the
+    # same families: a tuple label is one label, not one per field
+    named = [(int(f) // 3, f"m{f}") for f in fam]
+    assert V.correlation(x, y, "negative", min_n=5, groups=named) == grouped
