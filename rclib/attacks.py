@@ -74,7 +74,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     return (x.detach() + eps * grad.sign()).clamp(0.0, 1.0)
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, alpha: float | None = None,
         steps: int = 10, random_start: bool = True, restarts: int = 1, *,
         generator: torch.Generator | None = None) -> torch.Tensor:
     """L-infinity projected gradient descent (Madry et al., 2018), the iterated form of Eq 8:
@@ -97,7 +97,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
             eval mode, its train/eval mode restored afterwards; no parameter gradient is created.
         x: clean inputs (B, C, H, W) in [0, 1], on the model's device.
         y: true labels (B,).
-        eps: L-infinity radius in pixel units (>= 0); 0 returns a copy of ``x``.
+        eps: L-infinity radius in pixel units (>= 0); 0 returns a copy of ``x``. A tensor (B,)
+            gives each example its own radius (chapter 06's bisection on eps), and then the
+            default step is each example's own ``2.5 * eps / steps``.
         alpha: step size; default ``2.5 * eps / steps``: together the steps can travel 2.5 eps,
             enough to cross the ball from a random start, with room to turn.
         steps: gradient steps (>= 1).
@@ -117,12 +119,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     Used by chapter 05 (PGD-10, PGD-50 with restarts) and by ``robust_accuracy`` callers that pass
     ``functools.partial(pgd, alpha=..., steps=...)``.
     """
-    if eps < 0:
+    each = isinstance(eps, torch.Tensor)
+    if each:
+        if eps.shape != (len(x),) or not bool(torch.isfinite(eps).all()) or bool((eps < 0).any()):
+            raise ValueError(f"eps of shape {tuple(eps.shape)} is not allowed: one finite radius >= 0 per "
+                             f"example, shape ({len(x)},)")
+        eps = eps.detach().to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    elif eps < 0:
         raise ValueError(f"eps={eps!r} is not allowed: a PGD radius must be >= 0")
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps={steps!r}, restarts={restarts!r}: both must be >= 1")
     x = x.detach()
-    if eps == 0:
+    if not each and eps == 0:
         return x.clone()
     alpha = 2.5 * eps / steps if alpha is None else alpha
     if not random_start:
@@ -130,8 +138,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     n = len(x)
     x0 = x.repeat(restarts, *([1] * (x.dim() - 1))) if restarts > 1 else x
     yy = y.repeat(restarts) if restarts > 1 else y
+    if each and restarts > 1:
+        eps = eps.repeat(restarts, *([1] * (x.dim() - 1)))
+        alpha = alpha.repeat(restarts, *([1] * (x.dim() - 1))) if isinstance(alpha, torch.Tensor) else alpha
     lo, hi = (x0 - eps).clamp_(min=0.0), (x0 + eps).clamp_(max=1.0)
-    if random_start:
+    if random_start and each:
+        noise = torch.cat([torch.empty_like(x).uniform_(-1.0, 1.0, generator=generator) for _ in range(restarts)])
+        adv = torch.maximum(torch.minimum(x0 + noise * eps, hi), lo)
+    elif random_start:
         noise = [torch.empty_like(x).uniform_(-eps, eps, generator=generator) for _ in range(restarts)]
         adv = torch.maximum(torch.minimum(x0 + torch.cat(noise), hi), lo)
     else:
@@ -148,14 +162,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     return adv
 
 
-def _pgd_steps(model: nn.Module, adv: torch.Tensor, yy: torch.Tensor, alpha: float, steps: int,
+def _pgd_steps(model: nn.Module, adv: torch.Tensor, yy: torch.Tensor, alpha: float | torch.Tensor, steps: int,
                lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     for _ in range(steps):
         adv.requires_grad_(True)
         with torch.enable_grad():
             loss = F.cross_entropy(model(adv), yy, reduction="sum")
             (grad,) = torch.autograd.grad(loss, adv)
-        adv = torch.maximum(torch.minimum(adv.detach().add_(grad.sign_(), alpha=alpha), hi), lo)
+        step = grad.sign_().mul_(alpha) if isinstance(alpha, torch.Tensor) else grad.sign_()
+        adv = torch.maximum(torch.minimum(adv.detach().add_(step, alpha=1.0 if isinstance(alpha, torch.Tensor) else alpha),
+                                          hi), lo)
     return adv
 
 

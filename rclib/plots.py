@@ -371,3 +371,50 @@ def roughness_scatter(rows: Sequence[dict], metrics: Sequence[tuple[str, str]], 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def distance_curves(grid: Sequence[float], curves: dict[str, Sequence[Sequence[float]]],
+                    points: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                    title: str = "Robust accuracy implied by the distances"):
+    """Robust accuracy (%) at every eps of ``grid`` implied by per-input distances, one band per
+    model (mean +/- one std over seeds; ``curves[label]`` one list per seed), with fixed-eps
+    attack results as markers in the model's colour (``points[label] = (eps, accuracy in
+    [0, 1])``, e.g. chapter 05's PGD-10 means). Chapter 06."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for i, (label, runs) in enumerate(curves.items()):
+        _band(ax, grid, runs, 100, color=f"C{i}", label=label)
+        if points and label in points:
+            eps, acc = points[label]
+            ax.plot(eps, 100 * np.asarray(acc, dtype=float), "D", color=f"C{i}", markersize=5,
+                    markeredgecolor="k", markeredgewidth=0.6)
+    if points:
+        ax.plot([], [], "D", color="0.6", markeredgecolor="k", markeredgewidth=0.6, label="PGD-10 (chapter 05)")
+    ax.set_xlabel(r"$\epsilon$ (L$\infty$, pixels in [0, 1])")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def margin_vs_distance(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], unflipped: float, top: float,
+                       title: str = "Logit margin against distance to the boundary"):
+    """One scatter per model of the clean logit margin (x) against the input's distance to the
+    boundary (y), over the inputs classified correctly; inputs no attack flipped (distance
+    ``unflipped``) are drawn as triangles at ``top`` (the largest eps tried). Chapter 06."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.0), squeeze=False, sharey=True)
+    for ax, (label, (margin, dist)) in zip(axes[0], panels.items()):
+        right = dist > 0
+        m, d = margin[right].numpy(), dist[right].numpy()
+        far = d >= unflipped
+        ax.scatter(m[~far], d[~far], s=10, alpha=0.6)
+        ax.scatter(m[far], np.full(int(far.sum()), top), marker="^", s=14, color="C3",
+                   label="no flip found" if far.any() else None)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("logit margin $z_y - \\max_{j \\ne y} z_j$")
+        if far.any():
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(r"distance ($L\infty$)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -27,8 +27,9 @@ Attacks (``name``; all L-infinity, pixels in [0, 1]):
   square, each on the examples the previous ones did not break. ART's own ``AutoAttack`` class
   is not used: it imports ``multiprocess`` (not an ART dependency) and runs a different list
   (untargeted DLR and DeepFool instead of APGD-T).
+- :func:`deepfool`: ART's DeepFool, a minimum-norm attack (no radius), for chapter 06's distances.
 
-Used by chapter 05.
+Used by chapters 05 and 06.
 """
 
 from __future__ import annotations
@@ -248,6 +249,48 @@ def evaluate(model: nn.Module, data: DataLoader | tuple[torch.Tensor, torch.Tens
     finally:
         model.train(was_training)
     return Outcome(attack, float(eps), pred == torch.from_numpy(y))
+
+
+def deepfool(model: nn.Module, x: torch.Tensor, *, max_iter: int = 50, overshoot: float = 0.02,
+             nb_grads: int = 10, batch_size: int = 128) -> torch.Tensor:
+    """ART's DeepFool (Moosavi-Dezfooli et al., 2016), a minimum-norm attack: no radius; per input
+    it steps to the nearest boundary of the model linearised at the current point (the smallest
+    L2 step among the ``nb_grads`` most likely classes), repeats until the prediction changes or
+    ``max_iter`` steps, and finally overshoots the total step by ``overshoot`` (the paper's 0.02).
+
+    It attacks the model's own prediction, not a label: chapter 06 calls it on inputs the model
+    classifies correctly. It minimises the L2 norm, so the L-infinity norm of its perturbation is
+    an upper bound on the L-infinity distance to the boundary, not the distance itself.
+
+    Args:
+        model: classifier on pixels in [0, 1] (B, C, H, W) -> (B, K) logits; eval mode, parameter
+            flags and mode restored afterwards.
+        x: inputs (N, C, H, W) in [0, 1], any device.
+        max_iter, overshoot, nb_grads, batch_size: ART's ``max_iter``, ``epsilon``, ``nb_grads``
+            and ``batch_size``.
+
+    Returns:
+        x_adv (N, C, H, W) as a float32 CPU tensor in [0, 1]; an input DeepFool could not flip
+        comes back where it stopped.
+
+    Example:
+        >>> x_adv = deepfool(model, x)
+        >>> (x_adv - x).flatten(1).abs().amax(1)   # an upper bound on each input's distance
+
+    Used by chapter 06.
+    """
+    from art.attacks.evasion import DeepFool
+
+    xs = x.detach().cpu().numpy().astype(np.float32)
+    if len(xs) == 0:
+        return torch.from_numpy(xs)
+    with _attacked(model, 0):
+        with torch.no_grad():
+            nb_classes = int(model(torch.from_numpy(xs[:1]).to(next(model.parameters()).device)).shape[1])
+        est = classifier(model, xs.shape[1:], nb_classes)
+        adv = DeepFool(est, max_iter=max_iter, epsilon=overshoot, nb_grads=min(nb_grads, nb_classes),
+                       batch_size=batch_size, verbose=False).generate(xs)
+    return torch.from_numpy(np.clip(adv, 0.0, 1.0).astype(np.float32))
 
 
 def worst_case(*outcomes: Outcome | torch.Tensor) -> torch.Tensor:
