@@ -86,9 +86,11 @@ def execution_order(notebooks: list[Path]) -> list[Path]:
 
 # A chapter that reads models another chapter caches starts after it has finished; run at the
 # same time, both would train the same models in two processes. Chapter 03 maps Alg 5's
-# iterative trajectory that chapter 01 trains; chapter 05 attacks chapter 04's Table 1 models.
+# iterative trajectory that chapter 01 trains; chapter 05 attacks chapter 04's Table 1 models;
+# chapter 06 measures those models' distances beside chapter 05's PGD-10 points.
 AFTER = {Path("notebooks/03_boundary_smoothness.ipynb"): Path("notebooks/01_pruning.ipynb"),
-         Path("notebooks/05_stronger_attacks.ipynb"): Path("notebooks/04_robust_retraining.ipynb")}
+         Path("notebooks/05_stronger_attacks.ipynb"): Path("notebooks/04_robust_retraining.ipynb"),
+         Path("notebooks/06_boundary_distance.ipynb"): Path("notebooks/05_stronger_attacks.ipynb")}
 
 
 def default_jobs() -> int:

@@ -31,7 +31,7 @@ KIND_OF = {label: kind for kind, label in KIND_LABELS.items()}
 # The chapters whose rows the claims page and the introduction gather, in reading order
 CHAPTERS = ("notebooks/00_baseline.ipynb", "notebooks/01_pruning.ipynb", "notebooks/02_weight_sharing.ipynb",
             "notebooks/03_boundary_smoothness.ipynb", "notebooks/04_robust_retraining.ipynb",
-            "notebooks/05_stronger_attacks.ipynb")
+            "notebooks/05_stronger_attacks.ipynb", "notebooks/06_boundary_distance.ipynb")
 
 
 def _plain(v: Any) -> Any:  # glue stores a repr that must read back: no nan, no numpy types
@@ -60,7 +60,7 @@ def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any, *, m
             (the book's own result, e.g. a criticism of the paper's method); checks come from
             :func:`check`.
 
-    Used by chapters 00-05; read back by the claims page and the introduction.
+    Used by chapters 00-06; read back by the claims page and the introduction.
     """
     if kind not in (PAPER, FINDING):
         raise ValueError(f"kind={kind!r} is not allowed: {PAPER!r} or {FINDING!r} (checks come from book.check)")
@@ -88,7 +88,7 @@ def check(section: str, quantity: str, ok: bool, detail: str, *, measures: str) 
         CheckFailed: when ``ok`` is false, naming the property and the numbers, so a broken
             implementation fails its chapter instead of reaching the book.
 
-    Used by chapters 00-05.
+    Used by chapters 00-06.
     """
     if not ok:
         raise CheckFailed(f"check failed, {section}: {quantity} ({detail})")

@@ -176,6 +176,17 @@ def test_stronger_attacks_numbers(smoke_book):
     _check_claims(values, 5)
 
 
+def test_boundary_distance_numbers(smoke_book):
+    values = _glued(smoke_book, "06_boundary_distance")
+    assert values["subset"] == values["config"]["attack_sample"] == 20
+    assert values["halvings"] > 0 and 0 < values["resolution"] < 0.01
+    # every PGD-10 point of chapter 05 was compared with its bracket, and the check is a check row
+    assert values["n_points"] > 0 and 0 <= values["worst_gap"] <= 100 * 0.05
+    kinds = [r["kind"] for r in values["claims"]]
+    assert kinds.count("paper") == 6 and kinds.count("finding") == 1 and kinds.count("check") == 1
+    _check_claims(values, 8)
+
+
 def test_every_chapter_receives_every_override(smoke_book):
     """`python -m rclib book --profile smoke -p seed 3 -p width 4` (the shared smoke build) runs
     every chapter with seed 3 and width 4: each chapter's glued configuration says so."""
@@ -299,6 +310,7 @@ def test_the_book_runs_chapters_side_by_side_and_05_after_04(smoke_book):
                 if line.strip().startswith("notebooks/") and " done in " in line}
     assert finished["notebooks/04_robust_retraining.ipynb"] < started["notebooks/05_stronger_attacks.ipynb"]
     assert finished["notebooks/01_pruning.ipynb"] < started["notebooks/03_boundary_smoothness.ipynb"]
+    assert finished["notebooks/05_stronger_attacks.ipynb"] < started["notebooks/06_boundary_distance.ipynb"]
     assert started["notebooks/00_baseline.ipynb"] < min(v for k, v in started.items() if not k.startswith("notebooks/00"))
     if (os.cpu_count() or 1) >= 2:
         assert any("2 of 2 at once" in line for line in lines)
