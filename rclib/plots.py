@@ -381,8 +381,10 @@ def distance_curves(grid: Sequence[float], curves: dict[str, Sequence[Sequence[f
     attack results as markers in the model's colour (``points[label] = (eps, accuracy in
     [0, 1])``, e.g. chapter 05's PGD-10 means). Chapter 06."""
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    styles = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))  # a weight-shared twin must not hide its source
     for i, (label, runs) in enumerate(curves.items()):
-        _band(ax, grid, runs, 100, color=f"C{i}", label=label)
+        _band(ax, grid, runs, 100, color=f"C{i}", label=label, linestyle=styles[i % len(styles)],
+              linewidth=max(2.6 - 0.4 * i, 1.0))  # later curves thinner, drawn over earlier ones
         if points and label in points:
             eps, acc = points[label]
             ax.plot(eps, 100 * np.asarray(acc, dtype=float), "D", color=f"C{i}", markersize=5,
@@ -394,6 +396,7 @@ def distance_curves(grid: Sequence[float], curves: dict[str, Sequence[Sequence[f
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 
