@@ -121,16 +121,17 @@ def execute_all(root: Path, src: Path, notebooks: list[Path], args: argparse.Nam
     # the chapters others wait for first, then those that waited (the two long chains, 01 -> 03 and
     # 04 -> 05, then run side by side), then toc order
     later = sorted(chapters[1:], key=lambda nb: (nb not in AFTER.values(), nb not in AFTER))
-    for batch, known in ((later, set(chapters)), (pages, set())):
-        side_by_side(batch, known, jobs, count, len(notebooks),
+    for batch in (later, pages):
+        side_by_side(batch, jobs, count, len(notebooks),
                      lambda nb, bar: run_notebook(root / nb, src / nb, params, args.timeout, progress=bar),
                      f"profile {args.profile}", not args.quiet)
 
 
-def side_by_side(pending: list[Path], known: set[Path], jobs: int, count: Iterator[int], total: int,
+def side_by_side(pending: list[Path], jobs: int, count: Iterator[int], total: int,
                  execute: Callable[[Path, bool], float], what: str, progress: bool) -> None:
     """Run ``execute(nb, progress_bar)`` for every notebook of ``pending``, ``jobs`` at a time in
-    threads, starting one only once its :data:`AFTER` entry (if among ``known``) has finished.
+    threads, starting one only once its :data:`AFTER` entry has finished if that entry is among
+    ``pending`` (one run before this batch, or not in the toc, is not waited for).
 
     Threads, not a ``python -m rclib run`` process per notebook: each kernel is a process of its
     own anyway, and the wrapper cost an interpreter and a torch import (about 2.5 s of CPU) each.
@@ -138,10 +139,11 @@ def side_by_side(pending: list[Path], known: set[Path], jobs: int, count: Iterat
     lines say what runs. The first failure stops new starts; raised once the running ones end.
     """
     pending, done, failure = list(pending), set(), None
+    batch = set(pending)
     with cf.ThreadPoolExecutor(jobs) as pool:
         running: dict[cf.Future, Path] = {}
         while pending or running:
-            ready = [nb for nb in pending if AFTER.get(nb) in done or AFTER.get(nb) not in known]
+            ready = [nb for nb in pending if AFTER.get(nb) in done or AFTER.get(nb) not in batch]
             while failure is None and ready and len(running) < jobs:
                 nb = ready.pop(0)
                 pending.remove(nb)

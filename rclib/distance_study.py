@@ -107,12 +107,8 @@ def distance_table(cfg: Config, splits: data.Splits, base: torch.nn.Module, rate
     """
     def compute():
         _, states, _ = robust_table(cfg, splits, base, rate, progress=False)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with attack_study.one_thread():
             return measure(states)
-        finally:
-            torch.set_num_threads(threads)
 
     def measure(states: dict[str, dict]):
         device = next(base.parameters()).device

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rclib.__main__ import ChapterFailed, main, parse_value, run_notebook, toc_notebooks
+from rclib.__main__ import AFTER, ChapterFailed, main, parse_value, run_notebook, side_by_side, toc_notebooks
 
 
 def test_parse_value_reads_like_papermill():
@@ -113,3 +113,29 @@ def test_cli_rejects_unknown_profile(capsys):
     with pytest.raises(SystemExit):
         main(["book", "--profile", "huge"])
     assert "huge" in capsys.readouterr().err
+
+
+def test_side_by_side_waits_only_for_what_is_in_its_batch_and_stops_on_a_failure(capsys):
+    after, before = next(iter((k, v) for k, v in AFTER.items()))
+    other = Path("notebooks/02_weight_sharing.ipynb")
+    log: list[tuple[str, Path]] = []
+
+    def execute(nb: Path, bar: bool) -> float:
+        log.append(("start", nb))
+        time.sleep(0.05)
+        if nb == failing:
+            raise ChapterFailed(f"{nb} failed on purpose")
+        log.append(("end", nb))
+        return 0.05
+
+    failing = None
+    side_by_side([after, before, other], 2, iter(range(1, 4)), 3, execute, "test", False)
+    assert log.index(("end", before)) < log.index(("start", after))  # AFTER honoured inside a batch
+    log.clear()
+    side_by_side([after], 2, iter(range(1, 4)), 1, execute, "test", False)  # its dependency ran earlier
+    assert log == [("start", after), ("end", after)]
+    log.clear()
+    failing = before
+    with pytest.raises(ChapterFailed, match="failed on purpose"):
+        side_by_side([after, before], 2, iter(range(1, 4)), 2, execute, "test", False)
+    assert ("start", after) not in log  # nothing new starts after a failure
