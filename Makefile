@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml
 book: install
 	$(PY) -m rclib book --profile $(PROFILE)
 
-# everything but the paper-profile book (marker `paper`, pyproject.toml); test-all runs it too (CI)
+# everything but the paper-profile book and the torchrun runs (markers `paper`, `torchrun`,
+# pyproject.toml); test-all runs them too (CI)
 test: install
 	$(PY) -m pytest
 

@@ -122,8 +122,8 @@ def _finished(name: str) -> Path:
 @pytest.fixture(scope="session")
 def smoke_book():
     """The whole book built once per test session, as `make book` does, under the smoke profile
-    with two overrides that every chapter must receive: ``python -m rclib book --profile smoke
-    -p seed 3 -p width 4`` into a temporary folder, with its own artifacts.
+    with overrides that every chapter must receive: ``python -m rclib book --profile smoke
+    -p seed 3 -p width 4 -p seeds "[0, 3]"`` into a temporary folder, with its own artifacts.
 
     Returns the output folder: executed chapters in ``_build/src``, HTML in ``_build/html``, and
     chapter 01 executed a second time on the cache the build filled in ``WARM_01``.

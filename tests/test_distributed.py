@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
     return two, one, proc.stdout
 
 
+@pytest.mark.torchrun  # make test-all and CI; make test leaves the torchrun processes out
 def test_two_processes_keep_the_masks_and_stay_close_to_one(runs):
     two, one, _ = runs
     cfg = config.load("smoke", **SMALL)
@@ -98,6 +99,7 @@ def test_two_processes_keep_the_masks_and_stay_close_to_one(runs):
         assert gap <= TOLERANCE, (attack, e2[attack], e1[attack])
 
 
+@pytest.mark.torchrun  # make test-all and CI; make test leaves the torchrun processes out
 def test_rank0_alone_writes_and_the_other_reads(runs):
     two, _, stdout = runs
     wrote = [line for line in stdout.splitlines() if " wrote " in line or "trained and written" in line]
@@ -106,6 +108,7 @@ def test_rank0_alone_writes_and_the_other_reads(runs):
     assert not [p for p in (two / "smoke").iterdir() if p.name.startswith(".")]  # no temporary or trash folder
 
 
+@pytest.mark.torchrun  # make test-all and CI; make test leaves the torchrun processes out
 def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run(tmp_path, monkeypatch):
     """Without BatchNorm and dropout, DDP on 2 processes with 32 examples each = one process
     with the same 64-example global batches (the sampler's order): gradient averaging, masks

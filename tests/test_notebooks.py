@@ -151,7 +151,7 @@ def test_boundary_numbers(smoke_book):
 
 def test_robust_retraining_numbers(smoke_book):
     values = _glued(smoke_book, "04_robust_retraining")
-    assert tuple(values["config"]["seeds"]) == (0, 1)  # the smoke profile's seeds
+    assert tuple(values["config"]["seeds"]) == (0, 3)  # the shared build's override of the smoke seeds
     assert values["gain_paper"] == pytest.approx(25.6 / 12.0)
     gain = next(r for r in values["claims"] if r["quantity"].startswith("Alg 7 doubles"))
     assert gain["paper"] == pytest.approx(2.13, abs=0.01) and float(gain["ours"].split(" ± ")[0]) > 0
@@ -165,7 +165,7 @@ def test_robust_retraining_numbers(smoke_book):
 
 def test_stronger_attacks_numbers(smoke_book):
     values = _glued(smoke_book, "05_stronger_attacks")
-    assert tuple(values["config"]["seeds"]) == (0, 1)  # the smoke profile's seeds
+    assert tuple(values["config"]["seeds"]) == (0, 3)  # the shared build's override of the smoke seeds
     assert values["subset"] == values["config"]["attack_sample"] == 20 and values["square_queries"] > 0
     assert 0 <= values["n_pass"] <= values["n_checks"] == 8 * 5  # 8 models x 5 masking checks
     assert all(r["kind"] == "finding" for r in values["claims"])  # the paper tests none of this
@@ -188,11 +188,11 @@ def test_boundary_distance_numbers(smoke_book):
 
 
 def test_every_chapter_receives_every_override(smoke_book):
-    """`python -m rclib book --profile smoke -p seed 3 -p width 4` (the shared smoke build) runs
-    every chapter with seed 3 and width 4: each chapter's glued configuration says so."""
+    """`python -m rclib book --profile smoke -p seed 3 -p width 4 -p seeds "[0, 3]"` (the shared
+    smoke build) runs every chapter with those values: each chapter's glued configuration says so."""
     for nb in NOTEBOOKS:
         cfg = book.glued(smoke_book / "_build" / "src" / nb)["config"]
-        assert (cfg["profile"], cfg["seed"], cfg["width"]) == ("smoke", 3, 4), nb
+        assert (cfg["profile"], cfg["seed"], cfg["width"], tuple(cfg["seeds"])) == ("smoke", 3, 4, (0, 3)), nb
 
 
 def test_every_chapter_declares_every_config_field():
