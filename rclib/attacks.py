@@ -142,6 +142,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
         eps = eps.repeat(restarts, *([1] * (x.dim() - 1)))
         alpha = alpha.repeat(restarts, *([1] * (x.dim() - 1))) if isinstance(alpha, torch.Tensor) else alpha
     lo, hi = (x0 - eps).clamp_(min=0.0), (x0 + eps).clamp_(max=1.0)
+    # the scalar branch draws exactly as before per-example radii existed, so its numbers stay
     if random_start and each:
         noise = torch.cat([torch.empty_like(x).uniform_(-1.0, 1.0, generator=generator) for _ in range(restarts)])
         adv = torch.maximum(torch.minimum(x0 + noise * eps, hi), lo)
@@ -169,9 +170,11 @@ def _pgd_steps(model: nn.Module, adv: torch.Tensor, yy: torch.Tensor, alpha: flo
         with torch.enable_grad():
             loss = F.cross_entropy(model(adv), yy, reduction="sum")
             (grad,) = torch.autograd.grad(loss, adv)
-        step = grad.sign_().mul_(alpha) if isinstance(alpha, torch.Tensor) else grad.sign_()
-        adv = torch.maximum(torch.minimum(adv.detach().add_(step, alpha=1.0 if isinstance(alpha, torch.Tensor) else alpha),
-                                          hi), lo)
+        if isinstance(alpha, torch.Tensor):  # one step size per example (B, 1, ..., 1)
+            adv = adv.detach().add_(grad.sign_().mul_(alpha))
+        else:
+            adv = adv.detach().add_(grad.sign_(), alpha=alpha)
+        adv = torch.maximum(torch.minimum(adv, hi), lo)
     return adv
 
 

@@ -42,20 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import attacks, strong
+from . import attacks, strong, train
 from .operating import EPS_MAX
 
 BISECTION_STEPS = 8  # 0.5 / 2^8 = 0.002: finer than one grey level of a 16-level digit (1/16)
 PGD_STEPS = 10  # chapter 05's table attack
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = _model_device(model)
+    device = train.model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -151,7 +147,7 @@ def bisection_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_ma
     """
     if not 0 < eps_max <= 1 or steps < 0:
         raise ValueError(f"eps_max={eps_max!r}, steps={steps!r}: eps_max in (0, 1], steps >= 0")
-    device = _model_device(model)
+    device = train.model_device(model)
     x, y = x.detach().cpu(), y.cpu()
     right = _logits(model, x, batch_size).argmax(1) == y
     low, high = torch.zeros(len(y)), torch.zeros(len(y))
@@ -217,5 +213,5 @@ def accuracy_curve(distance: torch.Tensor, eps: Sequence[float]) -> list[float]:
 def median(distance: torch.Tensor) -> float:
     """The median distance (``inf`` allowed: an input no attack flipped counts as farthest).
     Used by chapter 06."""
-    d = np.sort(distance.detach().cpu().double().numpy())
+    d = distance.detach().cpu().double().numpy()
     return float(np.median(d)) if len(d) else float("nan")
