@@ -5,8 +5,8 @@ net, torchvision's VGG16 convolution stack with BatchNorm, at 3x32x32 and 10 cla
 FGSM and PGD-``steps`` (no random start, so all three compute the same examples) for
 
 - rclib: ``attacks.fgsm`` / ``attacks.pgd``;
-- ART 1.20.1: ``FastGradientMethod`` / ``ProjectedGradientDescent`` on ``rclib.strong.classifier``
-  (parameters frozen, as ``rclib.strong`` runs it; ART's own default keeps parameter gradients on
+- ART 1.20.1: ``FastGradientMethod`` / ``ProjectedGradientDescent`` on ``rclib.robust.strong.classifier``
+  (parameters frozen, as ``rclib.robust.strong`` runs it; ART's own default keeps parameter gradients on
   and is slower still);
 - torchattacks (if ``/tmp/ta`` holds it: ``pip install --no-deps --target /tmp/ta torchattacks``;
   it cannot be installed beside the project, its ``requests~=2.25`` pin conflicts).
@@ -37,7 +37,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rclib import attacks, config, models, strong  # noqa: E402
+from rclib.core import config
+from rclib.nn import models  # noqa: E402
+from rclib.robust import attacks, strong
 
 TA_PATH = "/tmp/ta"
 
@@ -67,7 +69,7 @@ def peers(model: torch.nn.Module, shape: tuple[int, ...], eps: float, alpha: flo
     def art(attack):
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             flags = [p.requires_grad for p in model.parameters()]
-            for p in model.parameters():  # as rclib.strong runs ART: no backward into parameters
+            for p in model.parameters():  # as rclib.robust.strong runs ART: no backward into parameters
                 p.requires_grad_(False)
             try:
                 return torch.from_numpy(attack.generate(x.numpy(), y.numpy()))

@@ -1,6 +1,6 @@
 """Benchmark: pruning torchvision VGG16 (138M weights, random init) on this machine.
 
-1. Global unstructured pruning (Alg 1): ``rclib.prune.global_unstructured`` against rclib's
+1. Global unstructured pruning (Alg 1): ``rclib.compress.prune.global_unstructured`` against rclib's
    before issue 15 (e46de29, frozen in ``bench/frozen/``) and
    ``torch.nn.utils.prune.global_unstructured(L1Unstructured)``, same model, same rate, in one
    run (rclib: fastest of 3 runs on fresh copies, torch: one run); the masks are checked to be
@@ -22,10 +22,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from frozen import prune_e46de29 as old_prune  # noqa: E402
 from torch.nn.utils import prune as torch_prune  # noqa: E402
 
-from frozen import prune_e46de29 as old_prune  # noqa: E402
-from rclib import models, prune, timing  # noqa: E402
+from rclib.compress import (
+    harden,
+    prune,  # noqa: E402
+)
+from rclib.nn import masks, models, timing
 
 
 def vgg16() -> models.VGG:
@@ -75,8 +79,8 @@ def main() -> None:
         [(x, "weight") for _, x in models.prunable_layers(m)], pruning_method=torch_prune.L1Unstructured,
         amount=args.rate), 1)
     # torch.topk breaks ties among equal magnitudes arbitrarily: the masks may differ only at
-    # weights whose magnitude equals the threshold (prune.mask_agreement checks exactly that)
-    agreement = prune.mask_agreement(ours, theirs)
+    # weights whose magnitude equals the threshold (masks.mask_agreement checks exactly that)
+    agreement = masks.mask_agreement(ours, theirs)
     rows.append(("Alg 1 global pruning, s", f"{t_ours:.2f}", f"{t_old:.2f} (rclib e46de29)",
                  f"{t_old / t_ours:.1f}x faster", f"same masks as before: {same_as_old}"))
     rows.append(("Alg 1 global pruning, s", f"{t_ours:.2f}", f"{t_torch:.2f} (torch.nn.utils.prune)",
@@ -89,9 +93,9 @@ def main() -> None:
 
     masked = vgg16()
     prune.channel_structured(masked, args.rate)
-    hard = prune.harden(masked)
+    hard = harden.harden(masked)
     shape = (3, 224, 224)
-    flop_ratio = prune.flops(masked, shape) / prune.flops(hard, shape)
+    flop_ratio = harden.flops(masked, shape) / harden.flops(hard, shape)
     with torch.no_grad():
         x = torch.rand(2, *shape)
         diff = (masked(x) - hard(x)).abs().max().item()

@@ -35,10 +35,14 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from frozen import share_e46de29 as old_share  # noqa: E402
 from frozen import storage_e46de29 as old_storage  # noqa: E402
-from rclib import codec, models, share, sizes  # noqa: E402
+
+from rclib.compress import codec, share, sizes
+from rclib.nn import (
+    masks,
+    models,  # noqa: E402
+)
 
 MAX_ITER = 300
 BITS = {"conv": 8, "linear": 5}
@@ -153,7 +157,7 @@ def bench_file(model, rate: float, tmp: Path, repeat: int) -> list:
     n_old, t_enc_old = fastest(repeat, old_storage.save_compressed, model, old_path)
     same = new_path.read_bytes() == old_path.read_bytes()
     loaded, t_dec_new = fastest(repeat, codec.load_compressed, new_path)
-    a, b = sizes.effective_state(model), sizes.effective_state(loaded)
+    a, b = masks.effective_state(model), masks.effective_state(loaded)
     exact = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     del loaded, b
     loaded, t_dec_old = fastest(repeat, old_storage.load_compressed, old_path)
@@ -163,7 +167,7 @@ def bench_file(model, rate: float, tmp: Path, repeat: int) -> list:
     rep = sizes.size_report(model)
     assert rep["file_bytes"] == n_new and db_new == db_old
     return [rate, t_enc_old, t_enc_new, t_dec_old, t_dec_new, t_db_old, t_db_new, same, exact, rep,
-            share.shared_size_mb(model, BITS)]
+            sizes.shared_size_mb(model, BITS)]
 
 
 def main() -> int:

@@ -18,7 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rclib import config, models  # noqa: E402
+from rclib.core import config
+from rclib.nn import models  # noqa: E402
+from rclib.nn.train import Optimiser
 
 torch.set_num_threads(1)
 
@@ -154,11 +156,12 @@ def paper_book():
 def trained_toy():
     """A tiny VGG trained for a few seconds on 256 digits (about 50% test accuracy), with its
     splits; shared by the attack tests (training it once keeps them fast)."""
-    from rclib import data, train
+    from rclib.data import datasets
+    from rclib.nn import train
 
-    s = data.load(config.load("smoke", train_size=256, test_size=64, batch_size=32))
+    s = datasets.load(config.load("smoke", train_size=256, test_size=64, batch_size=32))
     cfg = config.load("smoke", width=8, hidden=32, dropout=0.0)
     model = models.build(cfg, 10, s.input_shape, s.mean, s.std)
-    train.fit(model, s.train, epochs=10, lr=3e-3, progress=False)
+    train.fit(model, s.train, optimiser=Optimiser(lr=3e-3), epochs=10, progress=False)
     model.zero_grad(set_to_none=True)  # fit leaves the last step's gradients behind
     return model, s

@@ -1,4 +1,4 @@
-"""rclib.accel on a CPU: the plain runtime changes nothing, channels_last computes the same
+"""rclib.core.accel on a CPU: the plain runtime changes nothing, channels_last computes the same
 function, bf16 autocast is really applied to forward passes and never to attack gradients (whose
 FGSM examples must agree with fp32 on at least 99.9 % of the pixels, issue 13), and the settings
 that only make sense on CUDA stay off here."""
@@ -10,10 +10,16 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
-from rclib import accel, attacks, config, data, robust, train
-
 from toys import tiny_vgg
+
+from rclib.compress import harden
+from rclib.core import accel, config
+from rclib.data import datasets
+from rclib.experiments import table1
+from rclib.nn import masks, train
+from rclib.nn.train import Optimiser
+from rclib.robust import attacks, margin
+from rclib.robust.margin import Objective
 
 BF16 = accel.Runtime(precision="bf16")
 
@@ -67,14 +73,14 @@ def test_configure_sets_threads_on_cpu_and_cudnn_benchmark_on_cuda():
 
 
 def _splits():
-    return data.load(config.load("smoke", train_size=128, test_size=64, batch_size=32))
+    return datasets.load(config.load("smoke", train_size=128, test_size=64, batch_size=32))
 
 
 def test_plain_runtime_is_bit_identical_to_no_runtime():
     s = _splits()
     a, b = tiny_vgg(0), tiny_vgg(0)
-    ha = train.fit(a, s.train, 2, lr=3e-3, progress=False)
-    hb = train.fit(b, s.train, 2, lr=3e-3, progress=False, runtime=accel.runtime(config.load("smoke")))
+    ha = train.fit(a, s.train, 2, optimiser=Optimiser(lr=3e-3), progress=False)
+    hb = train.fit(b, s.train, 2, optimiser=Optimiser(lr=3e-3), progress=False, runtime=accel.runtime(config.load("smoke")))
     assert ha == hb
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert train.evaluate(a, s.test) == train.evaluate(a, s.test, runtime=accel.PLAIN)
@@ -105,7 +111,7 @@ def test_bf16_autocast_reaches_forward_passes_of_training_and_evaluation():
     model = tiny_vgg(0)
     seen: list[torch.dtype] = []
     hook = model.classifier.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    history = train.fit(model, s.train, 2, lr=3e-3, progress=False, runtime=BF16)
+    history = train.fit(model, s.train, 2, optimiser=Optimiser(lr=3e-3), progress=False, runtime=BF16)
     assert set(seen) == {torch.bfloat16} and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 weights
     seen.clear()
@@ -113,14 +119,14 @@ def test_bf16_autocast_reaches_forward_passes_of_training_and_evaluation():
     assert set(seen) == {torch.bfloat16}
     assert abs(acc16 - train.evaluate(model, s.test)) <= 0.1
     seen.clear()
-    assert train.predict(model, data.as_tensors(s.test.dataset)[0], runtime=BF16).dtype == torch.float32
+    assert train.predict(model, datasets.as_tensors(s.test.dataset)[0], runtime=BF16).dtype == torch.float32
     hook.remove()
 
 
 def test_alg7_runs_under_bf16():
     s = _splits()
     model = tiny_vgg(0)
-    history = robust.adversarial_retrain(model, s.train, 0.1, 0.1, progress=False, runtime=BF16)
+    history = margin.adversarial_retrain(model, s.train, objective=Objective(eps=0.1, margin_weight=0.1), progress=False, runtime=BF16)
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
 
 
@@ -135,7 +141,7 @@ def _autocast_gradient(model, x, y):
 def test_fgsm_under_bf16_agrees_with_fp32_on_at_least_999_of_1000_pixels(trained_toy):
     model, s = trained_toy
     model.eval()
-    x, y = data.as_tensors(s.test.dataset)
+    x, y = datasets.as_tensors(s.test.dataset)
     for eps in (0.03, 0.1):
         fp32 = attacks.fgsm(model, x, y, eps)
         with accel.autocast(torch.device("cpu"), BF16):
@@ -151,7 +157,7 @@ def test_fgsm_under_bf16_agrees_with_fp32_on_at_least_999_of_1000_pixels(trained
 
 def test_pgd_and_robust_correct_under_bf16(trained_toy):
     model, s = trained_toy
-    x, y = data.as_tensors(s.test.dataset)
+    x, y = datasets.as_tensors(s.test.dataset)
     with accel.autocast(torch.device("cpu"), BF16):
         bf16 = attacks.pgd(model, x, y, 0.1, steps=3, random_start=False)
     assert torch.equal(bf16, attacks.pgd(model, x, y, 0.1, steps=3, random_start=False))
@@ -170,7 +176,7 @@ def test_batch_to_moves_both_tensors_and_keeps_blocking_copies_without_pinned_me
 
 
 def test_channels_last_model_is_pruned_shared_hardened_and_saved_like_nchw(tmp_path):
-    from rclib import codec, prune, share, sizes
+    from rclib.compress import codec, prune, share
 
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     plain = tiny_vgg(0, input_shape=[3, 16, 16])
@@ -179,37 +185,38 @@ def test_channels_last_model_is_pruned_shared_hardened_and_saved_like_nchw(tmp_p
         prune.global_unstructured(m, 0.5)
         share.weight_share(m, {"conv": 4, "linear": 3})  # writes through flat positions
     assert fast.features[0].weight_orig.is_contiguous(memory_format=torch.channels_last)
-    a, b = sizes.effective_state(plain), sizes.effective_state(fast)
+    a, b = masks.effective_state(plain), masks.effective_state(fast)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     codec.save_compressed(plain, tmp_path / "a")
     codec.save_compressed(fast, tmp_path / "b")
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
     with torch.no_grad():
-        assert torch.allclose(prune.harden(fast).eval()(x), prune.harden(plain).eval()(x), atol=1e-5)
+        assert torch.allclose(harden.harden(fast).eval()(x), harden.harden(plain).eval()(x), atol=1e-5)
 
 
 def test_pipeline_steps_run_under_bf16_and_cache_apart_from_fp32():
-    from rclib import artifacts, pipeline
+    from rclib.core import artifacts
+    from rclib.experiments import steps, variants
 
     cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=32, epochs=1, width=4, hidden=16, precision="bf16",
                       prune_rates=(0.5,), adv_epochs=1)
-    splits = data.load(cfg)
-    base, metrics, hit = pipeline.baseline(cfg, splits, progress=False)
+    splits = datasets.load(cfg)
+    base, metrics, hit = steps.baseline(cfg, splits, progress=False)
     assert not hit and 0 <= metrics["clean_accuracy"] <= 1
-    rows, states, _ = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
-    assert {r["variant"] for r in rows} >= set(pipeline.TABLE1_ROWS) and set(states) >= set(pipeline.TABLE1_ROWS)
+    rows, states, _ = table1.robust_table(cfg, splits, base, 0.5, progress=False)
+    assert {r["variant"] for r in rows} >= set(variants.labels(variants.TABLE1)) and set(states) >= set(variants.TABLE1)
     plain = dataclasses.replace(cfg, precision="fp32")
-    assert artifacts.location(plain, "baseline", pipeline.BASELINE_FIELDS) != \
-        artifacts.location(cfg, "baseline", pipeline.BASELINE_FIELDS)
-    assert pipeline.runtime_of(cfg, base) == BF16 and pipeline.runtime_of(plain, base) == accel.PLAIN
+    assert artifacts.location(plain, steps.BASELINE) != \
+        artifacts.location(cfg, steps.BASELINE)
+    assert steps.runtime_of(cfg, base) == BF16 and steps.runtime_of(plain, base) == accel.PLAIN
 
 
 def test_pipeline_keys_follow_the_model_device_not_only_the_config(monkeypatch):
-    from rclib import pipeline
+    from rclib.experiments import steps
 
     cfg = config.load("smoke")
     model = tiny_vgg(0)
-    assert pipeline.kind_of(cfg, model) == "cpu/fp32"
+    assert steps.kind_of(cfg, model) == "cpu/fp32"
     monkeypatch.setattr(train, "model_device", lambda m: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert pipeline.kind_of(cfg, model) == "cuda:NVIDIA H200/bf16/channels_last"
+    assert steps.kind_of(cfg, model) == "cuda:NVIDIA H200/bf16/channels_last"

@@ -1,4 +1,4 @@
-"""rclib.artifacts: compute once then hit, keys, damage -> warning + recompute, atomic writes."""
+"""rclib.core.artifacts: compute once then hit, keys, damage -> warning + recompute, atomic writes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rclib import artifacts, config
+from rclib.core import artifacts, config
+from rclib.core.keys import Step
+from rclib.experiments import setup, sizing
 
 NAMES = ("epsilon", "prune_rate")
 
@@ -37,14 +39,14 @@ def test_root_follows_environment(tmp_path):
 def test_cached_computes_once_then_hits():
     cfg = config.load("smoke")
     compute = Counter()
-    t1, m1, hit1 = artifacts.cached(cfg, "baseline", NAMES, compute)
-    t2, m2, hit2 = artifacts.cached(cfg, "baseline", NAMES, compute)
+    t1, m1, hit1 = artifacts.cached(cfg, Step("baseline", NAMES), compute)
+    t2, m2, hit2 = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert compute.calls == 1
     assert (hit1, hit2) == (False, True)
     assert m1 == m2 == {"accuracy": 0.75, "curve": [0.1, 0.2], "calls": 1}
     assert t1.keys() == t2.keys()
     assert all(torch.equal(t1[k], t2[k]) and t1[k].dtype == t2[k].dtype for k in t1)
-    path = artifacts.location(cfg, "baseline", NAMES)
+    path = artifacts.location(cfg, Step("baseline", NAMES))
     assert path.is_dir() and path.parent == artifacts.root() / "smoke"
     manifest = json.loads((path / artifacts.MANIFEST).read_text())
     assert set(manifest["files"]) == {artifacts.WEIGHTS, artifacts.METRICS}
@@ -59,27 +61,27 @@ def test_metrics_only_artifact():
         calls.append(1)
         return None, {"x": 1}
 
-    assert artifacts.cached(cfg, "table", NAMES, compute) == (None, {"x": 1}, False)
-    assert artifacts.cached(cfg, "table", NAMES, compute) == (None, {"x": 1}, True)
+    assert artifacts.cached(cfg, Step("table", NAMES), compute) == (None, {"x": 1}, False)
+    assert artifacts.cached(cfg, Step("table", NAMES), compute) == (None, {"x": 1}, True)
     assert len(calls) == 1
 
 
 def test_location_depends_on_named_fields_only():
     a = config.load("smoke")
-    loc = artifacts.location(a, "pruned", NAMES)
-    assert artifacts.location(config.load("smoke", epsilon=0.3), "pruned", NAMES) != loc
-    assert artifacts.location(config.load("smoke", prune_rate=0.8), "pruned", NAMES) != loc
-    assert artifacts.location(config.load("smoke", lr=0.5), "pruned", NAMES) == loc
-    assert artifacts.location(a, "other", NAMES) != loc
-    assert artifacts.location(config.load("cpu"), "pruned", NAMES).parent.name == "cpu"
+    loc = artifacts.location(a, Step("pruned", NAMES))
+    assert artifacts.location(config.load("smoke", epsilon=0.3), Step("pruned", NAMES)) != loc
+    assert artifacts.location(config.load("smoke", prune_rate=0.8), Step("pruned", NAMES)) != loc
+    assert artifacts.location(config.load("smoke", lr=0.5), Step("pruned", NAMES)) == loc
+    assert artifacts.location(a, Step("other", NAMES)) != loc
+    assert artifacts.location(config.load("cpu"), Step("pruned", NAMES)).parent.name == "cpu"
 
 
 def test_changed_field_recomputes():
     compute = Counter()
-    artifacts.cached(config.load("smoke"), "s", NAMES, compute)
-    _, _, hit = artifacts.cached(config.load("smoke", epsilon=0.3), "s", NAMES, compute)
+    artifacts.cached(config.load("smoke"), Step("s", NAMES), compute)
+    _, _, hit = artifacts.cached(config.load("smoke", epsilon=0.3), Step("s", NAMES), compute)
     assert not hit and compute.calls == 2
-    _, _, hit = artifacts.cached(config.load("smoke", epochs=3), "s", NAMES, compute)
+    _, _, hit = artifacts.cached(config.load("smoke", epochs=3), Step("s", NAMES), compute)
     assert hit and compute.calls == 2  # epochs is not among the step's fields
 
 
@@ -98,17 +100,17 @@ def _flip_a_byte(path: Path, at: int) -> None:
 def test_damaged_artifact_warns_and_recomputes(victim, at):
     cfg = config.load("smoke")
     compute = Counter()
-    artifacts.cached(cfg, "baseline", NAMES, compute)
-    path = artifacts.location(cfg, "baseline", NAMES)
+    artifacts.cached(cfg, Step("baseline", NAMES), compute)
+    path = artifacts.location(cfg, Step("baseline", NAMES))
     _flip_a_byte(path / victim, at)
     with pytest.warns(UserWarning, match="recomputed"):
-        tensors, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute)
+        tensors, metrics, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert not hit and compute.calls == 2 and metrics["calls"] == 2
     assert torch.equal(tensors["w"], Counter()()[0]["w"])
     # the repaired artifact is served again, without a warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute)
+        _, metrics, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert hit and compute.calls == 2 and metrics["calls"] == 2
 
 
@@ -119,8 +121,8 @@ def test_failing_compute_leaves_nothing_behind():
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        artifacts.cached(cfg, "baseline", NAMES, boom)
-    assert not artifacts.location(cfg, "baseline", NAMES).exists()
+        artifacts.cached(cfg, Step("baseline", NAMES), boom)
+    assert not artifacts.location(cfg, Step("baseline", NAMES)).exists()
     root = artifacts.root()
     assert not root.exists() or not any(p.is_file() for p in root.rglob("*"))
 
@@ -129,13 +131,13 @@ def test_failing_write_is_atomic():
     # tensors that cannot be serialised fail inside save: no final or temporary folder remains
     cfg = config.load("smoke")
     with pytest.raises(Exception):
-        artifacts.cached(cfg, "baseline", NAMES, lambda: ({"w": "not a tensor"}, {"a": 1}))
+        artifacts.cached(cfg, Step("baseline", NAMES), lambda: ({"w": "not a tensor"}, {"a": 1}))
     parent = artifacts.root() / "smoke"
-    assert not artifacts.location(cfg, "baseline", NAMES).exists()
+    assert not artifacts.location(cfg, Step("baseline", NAMES)).exists()
     assert list(parent.iterdir()) == []
     # metrics that are not JSON fail the same way
     with pytest.raises(TypeError):
-        artifacts.cached(cfg, "baseline", NAMES, lambda: (None, {"a": object()}))
+        artifacts.cached(cfg, Step("baseline", NAMES), lambda: (None, {"a": object()}))
     assert list(parent.iterdir()) == []
 
 
@@ -176,25 +178,25 @@ def test_load_of_absent_path_is_none(tmp_path):
 @pytest.mark.parametrize("step", ["../evil", "a/b", "has space", "", "dot.name"])
 def test_invalid_step_name(step):
     with pytest.raises(ValueError, match="step"):
-        artifacts.location(config.load("smoke"), step, NAMES)
+        artifacts.location(setup.load("smoke"), Step(step, NAMES))
     with pytest.raises(ValueError, match="step"):
-        artifacts.cached(config.load("smoke"), step, NAMES, Counter())
+        artifacts.cached(setup.load("smoke"), Step(step, NAMES), Counter())
 
 
 def test_unknown_field_in_names():
     with pytest.raises(ValueError, match="bogus"):
-        artifacts.cached(config.load("smoke"), "baseline", ("bogus",), Counter())
+        artifacts.cached(setup.load("smoke"), Step("baseline", ("bogus",)), Counter())
 
 
 # --- damage: warning + recompute, never a crash -------------------------------------------------
 
 def _recomputes_with_warning(cfg, compute, match="damaged artifact .* it will be recomputed"):
     with pytest.warns(UserWarning, match=match):
-        tensors, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute)
+        tensors, metrics, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert not hit and metrics["calls"] == compute.calls
     with warnings.catch_warnings():  # the repaired artifact is served again, silently
         warnings.simplefilter("error")
-        _, again, hit = artifacts.cached(cfg, "baseline", NAMES, compute)
+        _, again, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert hit and again == metrics
     return tensors
 
@@ -203,8 +205,8 @@ def _recomputes_with_warning(cfg, compute, match="damaged artifact .* it will be
 def test_missing_file_of_the_pair_warns_and_recomputes(victim):
     cfg = config.load("smoke")
     compute = Counter()
-    artifacts.cached(cfg, "baseline", NAMES, compute)
-    (artifacts.location(cfg, "baseline", NAMES) / victim).unlink()
+    artifacts.cached(cfg, Step("baseline", NAMES), compute)
+    (artifacts.location(cfg, Step("baseline", NAMES)) / victim).unlink()
     tensors = _recomputes_with_warning(cfg, compute, match=f"{victim} is missing")
     assert compute.calls == 2 and torch.equal(tensors["w"], Counter()()[0]["w"])
 
@@ -212,7 +214,7 @@ def test_missing_file_of_the_pair_warns_and_recomputes(victim):
 def test_artifact_path_that_is_a_file_warns_and_recomputes():
     cfg = config.load("smoke")
     compute = Counter()
-    path = artifacts.location(cfg, "baseline", NAMES)
+    path = artifacts.location(cfg, Step("baseline", NAMES))
     path.parent.mkdir(parents=True)
     path.write_text("a stray file where the artifact folder belongs")
     _recomputes_with_warning(cfg, compute, match="not a folder")
@@ -232,8 +234,8 @@ def alarm():
 def test_manifest_naming_another_file_is_refused_unread(name, alarm):
     cfg = config.load("smoke")
     compute = Counter()
-    artifacts.cached(cfg, "baseline", NAMES, compute)
-    path = artifacts.location(cfg, "baseline", NAMES)
+    artifacts.cached(cfg, Step("baseline", NAMES), compute)
+    path = artifacts.location(cfg, Step("baseline", NAMES))
     manifest = json.loads((path / artifacts.MANIFEST).read_text())
     manifest["files"][name] = "0" * 64
     (path / artifacts.MANIFEST).write_text(json.dumps(manifest))
@@ -244,8 +246,8 @@ def test_manifest_naming_another_file_is_refused_unread(name, alarm):
 def test_listed_file_that_is_a_link_to_a_device_is_refused(alarm):
     cfg = config.load("smoke")
     compute = Counter()
-    artifacts.cached(cfg, "baseline", NAMES, compute)
-    path = artifacts.location(cfg, "baseline", NAMES)
+    artifacts.cached(cfg, Step("baseline", NAMES), compute)
+    path = artifacts.location(cfg, Step("baseline", NAMES))
     (path / artifacts.WEIGHTS).unlink()
     (path / artifacts.WEIGHTS).symlink_to("/dev/zero")
     _recomputes_with_warning(cfg, compute, match="not a regular file")
@@ -270,8 +272,8 @@ def _rewrite(path, tensors=None, metrics=None):
 def test_unusable_content_warns_and_recomputes(content):
     cfg = config.load("smoke")
     compute = Counter()
-    artifacts.cached(cfg, "baseline", NAMES, compute, check=_strict_check)
-    path = artifacts.location(cfg, "baseline", NAMES)
+    artifacts.cached(cfg, Step("baseline", NAMES), compute, check=_strict_check)
+    path = artifacts.location(cfg, Step("baseline", NAMES))
     if content == "metrics lack a key":
         _rewrite(path, metrics={"curve": [0.1]})
     elif content == "wrong tensor names":
@@ -281,11 +283,11 @@ def test_unusable_content_warns_and_recomputes(content):
         artifacts.discard(path)
         artifacts.save(path, None, {"accuracy": 0.5}, info=info)
     with pytest.warns(UserWarning, match=r"unusable artifact .*(KeyError|RuntimeError|TypeError).* recomputed"):
-        tensors, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute, check=_strict_check)
+        tensors, metrics, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute, check=_strict_check)
     assert not hit and compute.calls == 2 and metrics["calls"] == 2 and set(tensors) == {"w", "idx"}
     with warnings.catch_warnings():  # the recomputed artifact replaced the unusable one on disk
         warnings.simplefilter("error")
-        _, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute, check=_strict_check)
+        _, metrics, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute, check=_strict_check)
     assert hit and metrics["calls"] == 2
 
 
@@ -305,33 +307,33 @@ def test_key_without_disk_content_is_the_config_digest_and_compute_kind(tmp_path
     cfg = config.load("smoke", data_dir=str(tmp_path))  # digits come with scikit-learn, not from disk
     (tmp_path / "anything.txt").write_text("x")
     assert artifacts.content_fingerprint(cfg, NAMES + ("data_dir", "weights")) == ""
-    assert artifacts.location(cfg, "s", NAMES).name == f"s-{artifacts.key(cfg.digest(NAMES), 'cpu/fp32')}"
+    assert artifacts.location(cfg, Step("s", NAMES)).name == f"s-{artifacts.key(cfg.digest(NAMES), 'cpu/fp32')}"
 
 
 def test_compute_kind_is_in_the_key():
     cfg = config.load("smoke")
-    cpu = artifacts.location(cfg, "s", NAMES)
-    assert artifacts.location(cfg, "s", NAMES, kind="cpu/fp32") == cpu  # this machine has no GPU
-    gpu = artifacts.location(cfg, "s", NAMES, kind="cuda:NVIDIA H200/bf16/channels_last")
+    cpu = artifacts.location(cfg, Step("s", NAMES))
+    assert artifacts.location(cfg, Step("s", NAMES), kind="cpu/fp32") == cpu  # this machine has no GPU
+    gpu = artifacts.location(cfg, Step("s", NAMES), kind="cuda:NVIDIA H200/bf16/channels_last")
     assert gpu != cpu and gpu.parent == cpu.parent
-    assert artifacts.location(cfg, "s", NAMES, kind="cuda:NVIDIA H200/fp32/channels_last") != gpu
-    assert artifacts.location(cfg, "s", NAMES, kind="cuda:NVIDIA A100-SXM4-40GB/bf16/channels_last") != gpu
-    assert artifacts.location(dataclasses.replace(cfg, precision="bf16"), "s", NAMES) != cpu
+    assert artifacts.location(cfg, Step("s", NAMES), kind="cuda:NVIDIA H200/fp32/channels_last") != gpu
+    assert artifacts.location(cfg, Step("s", NAMES), kind="cuda:NVIDIA A100-SXM4-40GB/bf16/channels_last") != gpu
+    assert artifacts.location(dataclasses.replace(cfg, precision="bf16"), Step("s", NAMES)) != cpu
 
 
 def test_cached_results_of_other_devices_are_not_served():
     cfg = config.load("smoke")
     compute = Counter()
-    artifacts.cached(cfg, "s", NAMES, compute, kind="cuda:NVIDIA H200/bf16/channels_last")
-    _, _, hit = artifacts.cached(cfg, "s", NAMES, compute)
+    artifacts.cached(cfg, Step("s", NAMES), compute, kind="cuda:NVIDIA H200/bf16/channels_last")
+    _, _, hit = artifacts.cached(cfg, Step("s", NAMES), compute)
     assert not hit and compute.calls == 2
-    manifest = json.loads((artifacts.location(cfg, "s", NAMES) / artifacts.MANIFEST).read_text())
+    manifest = json.loads((artifacts.location(cfg, Step("s", NAMES)) / artifacts.MANIFEST).read_text())
     assert manifest["info"]["compute"] == "cpu/fp32"
 
 
 def _unchecked(**changes) -> config.Config:
     """A smoke config pointing at files that only the key looks at: the content key does not
-    depend on whether those files would pass config's checks (rclib.checks, tested elsewhere)."""
+    depend on whether those files would pass config's checks (rclib.experiments.checks, tested elsewhere)."""
     return dataclasses.replace(config.load("smoke"), **changes)
 
 
@@ -340,24 +342,24 @@ def test_weights_file_content_is_in_the_key(tmp_path):
     w.write_bytes(b"first content")
     cfg = _unchecked(weights=str(w))
     names = NAMES + ("weights",)
-    first = artifacts.location(cfg, "baseline", names)
-    assert artifacts.location(cfg, "baseline", names) == first
-    assert artifacts.location(cfg, "baseline", NAMES) != first  # only steps that name weights
+    first = artifacts.location(cfg, Step("baseline", names))
+    assert artifacts.location(cfg, Step("baseline", names)) == first
+    assert artifacts.location(cfg, Step("baseline", NAMES)) != first  # only steps that name weights
     # replaced by a new file at the same path (a new inode, another size)
     new = tmp_path / "new.safetensors"
     new.write_bytes(b"second, longer content")
     new.replace(w)
-    second = artifacts.location(cfg, "baseline", names)
+    second = artifacts.location(cfg, Step("baseline", names))
     assert second != first
     # rewritten in place with the same size: the memo trusts (size, mtime) as make does, and
     # timestamps are coarse (a whole tick), so give it a distinct mtime as any later edit has
     st = w.stat()
     w.write_bytes(b"second, LONGER content")
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    third = artifacts.location(cfg, "baseline", names)
+    third = artifacts.location(cfg, Step("baseline", names))
     assert third not in (first, second)
     w.write_bytes(b"first content")  # the old bytes give the old key back
-    assert artifacts.location(cfg, "baseline", names) == first
+    assert artifacts.location(cfg, Step("baseline", names)) == first
 
 
 def test_replaced_weights_are_not_served_the_old_result(tmp_path):
@@ -366,14 +368,14 @@ def test_replaced_weights_are_not_served_the_old_result(tmp_path):
     cfg = _unchecked(weights=str(w))
     names = NAMES + ("weights",)
     compute = Counter()
-    artifacts.cached(cfg, "baseline", names, compute)
-    assert artifacts.cached(cfg, "baseline", names, compute)[2]
+    artifacts.cached(cfg, Step("baseline", names), compute)
+    assert artifacts.cached(cfg, Step("baseline", names), compute)[2]
     new = tmp_path / "new.safetensors"
     new.write_bytes(b"new weights!")
     new.replace(w)
-    _, metrics, hit = artifacts.cached(cfg, "baseline", names, compute)
+    _, metrics, hit = artifacts.cached(cfg, Step("baseline", names), compute)
     assert not hit and metrics["calls"] == 2
-    info = json.loads((artifacts.location(cfg, "baseline", names) / artifacts.MANIFEST).read_text())["info"]
+    info = json.loads((artifacts.location(cfg, Step("baseline", names)) / artifacts.MANIFEST).read_text())["info"]
     assert info["config"]["weights"] == str(w) and len(info["content"]) == 64
 
 
@@ -385,7 +387,7 @@ def test_weights_file_is_hashed_once_per_process(tmp_path, monkeypatch):
     real = artifacts._sha256
     monkeypatch.setattr(artifacts, "_sha256", lambda p: calls.append(p) or real(p))
     for step in ("a", "b", "c"):
-        artifacts.location(cfg, step, ("weights",))
+        artifacts.location(cfg, Step(step, ("weights",)))
     assert calls == [w]
 
 
@@ -402,8 +404,8 @@ def test_image_folder_fingerprint(tmp_path, change):
     folder = _image_folder(tmp_path / "images")
     cfg = _unchecked(dataset="folder", data_dir=str(folder))
     names = ("dataset", "data_dir")
-    before = artifacts.location(cfg, "baseline", names)
-    assert artifacts.location(cfg, "baseline", names) == before
+    before = artifacts.location(cfg, Step("baseline", names))
+    assert artifacts.location(cfg, Step("baseline", names)) == before
     img = folder / "cat" / "1.png"
     st = img.stat()
     if change == "rename":
@@ -418,18 +420,18 @@ def test_image_folder_fingerprint(tmp_path, change):
         (folder / "dog" / "new.png").write_bytes(b"png")
     else:
         img.unlink()
-    assert artifacts.location(cfg, "baseline", names) != before
+    assert artifacts.location(cfg, Step("baseline", names)) != before
 
 
 def test_image_folder_fingerprint_reads_no_bytes(tmp_path, monkeypatch):
     folder = _image_folder(tmp_path / "images")
     cfg = _unchecked(dataset="folder", data_dir=str(folder))
-    before = artifacts.location(cfg, "baseline", ("data_dir",))
+    before = artifacts.location(cfg, Step("baseline", ("data_dir",)))
     img = folder / "cat" / "0.png"
     st = img.stat()
     img.write_bytes(b"PNG")  # same size, same mtime: the cheap fingerprint cannot see it
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert artifacts.location(cfg, "baseline", ("data_dir",)) == before
+    assert artifacts.location(cfg, Step("baseline", ("data_dir",))) == before
 
 
 def test_torchvision_download_folder_is_fingerprinted(tmp_path):
@@ -438,11 +440,11 @@ def test_torchvision_download_folder_is_fingerprinted(tmp_path):
     (raw / "train-images-idx3-ubyte").write_bytes(b"\0" * 16)
     cfg = _unchecked(dataset="mnist", data_dir=str(tmp_path))
     names = ("dataset", "data_dir")
-    before = artifacts.location(cfg, "baseline", names)
+    before = artifacts.location(cfg, Step("baseline", names))
     (tmp_path / "unrelated.txt").write_text("other data in data_dir does not matter")
-    assert artifacts.location(cfg, "baseline", names) == before
+    assert artifacts.location(cfg, Step("baseline", names)) == before
     (raw / "train-images-idx3-ubyte").write_bytes(b"\0" * 17)
-    assert artifacts.location(cfg, "baseline", names) != before
+    assert artifacts.location(cfg, Step("baseline", names)) != before
 
 
 # --- concurrency --------------------------------------------------------------------------------
@@ -505,32 +507,34 @@ def test_concurrent_saves_of_one_key():
 # --- the pipeline's checks: a cached result that cannot serve a chapter is recomputed -----------
 
 def test_baseline_with_wrong_tensor_names_is_recomputed(tiny_cfg):
-    from rclib import data, pipeline
+    from rclib.data import datasets
+    from rclib.experiments import steps
 
-    splits = data.load(tiny_cfg)
-    model, metrics, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
+    splits = datasets.load(tiny_cfg)
+    model, metrics, hit = steps.baseline(tiny_cfg, splits, progress=False)
     assert not hit
-    path = artifacts.location(tiny_cfg, "baseline", pipeline.BASELINE_FIELDS)
+    path = artifacts.location(tiny_cfg, steps.BASELINE)
     state = {f"renamed.{k}": v for k, v in model.state_dict().items()}
     _rewrite(path, tensors=state)
     with pytest.warns(UserWarning, match=r"unusable artifact .*RuntimeError.* recomputed"):
-        again, metrics2, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
+        again, metrics2, hit = steps.baseline(tiny_cfg, splits, progress=False)
     assert not hit and metrics2["clean_accuracy"] == metrics["clean_accuracy"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, _, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
+        _, _, hit = steps.baseline(tiny_cfg, splits, progress=False)
     assert hit
 
 
 def test_sweep_rows_missing_a_key_are_recomputed(tiny_model):
-    from rclib import data, pipeline
+    from rclib.data import datasets
+    from rclib.experiments import steps
 
     cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1, prune_rates=(0.5,))
-    splits = data.load(cfg)
-    path = artifacts.location(cfg, "share_sweep", pipeline.SHARE_FIELDS, kind=pipeline.kind_of(cfg, tiny_model))
-    info = artifacts.record(cfg, "share_sweep", pipeline.SHARE_FIELDS, kind=pipeline.kind_of(cfg, tiny_model))
+    splits = datasets.load(cfg)
+    path = artifacts.location(cfg, sizing.SHARE_SWEEP, kind=steps.kind_of(cfg, tiny_model))
+    info = artifacts.record(cfg, sizing.SHARE_SWEEP, kind=steps.kind_of(cfg, tiny_model))
     artifacts.save(path, None, {"rows": [{"rate": 0.5, "shared": False}]}, info=info)  # an older row format
     with pytest.warns(UserWarning, match=r"unusable artifact .*KeyError.* recomputed"):
-        rows, hit = pipeline.share_sweep(cfg, splits, tiny_model, progress=False)
+        rows, hit = sizing.share_sweep(cfg, splits, tiny_model, progress=False)
     assert not hit and len(rows) == 2 and all("file_bytes" in r for r in rows)
     assert artifacts.load(path)[1]["rows"] == rows

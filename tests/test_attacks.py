@@ -1,4 +1,4 @@
-"""rclib.attacks: FGSM against an analytic reference, PGD against ART's, their contract, and robust
+"""rclib.robust.attacks: FGSM against an analytic reference, PGD against ART's, their contract, and robust
 accuracy (overall and per example)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from rclib import attacks, train
+from rclib.nn import train
+from rclib.robust import attacks
 
 
 def _linear_softmax(seed: int = 0) -> nn.Sequential:
@@ -149,7 +150,7 @@ def _art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
     import numpy as np
     from art.attacks.evasion import ProjectedGradientDescent
 
-    from rclib import strong
+    from rclib.robust import strong
 
     model.eval()
     est = strong.classifier(model, tuple(x.shape[1:]), 10)
@@ -158,7 +159,7 @@ def _art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
     try:
         return torch.from_numpy(attack.generate(x.numpy(), y.numpy()))
     finally:
-        model.zero_grad(set_to_none=True)  # ART's loss.backward() fills them; rclib.strong avoids that
+        model.zero_grad(set_to_none=True)  # ART's loss.backward() fills them; rclib.robust.strong avoids that
 
 
 @pytest.mark.parametrize("eps,alpha,steps", [(0.05, 0.01, 10), (0.2, 0.05, 7), (0.3, 0.5, 3)])

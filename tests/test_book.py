@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rclib.__main__ import toc_notebooks
-from rclib.config import project_root
+from rclib.core.paths import project_root
+from rclib.report.runner import toc_notebooks
 
 
 def test_book_builds_with_every_chapter(smoke_book):

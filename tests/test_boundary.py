@@ -1,4 +1,4 @@
-"""rclib.boundary: PCA maps on a hand-made model, roughness of known maps, local maps, modes."""
+"""rclib.robust.boundary: PCA maps on a hand-made model, roughness of known maps, local maps, modes."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune as torch_prune
 from sklearn.decomposition import PCA
 from torch import nn
-
-from rclib.attacks import fgsm
-from rclib import boundary  # noqa: E402
-from rclib.boundary import DecisionMap, decision_map, local_map, rgb, roughness
-
-
 from toys import LiveModels, tiny_vgg  # noqa: E402
+
+from rclib.experiments import pruning, smoothness
+from rclib.robust import boundary  # noqa: E402
+from rclib.robust.attacks import fgsm
+from rclib.robust.boundary import DecisionMap, decision_map, local_map, rgb, roughness
 
 torch.set_num_threads(1)
 
@@ -206,31 +206,35 @@ def test_map_forward_passes_come_in_batches_of_the_given_size():
 def test_boundary_sweep_streams_variants_with_masks_folded(monkeypatch):
     """Chapter 03's sweep holds base and one variant at a time (it once kept 26 masked VGG16s, about
     41 GB) and evaluates them with their masks folded, with the numbers of the masked models."""
-    from rclib import attacks, config, data, pipeline, prune, train
+    from rclib.core import config
+    from rclib.data import datasets
+    from rclib.experiments import steps
+    from rclib.nn import train
+    from rclib.robust import attacks
 
     cfg = config.load("smoke", epsilon=0.1, train_size=128, test_size=64, epochs=1, width=4, hidden=16, map_rates=[0.5],
                       local_examples=2, resolution=10, local_resolution=11, eval_batch_size=64)
-    splits = data.load(cfg)
-    base, _, _ = pipeline.baseline(cfg, splits, progress=False)
+    splits = datasets.load(cfg)
+    base, _, _ = steps.baseline(cfg, splits, progress=False)
     live, masked = [], []
     evaluate = train.evaluate
     models_ = LiveModels().start(monkeypatch)  # base exists already and is not counted
 
     def counting(model, loader, *args, **kwargs):  # how many VGGs exist besides base while a variant is measured
         live.append(models_.count(limit=1))
-        masked.append(prune.is_pruned(model))
+        masked.append(torch_prune.is_pruned(model))
         return evaluate(model, loader, *args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate", counting)
-    rows, hit = pipeline.boundary_sweep(cfg, splits, base, progress=False)
+    rows, hit = smoothness.boundary_sweep(cfg, splits, base, progress=False)
     monkeypatch.setattr(train, "evaluate", evaluate)
     labels = [r["label"] for r in rows]
-    assert not hit and len(rows) == 2 + 2 * len(pipeline.BOUNDARY_METHODS) and len(live) == len(rows)
+    assert not hit and len(rows) == 2 + 2 * len(pruning.ALGORITHMS) and len(live) == len(rows)
     assert max(live) <= 1 and not any(masked)  # the variant measured (and base); no masks
-    variants = pipeline.compressed_variants(cfg, splits, base, cfg.map_rates)
+    variants = smoothness.compressed_variants(cfg, splits, base, cfg.map_rates)
     assert list(variants) == labels and variants["layer r=0.5 + WS"] == dict(method="layer", rate=0.5, shared=True)
-    assert all(isinstance(h, pipeline.HostModel) for h in variants.hardened.values())
+    assert all(isinstance(h, pruning.HostModel) for h in variants.hardened.values())
     row = rows[labels.index("global r=0.5")]
-    with_masks = pipeline.pruned(base, "global", 0.5)  # as the sweep measured it before streaming
-    assert prune.is_pruned(with_masks) and row["accuracy"] == evaluate(with_masks, splits.test)
+    with_masks = pruning.pruned(base, pruning.GLOBAL, 0.5)  # as the sweep measured it before streaming
+    assert torch_prune.is_pruned(with_masks) and row["accuracy"] == evaluate(with_masks, splits.test)
     assert row["robust_accuracy"] == attacks.robust_accuracy(with_masks, splits.test, attacks.fgsm, cfg.epsilon)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rclib import codebook, codec, huffman, models, share, sizes
+from rclib.compress import codebook, codec, container, huffdecode, huffman, share, sizes
+from rclib.nn import masks, models
 
 SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
             input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
@@ -51,8 +52,8 @@ def test_round_trip_rebuilds_architecture_and_logits_are_equal(saved):
     assert models.describe(loaded) == models.describe(model)
     with torch.no_grad():
         assert torch.equal(loaded(_x()), model(_x()))
-    for name, t in sizes.effective_state(model).items():
-        assert torch.equal(sizes.effective_state(loaded)[name], t), name
+    for name, t in masks.effective_state(model).items():
+        assert torch.equal(masks.effective_state(loaded)[name], t), name
 
 
 def test_fill_given_models_plain_and_pruned(saved):
@@ -89,9 +90,9 @@ def test_pruned_not_shared_round_trip_exact(tmp_path):
 
 def test_bits_on_save_shares_while_writing_and_leaves_model(tmp_path):
     model = _model(shared=False)
-    before = {k: v.clone() for k, v in sizes.effective_state(model).items()}
+    before = {k: v.clone() for k, v in masks.effective_state(model).items()}
     codec.save_compressed(model, tmp_path / "s.rclz", bits={"conv": 8, "linear": 5})
-    for k, v in sizes.effective_state(model).items():
+    for k, v in masks.effective_state(model).items():
         assert torch.equal(v, before[k])
     share.weight_share(model, {"conv": 8, "linear": 5})
     with torch.no_grad():
@@ -160,7 +161,7 @@ def test_huffman_streams_round_trip_and_near_entropy():
         out = huffman.Payload()
         meta = huffman.encode_stream(sym, alphabet, out)
         data = memoryview(b"".join(out.parts))
-        assert np.array_equal(huffman.decode_stream(meta, data), sym)
+        assert np.array_equal(huffdecode.decode_stream(meta, data), sym)
     # Huffman costs at most 1 bit per symbol over the entropy (plus tables and block offsets)
     bound = huffman.entropy_bits(np.bincount(sym[:50_000], minlength=alphabet)) / 8
     assert out.size <= bound + sym.size / 8 + 5000 + 1024
@@ -180,7 +181,7 @@ def _resign(path, edit, raw=None, flags=0):
     hb = json.dumps(header).encode()
     if raw is not None:
         hb = raw(hb)
-    prefix = struct.pack("<8sHHQQ", codec.MAGIC, codec.FORMAT_VERSION, flags, len(hb), len(payload))
+    prefix = struct.pack("<8sHHQQ", container.MAGIC, container.FORMAT_VERSION, flags, len(hb), len(payload))
     path.write_bytes(prefix + hashlib.sha256(prefix + hb + payload).digest() + hb + payload)
 
 
@@ -257,8 +258,8 @@ def test_files_are_byte_identical_to_the_format_version_1_writer(tmp_path, monke
         assert _frozen_writer(monkeypatch).save_compressed(_reference_models()[name], old) == n
         assert old.read_bytes() == path.read_bytes()
     back = codec.load_compressed(path, model=_reference_models()[name])
-    for k, v in sizes.effective_state(model).items():
-        assert torch.equal(sizes.effective_state(back)[k], v), k
+    for k, v in masks.effective_state(model).items():
+        assert torch.equal(masks.effective_state(back)[k], v), k
 
 
 def test_spec_bigger_than_its_records_refused_without_allocating(saved, monkeypatch):
@@ -420,8 +421,8 @@ def test_edge_layers_round_trip_exactly_and_equal_the_format_version_1_writer(tm
     assert _frozen_writer(monkeypatch).save_compressed(_edge_model(), old) == n
     assert old.read_bytes() == path.read_bytes()
     back = codec.load_compressed(path, model=_edge_model())
-    for k, v in sizes.effective_state(model).items():
-        assert torch.equal(sizes.effective_state(back)[k], v), k
+    for k, v in masks.effective_state(model).items():
+        assert torch.equal(masks.effective_state(back)[k], v), k
 
 
 @pytest.mark.parametrize("seeded, total", [(250, 260), (200, 256), (300, 310)])

@@ -1,4 +1,4 @@
-"""rclib.config: profiles, overrides, coercion, validation messages, digests."""
+"""rclib.core.config: profiles, overrides, coercion, validation messages, digests."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import re
 
 import pytest
 import torch
-
-from rclib import config, models
-
 from toys import image_folder
+
+from rclib.core import config, params, paths
+from rclib.experiments import setup
+from rclib.nn import models
 
 
 @pytest.mark.parametrize("profile", ["smoke", "cpu"])
@@ -25,11 +26,11 @@ def test_profiles_load(profile):
 def test_paper_profile_needs_its_data_folder(tmp_path):
     # the paper profile reads ImageNet val from disk; the folder is validated up front
     with pytest.raises(ValueError, match="data_dir"):
-        config.load("paper", data_dir=str(tmp_path / "absent"))
+        setup.load("paper", data_dir=str(tmp_path / "absent"))
     root = image_folder(tmp_path / "val", ["n01", "n02"], 3, size=(12, 12))
     cfg = config.load("paper", data_dir=str(root), local_examples=1, weights="none", epochs=1)
     with pytest.raises(ValueError, match=r"epochs=0 with weights='none' is not allowed: it trains nothing"):
-        config.load("paper", data_dir=str(root), local_examples=1, weights="none")  # the profile's epochs 0
+        setup.load("paper", data_dir=str(root), local_examples=1, weights="none")  # the profile's epochs 0
     assert cfg.dataset == "imagenet" and cfg.model == "vgg16" and config.PROFILES["paper"]["weights"] == "imagenet"
 
 
@@ -89,7 +90,7 @@ def test_digest_tracks_named_fields_only():
 
 def test_digest_rejects_unknown_fields():
     with pytest.raises(ValueError, match="nonsense"):
-        config.load("smoke").digest(("nonsense",))
+        setup.load("smoke").digest(("nonsense",))
 
 
 def test_validate_returns_good_config_unchanged():
@@ -140,21 +141,21 @@ BAD = [
 @pytest.mark.parametrize("name, overrides", BAD)
 def test_bad_parameter_is_named(name, overrides):
     with pytest.raises(ValueError, match=name):
-        config.load("smoke", **overrides)
+        setup.load("smoke", **overrides)
 
 
 def test_unknown_profile_is_named():
     with pytest.raises(ValueError, match="profile") as err:
-        config.load("gpu-huge")
+        setup.load("gpu-huge")
     assert "gpu-huge" in str(err.value) and "smoke" in str(err.value)
 
 
 def test_message_says_what_is_allowed():
     with pytest.raises(ValueError) as err:
-        config.load("smoke", dataset="bogus")
+        setup.load("smoke", dataset="bogus")
     assert "bogus" in str(err.value) and "digits" in str(err.value)
     with pytest.raises(ValueError) as err:
-        config.load("smoke", prune_rate=1)
+        setup.load("smoke", prune_rate=1)
     assert "(0, 1)" in str(err.value)
 
 
@@ -162,7 +163,7 @@ def test_data_dir_ok_for_disk_dataset(tmp_path):
     image_folder(tmp_path, ["a", "b"], 3, size=(12, 12))
     cfg = config.load("smoke", dataset="folder", data_dir=str(tmp_path), train_size=0, test_size=0,
                       local_examples=1)
-    assert config.resolve_path(cfg.data_dir) == tmp_path
+    assert paths.resolve_path(cfg.data_dir) == tmp_path
 
 
 def test_resolve_device():
@@ -191,7 +192,7 @@ def _weights_file(tmp_path, name: str, content: bytes | None = None, tensors=Non
 
 def _smoke_state():
     cfg = config.load("smoke")
-    from rclib import models
+    from rclib.nn import models
 
     return models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,)).state_dict()
 
@@ -232,7 +233,7 @@ REFUSED = [
 @pytest.mark.parametrize("name, overrides, text", REFUSED, ids=[f"{c[0]}-{i}" for i, c in enumerate(REFUSED)])
 def test_bad_value_is_refused_naming_parameter_value_and_rule(name, overrides, text):
     with pytest.raises(ValueError) as err:
-        config.load("smoke", **overrides)
+        setup.load("smoke", **overrides)
     msg = str(err.value)
     assert f"{name}=" in msg, msg
     assert text in msg, msg
@@ -254,7 +255,7 @@ def test_weights_must_be_a_readable_safetensors_file_of_the_model(tmp_path):
     cases["wrong shape"] = _weights_file(tmp_path, "shape.safetensors", tensors=state)
     for what, path in cases.items():
         with pytest.raises(ValueError) as err:
-            config.load("smoke", weights=path)
+            setup.load("smoke", weights=path)
         msg = str(err.value)
         assert msg.startswith(f"weights={path!r} is not allowed"), (what, msg)
     good = _weights_file(tmp_path, "good.safetensors", tensors={k: v.contiguous() for k, v in _smoke_state().items()})
@@ -272,7 +273,7 @@ def _no_network(monkeypatch, tmp_path):
     probed addresses."""
     import torch
 
-    from rclib import checks
+    from rclib.data import checks
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     probed = []
@@ -281,7 +282,7 @@ def _no_network(monkeypatch, tmp_path):
         probed.append(url)
         return "URLError: <urlopen error [Errno -2] Name or service not known>"
 
-    monkeypatch.setattr(checks, "_reachable", unreachable)
+    monkeypatch.setattr(checks, "reachable", unreachable)
     return probed
 
 
@@ -290,7 +291,7 @@ def test_imagenet_weights_offline_are_refused_up_front_naming_the_local_file_rou
     probed = _no_network(monkeypatch, tmp_path)
     root = image_folder(tmp_path / "val", ["n01", "n02"], 3, size=(12, 12))
     with pytest.raises(ValueError) as err:
-        config.load("paper", data_dir=str(root), local_examples=1)
+        setup.load("paper", data_dir=str(root), local_examples=1)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("weights='imagenet' is not allowed")
     cached = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
@@ -305,7 +306,7 @@ def test_imagenet_weights_offline_are_refused_up_front_naming_the_local_file_rou
 def test_network_probe_has_a_short_timeout_and_never_downloads(monkeypatch):
     import urllib.request
 
-    from rclib import checks
+    from rclib.data import checks
 
     seen = {}
 
@@ -314,7 +315,7 @@ def test_network_probe_has_a_short_timeout_and_never_downloads(monkeypatch):
         raise OSError("offline")
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    assert checks._reachable("https://example.invalid/x.pth").startswith("OSError")
+    assert checks.reachable("https://example.invalid/x.pth").startswith("OSError")
     assert seen == {"method": "HEAD", "timeout": checks.PROBE_TIMEOUT} and checks.PROBE_TIMEOUT <= 10
 
 
@@ -331,25 +332,25 @@ def test_data_dir_must_be_an_image_folder(tmp_path, layout):
         image_folder(root, ["a", "b"], 3, size=(12, 12))
         (root / "c").mkdir()
     with pytest.raises(ValueError) as err:
-        config.load("smoke", dataset="folder", data_dir=str(root), train_size=0, test_size=0, local_examples=1)
+        setup.load("smoke", dataset="folder", data_dir=str(root), train_size=0, test_size=0, local_examples=1)
     msg = str(err.value)
     assert msg.startswith(f"data_dir={str(root)!r} is not allowed") and "class" in msg, msg
 
 
 def test_torchvision_dataset_offline_is_refused_and_nothing_created(tmp_path, monkeypatch):
-    from rclib import checks
+    from rclib.data import checks
 
-    monkeypatch.setattr(checks, "_reachable", lambda url: "URLError: no route")  # as on these machines
+    monkeypatch.setattr(checks, "reachable", lambda url: "URLError: no route")  # as on these machines
     target = tmp_path / "mnist-here"
     with pytest.raises(ValueError) as err:
-        config.load("smoke", dataset="mnist", data_dir=str(target))
+        setup.load("smoke", dataset="mnist", data_dir=str(target))
     assert "data_dir=" in str(err.value) and "cannot be downloaded" in str(err.value)
     assert not target.exists()
 
 
 def test_unknown_parameter_suggests_the_close_name():
     with pytest.raises(ValueError) as err:
-        config.load("smoke", epsilom=0.2)
+        setup.load("smoke", epsilom=0.2)
     assert "'epsilom' (did you mean 'epsilon'?)" in str(err.value) and "known parameters" in str(err.value)
 
 
@@ -361,16 +362,16 @@ def _namespace(injected: str | None, **values):
 
 
 def test_from_notebook_takes_every_field_and_refuses_misspelt_injected_names():
-    cfg = config.from_notebook(_namespace('# Parameters\nprofile = "smoke"\nwidth = 4\nseed = 3\n', width=4, seed=3))
+    cfg = setup.from_notebook(_namespace('# Parameters\nprofile = "smoke"\nwidth = 4\nseed = 3\n', width=4, seed=3))
     assert (cfg.profile, cfg.width, cfg.seed) == ("smoke", 4, 3)
     with pytest.raises(ValueError, match=r"'epsilom' \(did you mean 'epsilon'\?\)"):
-        config.from_notebook(_namespace('# Parameters\nprofile = "smoke"\nepsilom = 0.2\n', epsilom=0.2))
+        setup.from_notebook(_namespace('# Parameters\nprofile = "smoke"\nepsilom = 0.2\n', epsilom=0.2))
     # run by hand in JupyterLab: no injected cell, the parameters cell's values are used
-    assert config.from_notebook(_namespace(None, epsilon=0.2)).epsilon == 0.2
+    assert setup.from_notebook(_namespace(None, epsilon=0.2)).epsilon == 0.2
 
 
 def test_parameters_cell_declares_every_field_without_equals_in_comments():
-    src = config.parameters_source()
+    src = params.parameters_source()
     names = [line.split(" = ")[0] for line in src.splitlines() if not line.startswith("#")]
     assert names == list(config.FIELD_NAMES)
     for line in src.splitlines():
@@ -378,7 +379,7 @@ def test_parameters_cell_declares_every_field_without_equals_in_comments():
 
 
 def test_table_shows_every_field_that_differs_from_the_profile():
-    t = config.table(config.load("smoke", width=4, seed=3), ("profile", "epsilon"))
+    t = params.table(config.load("smoke", width=4, seed=3), ("profile", "epsilon"))
     assert list(t.index) == ["profile", "epsilon", "seed", "width"]
     assert t.loc["width", "value"] == "4" and t.loc["width", "profile 'smoke' has"] == "8"
     assert t.loc["epsilon", "profile 'smoke' has"] == ""
@@ -395,7 +396,7 @@ def test_layer_outputs_counted_from_shapes_match_a_meta_forward_pass(spec):
     meta device (which costs every chapter 1.5 s of imports); both count the same elements."""
     from torch import nn
 
-    from rclib import checks
+    from rclib.nn import checks
 
     with torch.device("meta"):
         model = models.from_spec(dict(spec, dropout=0.5, num_classes=10, mean=[0.0] * spec["input_shape"][0],
@@ -407,4 +408,4 @@ def test_layer_outputs_counted_from_shapes_match_a_meta_forward_pass(spec):
         model.eval()(torch.empty(1, *spec["input_shape"], device="meta"))
     for h in hooks:
         h.remove()
-    assert checks._layer_outputs(model, tuple(spec["input_shape"])) == sum(seen)
+    assert checks.layer_outputs(model, tuple(spec["input_shape"])) == sum(seen)

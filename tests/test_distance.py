@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rclib import attacks, distance
+from rclib.robust import attacks, distance
 
 
 def linear(classes: int, seed: int = 0) -> nn.Module:
@@ -114,16 +114,19 @@ def test_pgd_with_one_radius_per_example_stays_in_each_ball():
 
 
 def test_distance_table_caches_every_model_and_stores_finite_tensors():
-    from rclib import config, data, distance_study, pipeline, train
+    from rclib.core import config
+    from rclib.data import datasets
+    from rclib.experiments import distance_study, steps
+    from rclib.nn import train
 
     cfg = config.load("smoke", epsilon=0.1, train_size=64, test_size=32, epochs=1, width=4, hidden=16,
                       attack_sample=8, batch_size=16, eval_batch_size=16)
-    splits = data.load(cfg)
-    base = pipeline.new_model(cfg, splits)
+    splits = datasets.load(cfg)
+    base = steps.new_model(cfg, splits)
     train.fit(base, splits.train, 2, progress=False)
     base.eval()
     rows, per_input, hit = distance_study.distance_table(cfg, splits, base, 0.5, progress=False)
-    assert not hit and [r["variant"] for r in rows] == list(distance_study.VARIANTS)
+    assert not hit and [r["variant"] for r in rows] == [v.label for v in distance_study.VARIANTS]
     assert per_input["subset"].shape == (8,)
     for v in distance_study.VARIANTS:
         d = {k: per_input[f"{v}|{k}"] for k in distance_study.PER_INPUT}
@@ -136,7 +139,7 @@ def test_distance_table_caches_every_model_and_stores_finite_tensors():
 
 
 def test_summary_counts_and_bracket_agreement_on_known_numbers():
-    from rclib import distance_study
+    from rclib.experiments import distance_study
 
     d = dict(distance=torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0]), margin=torch.tensor([-1.0, 1.0, 2.0, 3.0, 9.0]),
              deepfool=torch.tensor([0.0, 0.2, 0.21, 0.3, 1.0]), high=torch.tensor([0.0, 0.1, 0.2, 0.35, 1.0]),

@@ -1,4 +1,4 @@
-"""rclib.distributed and ``python -m rclib retrain|evaluate``: Table 1's steps on 2 processes
+"""rclib.experiments.distributed and ``python -m rclib retrain|evaluate``: Table 1's steps on 2 processes
 (torchrun, gloo, CPU) against 1 process, rank-0-only writes, and a failing rank.
 
 Why 2 processes differ from 1 on the smoke profile (the tolerance below): each rank trains on
@@ -22,8 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rclib import artifacts, config, data, distributed, pipeline, retrain, sizes
 from rclib.__main__ import main
+from rclib.core import artifacts, config
+from rclib.data import datasets
+from rclib.experiments import distributed, pruning, retrain, steps
+from rclib.nn import masks
 
 TOLERANCE = 0.2  # |accuracy with 2 processes - with 1|, clean and FGSM, on 128 smoke test digits
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,8 +86,8 @@ def test_two_processes_keep_the_masks_and_stay_close_to_one(runs):
     assert base_two.read_bytes() == (next((one / "smoke").glob("baseline-*")) / artifacts.WEIGHTS).read_bytes()
     (s2, m2), (s1, m1) = step_artifact(two, "alg7"), step_artifact(one, "alg7")
     assert (m2["world_size"], m1["world_size"], m2["batch_per_process"]) == (2, 1, cfg.batch_size // 2)
-    splits = data.load(cfg)
-    base = pipeline.new_model(cfg, splits)
+    splits = datasets.load(cfg)
+    base = steps.new_model(cfg, splits)
     base.load_state_dict(artifacts.load(base_two.parent)[0])
     pruned = retrain.pruned_copy(base, cfg.prune_rate)
     mask = {f"{name}.weight": m.weight_mask.bool() for name, m in pruned.named_modules() if hasattr(m, "weight_mask")}
@@ -122,27 +125,27 @@ def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir()) == ["baseline", "retrained", "trajectory"]
     cfg = config.load("smoke", **SMALL, batch_norm=False, dropout=0.0, width=4)
     assert step_artifact(tmp_path, "alg7") is None
-    splits = data.load(cfg)
+    splits = datasets.load(cfg)
     monkeypatch.setenv("RCLIB_ARTIFACTS", str(tmp_path))
-    base, _, hit = pipeline.baseline(cfg, splits, progress=False)
+    base, _, hit = steps.baseline(cfg, splits, progress=False)
     assert hit
     model = retrain.pruned_copy(base, cfg.prune_rate)
     same_batches = distributed.train_shard(distributed.Context(), splits.train, cfg.seed)  # 1 rank, the global order
     retrain.retrain_in_place(cfg, model, same_batches, "clean")
-    ours, theirs = sizes.effective_state(model), step_artifact(tmp_path, "clean")[0]
+    ours, theirs = masks.effective_state(model), step_artifact(tmp_path, "clean")[0]
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.allclose(ours[k].double(), theirs[k].double(), atol=1e-5, rtol=0), k
 
     # Alg 5's retrain() in one process on the 2-process global batches
-    ours = pipeline.trajectory_run(cfg, base, [0.5], pipeline.retrainer(cfg, splits, loader=same_batches))[0.5].state
-    found = artifacts.load(artifacts.location(**pipeline.trajectory_artifact(cfg, base, [0.5])))
+    ours = pruning.trajectory_run(cfg, base, [0.5], steps.retrainer(cfg, splits, loader=same_batches))[0.5].state
+    found = artifacts.load(artifacts.location(**pruning.trajectory_artifact(cfg, base, [0.5])))
     assert found is not None
     theirs = {k.split("/", 1)[1]: v for k, v in found[0].items()}
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}  # same channels kept
     for k in ours:
         assert torch.allclose(ours[k].double(), theirs[k].double(), atol=1e-5, rtol=0), k
-    hardened = pipeline.iterative_trajectory(cfg, splits, base, [0.5])[0.5]  # the chapters read it, not recompute
+    hardened = pruning.iterative_trajectory(cfg, splits, base, [0.5])[0.5]  # the chapters read it, not recompute
     assert all(torch.equal(hardened.state[k], theirs[k]) for k in theirs)
 
 
@@ -166,7 +169,7 @@ def test_context_reads_torchrun_and_refuses_bad_values():
 
 def test_shards_cover_every_test_image_once():
     cfg = config.load("smoke", epsilon=0.1, test_size=10, eval_batch_size=4)
-    test = data.load(cfg).test
+    test = datasets.load(cfg).test
     seen = []
     for rank in range(3):
         loader, keep = distributed.test_shard(distributed.Context(rank=rank, world=3), test)

@@ -1,4 +1,4 @@
-"""Results over seeds and across chapters: pipeline.over_seeds, plots.seed_stats, book.claim /
+"""Results over seeds and across chapters: steps.over_seeds, stats.seed_stats, book.claim /
 book.gather (the claims page's source), and the runner's execution order."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import nbformat
 import numpy as np
 import pytest
 import torch
+import toys
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-from rclib import book, config, pipeline, plots
-from rclib.__main__ import execution_order
-
-import toys
+from rclib.core import config, stats
+from rclib.experiments import steps
+from rclib.report import book
+from rclib.report.runner import execution_order
 
 
 def test_gathering_pages_run_after_the_chapters():
@@ -46,7 +47,7 @@ def test_claim_rows_read_back_from_a_glued_notebook(tmp_path):
 
 def test_seed_stats_mean_and_sample_std_per_rate():
     rows = [dict(rate=0.5, acc=a) for a in (0.8, 0.9, 1.0)] + [dict(rate=0.9, acc=0.2)]
-    rates, mean, std, n = plots.seed_stats(rows, "acc", scale=100)
+    rates, mean, std, n = stats.seed_stats(rows, "acc", scale=100)
     assert rates.tolist() == [0.5, 0.9] and n.tolist() == [3, 1]
     np.testing.assert_allclose(mean, [90.0, 20.0])
     np.testing.assert_allclose(std, [10.0, 0.0])
@@ -60,29 +61,29 @@ def test_over_seeds_runs_each_seed_on_its_own_cached_baseline():
         seen.append((cfg_s.seed, next(base_s.parameters()).sum().item()))
         return [dict(value=cfg_s.seed * 10)]
 
-    rows = pipeline.over_seeds(cfg, step, progress=False)
+    rows = steps.over_seeds(cfg, step, progress=False)
     assert rows == [dict(value=0, seed=0), dict(value=10, seed=1)]
     assert seen[0][0] == 0 and seen[1][0] == 1 and not math.isclose(seen[0][1], seen[1][1])
-    again = pipeline.over_seeds(cfg, step, progress=False)  # baselines now come from the cache
+    again = steps.over_seeds(cfg, step, progress=False)  # baselines now come from the cache
     assert again == rows and seen[2:] == seen[:2]
 
 
 def test_over_seeds_parks_the_callers_models_and_gives_them_back(monkeypatch):
     """Models in ``park`` leave their device for the host during the loop and come back after,
     also when a step fails; models already on the host are not touched. No GPU here: the parked
-    model's device is faked and ``prune.move`` is recorded."""
+    model's device is faked and ``masks.move`` is recorded."""
     cfg = config.load("smoke", train_size=64, test_size=32, epochs=1, seeds=(0, 1))
     held, on_cpu = toys.tiny_vgg(), toys.tiny_vgg()
     moves = []
-    monkeypatch.setattr(pipeline.prune, "move", lambda m, d: moves.append((m, str(d))))
-    device = pipeline.train.model_device
-    monkeypatch.setattr(pipeline.train, "model_device", lambda m: torch.device("cuda", 0) if m is held else device(m))
+    monkeypatch.setattr(steps.masks, "move", lambda m, d: moves.append((m, str(d))))
+    device = steps.train.model_device
+    monkeypatch.setattr(steps.train, "model_device", lambda m: torch.device("cuda", 0) if m is held else device(m))
 
     def step(cfg_s, splits_s, base_s):
         assert moves == [(held, "cpu")]  # on the host while the seeds run
         return [dict(value=1)]
 
-    assert len(pipeline.over_seeds(cfg, step, progress=False, park=[held, on_cpu])) == 2
+    assert len(steps.over_seeds(cfg, step, progress=False, park=[held, on_cpu])) == 2
     assert moves == [(held, "cpu"), (held, "cuda:0")]
     moves.clear()
 
@@ -90,7 +91,7 @@ def test_over_seeds_parks_the_callers_models_and_gives_them_back(monkeypatch):
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError):
-        pipeline.over_seeds(cfg, failing, progress=False, park=[held])
+        steps.over_seeds(cfg, failing, progress=False, park=[held])
     assert moves == [(held, "cpu"), (held, "cuda:0")]
 
 
@@ -151,7 +152,7 @@ def test_a_broken_check_fails_its_chapter(tmp_path):
     stops the chapter there and nothing after it runs."""
     import papermill
 
-    nb = new_notebook(cells=[new_code_cell("from rclib import book\n"
+    nb = new_notebook(cells=[new_code_cell("from rclib.report import book\n"
                                            "book.check('chapter 01', 'hardened = masked', 0.0139 == 0, "
                                            "'largest gap 1.39 pp', measures='clean accuracy')"),
                              new_code_cell("after = True")])

@@ -8,7 +8,8 @@ import json
 import math
 
 from rclib import __main__ as cli
-from rclib import config, gpucheck, projection
+from rclib.core import config
+from rclib.experiments import gpucheck, projection
 
 
 def _positive(x) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rclib import huffdecode, huffman
+from rclib.compress import huffdecode, huffman
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -61,7 +61,7 @@ def _parts(meta, data):
     lengths = np.frombuffer(huffman.segment(data, meta["lengths"]), np.uint8)
     nb = -(-meta["n"] // meta["block"])
     bm = meta["blocks"]
-    blen = huffman._read_fixed(huffman.segment(data, bm["data"]), nb - 1, bm["width"]) + bm["min"]
+    blen = huffman.read_fixed(huffman.segment(data, bm["data"]), nb - 1, bm["width"]) + bm["min"]
     return bits, lengths, np.concatenate([[0], np.cumsum(blen)])
 
 
@@ -73,7 +73,7 @@ def test_stream_bytes_equal_the_frozen_writer_and_both_decoders_are_exact(frozen
     assert meta == frozen._encode_stream(sym, alphabet, old)
     data = b"".join(out.parts)
     assert data == b"".join(old.parts)
-    assert np.array_equal(huffman.decode_stream(meta, memoryview(data)), sym)
+    assert np.array_equal(huffdecode.decode_stream(meta, memoryview(data)), sym)
     bits, lengths, starts = _parts(meta, memoryview(data))
     n, block = meta["n"], meta["block"]
     assert np.array_equal(huffdecode.by_symbol(bits, lengths, starts, n, block, sym.dtype), sym)

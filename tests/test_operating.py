@@ -1,11 +1,12 @@
-"""rclib.operating: the paper's operating point found on synthetic robust-accuracy curves."""
+"""rclib.experiments.operating: the paper's operating point found on synthetic robust-accuracy curves."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rclib import config, operating
+from rclib.core import config
+from rclib.experiments import operating, setup
 
 
 def _linear(slopes, clean=1.0):
@@ -50,7 +51,7 @@ def test_a_fixed_epsilon_measures_nothing_and_apply_sets_both_epsilons():
     assert matched.within and matched.apply(config.load("smoke")).epsilon == 0.2
     assert "keep 11.8" in operating.describe(matched)
     with pytest.raises(ValueError, match="match"):
-        operating.fixed(config.load("smoke"))
+        operating.fixed(setup.load("smoke"))
 
 
 def test_epsilon_takes_match_or_a_number_and_nothing_else():
@@ -59,15 +60,17 @@ def test_epsilon_takes_match_or_a_number_and_nothing_else():
     assert config.load("smoke", epsilon="MATCH").epsilon == "match"
     for bad in ("matched", -0.1, True):
         with pytest.raises(ValueError, match="epsilon="):
-            config.load("smoke", epsilon=bad)
+            setup.load("smoke", epsilon=bad)
     with pytest.raises(ValueError, match="adv_epsilon="):
-        config.load("smoke", adv_epsilon="match")
+        setup.load("smoke", adv_epsilon="match")
 
 
 def test_the_fgsm_curve_equals_robust_accuracy_at_every_epsilon(tiny_cfg):
-    from rclib import attacks, data, pipeline
+    from rclib.data import datasets
+    from rclib.experiments import steps
+    from rclib.robust import attacks
 
-    splits = data.load(tiny_cfg)
-    model, _, _ = pipeline.baseline(tiny_cfg, splits, "cpu", progress=False)
+    splits = datasets.load(tiny_cfg)
+    model, _, _ = steps.baseline(tiny_cfg, splits, "cpu", progress=False)
     grid = [0.0, 0.05, 0.1, 0.3]
     assert attacks.fgsm_curve(model, splits.test, grid) == attacks.robust_curve(model, splits.test, grid)

@@ -18,10 +18,9 @@ from __future__ import annotations
 import resource
 
 import pytest
-
-from rclib import book
-
 from test_notebooks import _check_claims
+
+from rclib.report import book
 
 GIB = 1024 ** 3
 pytestmark = pytest.mark.paper  # make test-all and CI; make test leaves it out

@@ -1,4 +1,4 @@
-"""rclib.prune (Alg 1-5) on tiny VGG-topology models, as Torch-Pruning tests its toy nets."""
+"""rclib.compress.prune (Alg 1-5) on tiny VGG-topology models, as Torch-Pruning tests its toy nets."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.data import DataLoader, TensorDataset
-
-from rclib import models, prune, sizes, train
-
 from toys import SPEC  # noqa: E402
+
+from rclib.compress import harden, iterative, prune, sizes
+from rclib.nn import masks, models, train
+from rclib.nn.train import Optimiser
 
 
 def tiny(seed: int = 0, batch_norm: bool = True, **changes) -> models.VGG:
@@ -31,7 +32,7 @@ def tiny(seed: int = 0, batch_norm: bool = True, **changes) -> models.VGG:
     return model.eval()
 
 
-def masks(model):
+def mask_tensors(model):
     return [m.weight_mask for _, m in models.prunable_layers(model)]
 
 
@@ -41,7 +42,7 @@ def test_global_masks_equal_torch(rate):
     prune.global_unstructured(ours, rate)
     torch_prune.global_unstructured([(m, "weight") for _, m in models.prunable_layers(theirs)],
                                     pruning_method=torch_prune.L1Unstructured, amount=rate)
-    for a, b in zip(masks(ours), masks(theirs)):
+    for a, b in zip(mask_tensors(ours), mask_tensors(theirs)):
         assert torch.equal(a, b)
 
 
@@ -51,7 +52,7 @@ def test_layer_masks_equal_torch(rate):
     prune.layer_unstructured(ours, rate)
     for _, m in models.prunable_layers(theirs):
         torch_prune.l1_unstructured(m, "weight", amount=rate)
-    for a, b in zip(masks(ours), masks(theirs)):
+    for a, b in zip(mask_tensors(ours), mask_tensors(theirs)):
         assert torch.equal(a, b)
 
 
@@ -71,12 +72,12 @@ def test_exact_zero_counts(rate):
 def test_rates_are_absolute_when_pruning_again():
     model = tiny()
     prune.global_unstructured(model, 0.5)
-    zeros_before = masks(model)
+    zeros_before = mask_tensors(model)
     prune.global_unstructured(model, 0.8)
     table = prune.sparsity(model)
     assert table["zeros"].sum() == round(0.8 * table["weights"].sum())
     # what was pruned stays pruned
-    for before, after in zip(zeros_before, masks(model)):
+    for before, after in zip(zeros_before, mask_tensors(model)):
         assert not (after.bool() & ~before.bool()).any()
 
 
@@ -118,14 +119,14 @@ def test_channel_pruning_masks_the_following_batchnorm():
 def test_harden_is_equivalent_and_smaller(rate, batch_norm):
     model = tiny(batch_norm=batch_norm)
     prune.channel_structured(model, rate)
-    hard = prune.harden(model)
+    hard = harden.harden(model)
     x = torch.rand(32, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(hard(x), model(x), atol=1e-5, rtol=0)
-    assert not prune.is_pruned(hard)
+    assert not torch_prune.is_pruned(hard)
     assert models.count_parameters(hard) < sizes.nonzero_parameters(model) + 10 * 64
     assert sizes.dense_bytes(hard) < 0.7 * sizes.dense_bytes(model)
-    assert prune.flops(hard, (1, 8, 8)) < prune.flops(model, (1, 8, 8))
+    assert harden.flops(hard, (1, 8, 8)) < harden.flops(model, (1, 8, 8))
     # the hardened model can be rebuilt from its spec alone
     rebuilt = models.from_spec(hard.spec)
     rebuilt.load_state_dict(hard.state_dict())
@@ -145,7 +146,7 @@ def test_harden_torchvision_vgg16_bn_layout():
                 m.bias.normal_(0, 0.1)
                 m.running_mean.normal_(0, 0.1)
     prune.channel_structured(model, 0.5, layers=[n for n, _ in models.prunable_layers(model)][:13])
-    hard = prune.harden(model)
+    hard = harden.harden(model)
     assert hard.classifier[0].in_features == 64 * 49  # 128 channels of the last block, half kept
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -167,7 +168,7 @@ def test_iterative_keeps_pruned_weights_at_zero(method):
     seen = []
 
     def retrain(m):
-        train.fit(m, loader, 1, lr=0.05, optimizer="sgd", weight_decay=0.005, progress=False)
+        train.fit(m, loader, 1, optimiser=Optimiser("sgd", lr=0.05, weight_decay=0.005), progress=False)
 
     def check(m, rate):
         # every weight pruned at an earlier step is still exactly zero after retraining
@@ -176,10 +177,10 @@ def test_iterative_keeps_pruned_weights_at_zero(method):
             assert now[before].all()
         seen.append(zeros)
 
-    result = prune.iterative(model, 0.5, 0.2, retrain, method=method, on_step=check)
+    result = iterative.iterative(model, 0.5, 0.2, retrain, method=method, on_step=check)
     assert len(seen) == 3  # 0.2, 0.4, 0.5
     if method == "channel":
-        assert isinstance(result, models.VGG) and result is not model and not prune.is_pruned(result)
+        assert isinstance(result, models.VGG) and result is not model and not torch_prune.is_pruned(result)
         x = torch.rand(8, 1, 8, 8)
         with torch.no_grad():
             torch.testing.assert_close(result(x), model(x), atol=1e-5, rtol=0)
@@ -190,17 +191,17 @@ def test_iterative_keeps_pruned_weights_at_zero(method):
 
 
 def test_schedule():
-    assert prune.schedule(0.5, 0.2) == [0.2, 0.4, 0.5]
-    assert prune.schedule(0.3, 0.1) == [0.1, 0.2, 0.3]
-    assert prune.schedule(0.9, 0.5, extra=[0.7, 0.3, 0.95]) == [0.3, 0.5, 0.7, 0.9]
+    assert iterative.schedule(0.5, 0.2) == [0.2, 0.4, 0.5]
+    assert iterative.schedule(0.3, 0.1) == [0.1, 0.2, 0.3]
+    assert iterative.schedule(0.9, 0.5, extra=[0.7, 0.3, 0.95]) == [0.3, 0.5, 0.7, 0.9]
 
 
 def test_make_permanent_keeps_zeros_and_drops_masks():
     model = tiny()
     prune.channel_structured(model, 0.5)
     before = prune.sparsity(model)
-    prune.make_permanent(model)
-    assert not prune.is_pruned(model)
+    masks.make_permanent(model)
+    assert not torch_prune.is_pruned(model)
     assert (prune.sparsity(model)["zeros"] == before["zeros"]).all()
     assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
 
@@ -217,9 +218,9 @@ def test_bad_method_layers_and_model():
     with pytest.raises(ValueError, match="layers.*features.99"):
         prune.layer_unstructured(tiny(), 0.5, layers=["features.99"])
     with pytest.raises(ValueError, match="step"):
-        prune.iterative(tiny(), 0.5, 0.0, lambda m: None)
-    with pytest.raises(ValueError, match="harden needs an rclib.models.VGG"):
-        prune.harden(nn.Sequential(nn.Linear(4, 4)))
+        iterative.iterative(tiny(), 0.5, 0.0, lambda m: None)
+    with pytest.raises(ValueError, match="harden needs an rclib.nn.models.VGG"):
+        harden.harden(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="empty"):
         prune.global_unstructured(nn.Sequential(nn.ReLU()), 0.5)
 
@@ -232,7 +233,7 @@ def test_works_on_any_model():
 
 def test_mask_agreement_allows_differences_only_at_exact_ties():
     def both(model):
-        ours, theirs = prune.clone(model), prune.clone(model)
+        ours, theirs = masks.clone(model), masks.clone(model)
         prune.global_unstructured(ours, 0.5)
         torch_prune.global_unstructured([(m, "weight") for _, m in models.prunable_layers(theirs)],
                                         pruning_method=torch_prune.L1Unstructured, amount=0.5)
@@ -242,12 +243,12 @@ def test_mask_agreement_allows_differences_only_at_exact_ties():
     with torch.no_grad():  # every magnitude equal: which weights go is an arbitrary choice
         for _, m in models.prunable_layers(tied):
             m.weight.copy_(torch.sign(torch.randn_like(m.weight)))
-    result = prune.mask_agreement(*both(tied))
+    result = masks.mask_agreement(*both(tied))
     assert result["agree"] and result["zeros_ours"] == result["zeros_theirs"]
 
     torch.manual_seed(0)
     ours, theirs = both(models.from_spec(SPEC))
-    assert prune.mask_agreement(ours, theirs) == dict(zeros_ours=result["zeros_ours"],
+    assert masks.mask_agreement(ours, theirs) == dict(zeros_ours=result["zeros_ours"],
                                                       zeros_theirs=result["zeros_ours"], differ=0,
                                                       ties_only=True, agree=True)
     # swap the largest kept weight with a pruned one: equal counts, a difference far from any tie
@@ -257,7 +258,7 @@ def test_mask_agreement_allows_differences_only_at_exact_ties():
     dropped = int((mask == 0).nonzero()[0])
     with torch.no_grad():
         mask[largest], mask[dropped] = 0.0, 1.0
-    swapped = prune.mask_agreement(ours, theirs)
+    swapped = masks.mask_agreement(ours, theirs)
     assert swapped["zeros_ours"] == swapped["zeros_theirs"] and swapped["differ"] == 2
     assert not swapped["ties_only"] and not swapped["agree"]
 
@@ -314,8 +315,8 @@ def test_repeated_pruning_keeps_one_mask_per_tensor():
         assert sorted(h._tensor_name for h in hooks) in (["weight"], ["bias", "weight"])
     x = torch.rand(4, 1, 8, 8)
     y = model(x)
-    prune.make_permanent(model)
-    assert not prune.is_pruned(model) and torch.equal(model(x), y)
+    masks.make_permanent(model)
+    assert not torch_prune.is_pruned(model) and torch.equal(model(x), y)
 
 
 @pytest.mark.parametrize("grid", [0, 2000])
@@ -332,12 +333,12 @@ def test_global_masks_from_a_sampled_bracket_equal_the_full_partition(grid):
 
 def test_move_takes_the_masked_weights_along():
     """``Module.to`` leaves torch's masked ``weight`` attribute behind (a weight-sized tensor per
-    layer on the old device); ``prune.move`` recomputes it where the parameters went."""
+    layer on the old device); ``masks.move`` recomputes it where the parameters went."""
     model = tiny()
     prune.global_unstructured(model, 0.5)
-    plain = prune.clone(model).to("meta")
+    plain = masks.clone(model).to("meta")
     assert all(m.weight.device.type == "cpu" for _, m in models.prunable_layers(plain))
-    prune.move(model, "meta")
+    masks.move(model, "meta")
     for _, m in models.prunable_layers(model):
         assert m.weight.device.type == m.weight_orig.device.type == m.weight_mask.device.type == "meta"
 
@@ -347,8 +348,8 @@ def test_global_pruning_without_masks_leaves_the_zeros_the_masks_would():
     masked pruning followed by ``make_permanent`` zeroes, and refuses a model already pruned."""
     masked, plain = tiny(), tiny()
     plain.load_state_dict(masked.state_dict())
-    prune.make_permanent(prune.global_unstructured(masked, 0.6))
-    assert prune.global_unstructured(plain, 0.6, masks=False) is plain and not prune.is_pruned(plain)
+    masks.make_permanent(prune.global_unstructured(masked, 0.6))
+    assert prune.global_unstructured(plain, 0.6, masks=False) is plain and not torch_prune.is_pruned(plain)
     for (_, a), (_, b) in zip(models.prunable_layers(masked), models.prunable_layers(plain)):
         assert torch.equal(a.weight, b.weight)
     with pytest.raises(ValueError, match="masks=False is not allowed on a pruned model"):

@@ -3,7 +3,6 @@ variables that do not fit, inputs judged by meaning, bounded checks, folder walk
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -11,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from rclib import checks, config, data, walk
-from rclib.__main__ import main
 from toys import image_folder
+
+from rclib.__main__ import main
+from rclib.core import config, walk
+from rclib.data import checks, datasets
+from rclib.experiments import setup
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -140,10 +141,10 @@ def test_a_peer_that_never_comes_ends_the_wait_after_the_join_timeout(tmp_path, 
 
 def test_training_nothing_is_refused_but_weights_alone_are_a_model(tmp_path, tiny_model):
     with pytest.raises(ValueError, match=r"epochs=0 with weights='none' is not allowed: it trains nothing"):
-        config.load("smoke", epochs=0)
+        setup.load("smoke", epochs=0)
     path = tmp_path / "w.safetensors"
     cfg = config.load("smoke", width=8, hidden=32)
-    from rclib import models
+    from rclib.nn import models
 
     save_file(models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,)).state_dict(), str(path))
     assert config.load("smoke", width=8, hidden=32, epochs=0, weights=str(path)).epochs == 0
@@ -152,7 +153,7 @@ def test_training_nothing_is_refused_but_weights_alone_are_a_model(tmp_path, tin
 @pytest.mark.parametrize("dtype, text", [(torch.int8, "file I8, model F32"), (torch.bool, "file BOOL, model F32"),
                                          (None, "holds NaN or infinite values")])
 def test_weights_files_are_checked_for_dtype_and_finiteness(tmp_path, dtype, text):
-    from rclib import models
+    from rclib.nn import models
 
     cfg = config.load("smoke", width=8, hidden=32)
     state = models.build(cfg, 10, (1, 8, 8), (0.3,), (0.3,)).state_dict()
@@ -161,29 +162,29 @@ def test_weights_files_are_checked_for_dtype_and_finiteness(tmp_path, dtype, tex
     path = tmp_path / "w.safetensors"
     save_file(state, str(path))
     with pytest.raises(ValueError, match=rf"weights='{path}' is not allowed: .*{name}.*" if dtype else text) as err:
-        config.load("smoke", width=8, hidden=32, weights=str(path))
+        setup.load("smoke", width=8, hidden=32, weights=str(path))
     assert text in str(err.value) and "lr" not in str(err.value)  # names the file, not the learning rate
 
 
 def test_batch_norm_batch_of_one(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=1 is not allowed with batch_norm=True"):
-        config.load("smoke", batch_size=1)
+        setup.load("smoke", batch_size=1)
     assert config.load("smoke", batch_size=1, batch_norm=False).batch_size == 1
     # a last batch of one image (513 = 8 x 64 + 1): that image is dropped, the rest train
     cfg = config.load("smoke", train_size=513, test_size=64, epochs=1)
-    loader = data.load(cfg).train
+    loader = datasets.load(cfg).train
     assert loader.drop_last and len(loader) == 8
-    assert not data.load(config.load("smoke", train_size=512, test_size=64)).train.drop_last
-    from rclib import pipeline
+    assert not datasets.load(config.load("smoke", train_size=512, test_size=64)).train.drop_last
+    from rclib.experiments import steps
 
-    model, metrics, _ = pipeline.baseline(cfg, data.load(cfg), progress=False)
+    model, metrics, _ = steps.baseline(cfg, datasets.load(cfg), progress=False)
     assert 0 <= metrics["clean_accuracy"] <= 1
 
 
 @pytest.mark.parametrize("fraction, side", [(0.001, "2 test image"), (0.999, "1 training image")])
 def test_a_split_that_leaves_a_class_out_is_refused(fraction, side):
     with pytest.raises(ValueError, match=rf"test_fraction={fraction} is not allowed: .* leaves {side}"):
-        config.load("smoke", test_fraction=fraction, train_size=0, test_size=0)
+        setup.load("smoke", test_fraction=fraction, train_size=0, test_size=0)
 
 
 def test_value_checks_cost_little_whatever_the_value():
@@ -196,7 +197,7 @@ def test_value_checks_cost_little_whatever_the_value():
                         ("x" * (config.MAX_TEXT + 1), "at most 100,000 characters")):
         start = time.perf_counter()
         with pytest.raises(ValueError, match=text) as err:
-            config.load("smoke", seeds=value)
+            setup.load("smoke", seeds=value)
         assert time.perf_counter() - start < 5 and len(str(err.value)) < 2000
 
 
@@ -210,18 +211,18 @@ def test_walk_ends_on_a_link_cycle_and_matches_torchvision_otherwise(tmp_path):
     (root / "a" / "sub" / "x.png").write_bytes((root / "a" / "img0.png").read_bytes())
     (root / "b" / "more").symlink_to(root / "a" / "sub", target_is_directory=True)  # a plain link: followed
     tv = ImageFolder(str(root)).samples
-    ours = data._bounded_folder(ImageFolder)(str(root)).samples
+    ours = datasets._bounded_folder(ImageFolder)(str(root)).samples
     assert ours == tv and len(ours) == 8
     (root / "a" / "loop").symlink_to(".", target_is_directory=True)  # a -> . : os.walk would never end
     start = time.perf_counter()
     assert checks.image_folder_classes(root) == {"a": 4, "b": 4}
-    assert len(data._bounded_folder(ImageFolder)(str(root)).samples) == 8
+    assert len(datasets._bounded_folder(ImageFolder)(str(root)).samples) == 8
     assert time.perf_counter() - start < 10
 
 
 def test_walk_refuses_kernel_file_systems_and_bounds_entries(tmp_path):
     with pytest.raises(ValueError, match=r"data_dir='/proc' is not allowed: .*kernel file system"):
-        config.load("smoke", dataset="folder", data_dir="/proc")
+        setup.load("smoke", dataset="folder", data_dir="/proc")
     root = image_folder(tmp_path / "f", ["a", "b"], 3, size=(8, 8))
     (root / "a" / "proc").symlink_to("/proc", target_is_directory=True)
     assert checks.image_folder_classes(root) == {"a": 3, "b": 3}  # the link into /proc is not entered

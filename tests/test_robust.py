@@ -1,9 +1,10 @@
-"""rclib.robust: the margin loss of Eq 9 by hand, Alg 7's 2B batch, masks, a descent step, validation."""
+"""rclib.robust.margin: the margin loss of Eq 9 by hand, Alg 7's 2B batch, masks, a descent step, validation."""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
-
-from rclib.attacks import fgsm
-from rclib.models import prunable_layers
-from rclib.robust import adversarial_margin_loss, adversarial_retrain, margin_loss
-
 from toys import tiny_vgg  # noqa: E402
+
+from rclib.nn.models import prunable_layers
+from rclib.nn.train import APPENDIX_C
+from rclib.robust.attacks import fgsm
+from rclib.robust.margin import Objective, adversarial_margin_loss, adversarial_retrain, margin_loss
 
 torch.set_num_threads(1)
 
@@ -80,7 +81,7 @@ def test_alg7_loss_is_ce_plus_margin_on_the_2b_concatenation():
     x, y = data(8)
     sizes = []
     hook = model.register_forward_pre_hook(lambda m, inp: sizes.append((len(inp[0]), m.training)))
-    loss = adversarial_margin_loss(model, x, y, eps=0.1, margin_weight=0.5)
+    loss = adversarial_margin_loss(model, x, y, Objective(eps=0.1, margin_weight=0.5))
     hook.remove()
     # one eval-mode forward of B for FGSM, then one train-mode forward of 2B
     assert sizes == [(8, False), (16, True)]
@@ -97,7 +98,7 @@ def test_alg7_loss_with_eps_zero_is_clean_plus_margin():
     x, y = data(8)
     z = model(x)
     expected = F.cross_entropy(z, y) + 0.1 * margin_loss(z, y, on="probs")
-    got = adversarial_margin_loss(model, x, y, eps=0.0, margin_weight=0.1, on="probs")
+    got = adversarial_margin_loss(model, x, y, Objective(eps=0.0, margin_weight=0.1, on="probs"))
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert not model.training
 
@@ -110,8 +111,7 @@ def test_pruned_weights_stay_zero_through_adversarial_retrain():
         prune.l1_unstructured(layer, "weight", amount=0.5)
     masks = {name: layer.weight_mask.clone() for name, layer in prunable_layers(model)}
     start = {name: layer.weight.detach().clone() for name, layer in prunable_layers(model)}
-    history = adversarial_retrain(model, loader(), eps=0.1, margin_weight=0.1, epochs=2, lr=0.05,
-                                  progress=False)
+    history = adversarial_retrain(model, loader(), objective=Objective(eps=0.1, margin_weight=0.1), optimiser=replace(APPENDIX_C, lr=0.05), epochs=2, progress=False)
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(math.isfinite(row[k]) for row in history for k in ("loss", "ce", "mm"))
     for name, layer in prunable_layers(model):
@@ -131,11 +131,10 @@ def test_one_alg7_step_lowers_the_combined_loss_on_its_batch():
     one_batch = DataLoader(TensorDataset(x, y), batch_size=16)
 
     def combined() -> float:  # regenerates FGSM from the current model, as Alg 7 does
-        return adversarial_margin_loss(model, x, y, eps=0.1, margin_weight=0.5).item()
+        return adversarial_margin_loss(model, x, y, Objective(eps=0.1, margin_weight=0.5)).item()
 
     before = combined()
-    history = adversarial_retrain(model, one_batch, eps=0.1, margin_weight=0.5, epochs=1, lr=0.01,
-                                  momentum=0.0, weight_decay=0.0, progress=False)
+    history = adversarial_retrain(model, one_batch, objective=Objective(eps=0.1, margin_weight=0.5), optimiser=replace(APPENDIX_C, lr=0.01, momentum=0.0, weight_decay=0.0), epochs=1, progress=False)
     after = combined()
     assert history[0]["loss"] == pytest.approx(before, rel=1e-5)  # fit saw the same loss
     assert after < before
@@ -145,8 +144,7 @@ def test_margin_weight_zero_is_plain_fgsm_training():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     x, y = data(16)
-    h = adversarial_retrain(model, DataLoader(TensorDataset(x, y), batch_size=16), eps=0.1,
-                            margin_weight=0.0, lr=0.01, progress=False)
+    h = adversarial_retrain(model, DataLoader(TensorDataset(x, y), batch_size=16), objective=Objective(eps=0.1, margin_weight=0.0), optimiser=replace(APPENDIX_C, lr=0.01), progress=False)
     assert h[0]["loss"] == pytest.approx(h[0]["ce"], rel=1e-6)
     assert h[0]["mm"] > 0
 
@@ -154,7 +152,7 @@ def test_margin_weight_zero_is_plain_fgsm_training():
 @pytest.mark.parametrize("mode", [True, False])
 def test_retrain_restores_the_callers_mode(mode):
     model = tiny_vgg().train(mode)
-    adversarial_retrain(model, loader(16), eps=0.05, margin_weight=0.1, progress=False)
+    adversarial_retrain(model, loader(16), objective=Objective(eps=0.05, margin_weight=0.1), progress=False)
     assert model.training is mode
     assert all(m.training is mode for m in model.modules())
 
@@ -171,27 +169,30 @@ def test_retrain_restores_the_callers_mode(mode):
     (dict(optimizer="lbfgs"), "optimizer"),
 ])
 def test_bad_hyper_parameters_raise_naming_the_parameter(kwargs, name):
-    args = dict(eps=0.1, margin_weight=0.1) | kwargs
+    objective = {k: v for k, v in kwargs.items() if k in ("eps", "margin_weight", "margin", "on")}
+    optimiser = {{"optimizer": "name"}.get(k, k): v for k, v in kwargs.items() if k in ("lr", "optimizer")}
     model = tiny_vgg()
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=rf"^{name}="):
-        adversarial_retrain(model, loader(16), progress=False, **args)
+        adversarial_retrain(model, loader(16), Objective(**(dict(eps=0.1, margin_weight=0.1) | objective)),
+                            replace(APPENDIX_C, **optimiser) if "epochs" not in kwargs else APPENDIX_C,
+                            kwargs.get("epochs", 1), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing trained
 
 
 def test_zero_epochs_changes_nothing():
     model = tiny_vgg()
     before = copy.deepcopy(model.state_dict())
-    assert adversarial_retrain(model, loader(16), eps=0.1, margin_weight=0.1, epochs=0, progress=False) == []
+    assert adversarial_retrain(model, loader(16), objective=Objective(eps=0.1, margin_weight=0.1), epochs=0, progress=False) == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_huge_margin_weight_diverges_with_a_message_naming_it():
-    from rclib.train import Diverged
+    from rclib.nn.train import Diverged
 
     model = tiny_vgg()
     with pytest.raises(Diverged, match=r"margin_weight=1e\+300"):
-        adversarial_retrain(model, loader(), eps=0.1, margin_weight=1e300, progress=False)
+        adversarial_retrain(model, loader(), objective=Objective(eps=0.1, margin_weight=1e300), progress=False)
 
 
 # ---- Alg 7 with PGD examples (chapter 05's Madry-style row) -----------------------------------
@@ -211,8 +212,7 @@ def test_pgd_retraining_repeats_with_its_seed_keeps_masks_and_differs_from_fgsm(
     runs = {}
     for key, attack in (("pgd", "pgd"), ("pgd again", "pgd"), ("fgsm", "fgsm")):
         model = _pruned_toy()
-        history = adversarial_retrain(model, loader(), eps=0.1, margin_weight=0.1, attack=attack, pgd_steps=3,
-                                      progress=False)
+        history = adversarial_retrain(model, loader(), objective=Objective(eps=0.1, margin_weight=0.1, attack=attack, pgd_steps=3), progress=False)
         assert len(history) == 1 and math.isfinite(history[0]["loss"])
         for _, layer in prunable_layers(model):  # pruned weights are still exactly zero
             assert (layer.weight[layer.weight_mask == 0] == 0).all()
@@ -225,12 +225,12 @@ def test_pgd_loss_uses_pgd_examples_from_the_given_generator():
     model = tiny_vgg().eval()
     x, y = data(8)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    from rclib.attacks import pgd
+    from rclib.robust.attacks import pgd
 
     x_adv = pgd(model, x, y, 0.1, steps=2, generator=g1)
     z = model(torch.cat([x, x_adv]))
     expected = F.cross_entropy(z, torch.cat([y, y])) + 0.1 * margin_loss(z, torch.cat([y, y]))
-    got = adversarial_margin_loss(model, x, y, 0.1, 0.1, attack="pgd", pgd_steps=2, generator=g2)
+    got = adversarial_margin_loss(model, x, y, Objective(0.1, 0.1, attack="pgd", pgd_steps=2), generator=g2)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert not torch.equal(x_adv, fgsm(model, x, y, 0.1))  # so the match above is not FGSM's loss by chance
 
@@ -238,4 +238,4 @@ def test_pgd_loss_uses_pgd_examples_from_the_given_generator():
 @pytest.mark.parametrize("kwargs, name", [(dict(attack="cw"), "attack"), (dict(attack="pgd", pgd_steps=0), "pgd_steps")])
 def test_bad_attack_settings_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        adversarial_retrain(tiny_vgg(), loader(), eps=0.1, margin_weight=0.1, progress=False, **kwargs)
+        Objective(eps=0.1, margin_weight=0.1, **kwargs)

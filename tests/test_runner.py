@@ -11,7 +11,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rclib.__main__ import AFTER, ChapterFailed, main, parse_value, run_notebook, side_by_side, toc_notebooks
+from rclib.__main__ import main
+from rclib.report.runner import AFTER, ChapterFailed, parse_value, run_notebook, side_by_side, toc_notebooks
 
 
 def test_parse_value_reads_like_papermill():

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rclib import models, share
+from rclib.compress import kmeans, share, sizes
+from rclib.nn import models
 
 SPEC = dict(model="vgg_small", width=8, hidden=32, batch_norm=True, dropout=0.5, num_classes=10,
             input_shape=[1, 8, 8], mean=[0.3], std=[0.3])
@@ -37,7 +38,7 @@ def test_kmeans_1d_no_worse_than_sklearn_same_linear_init(k):
     from sklearn.cluster import KMeans
 
     x = _gap_sample()
-    c, labels = share.kmeans_1d(x, k)
+    c, labels = kmeans.kmeans_1d(x, k)
     ours = _mse(x, c, labels)
     init = np.linspace(x.min(), x.max(), k).reshape(-1, 1)
     for tol in (1e-4, 0.0):  # scikit-learn's default stop, and run to convergence
@@ -50,7 +51,7 @@ def test_kmeans_1d_fills_empty_clusters_from_linear_init():
     # two tight groups far apart: most linearly spaced centroids start in the empty middle
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.uniform(-1.0, -0.9, 500), rng.uniform(0.9, 1.0, 500)]).astype(np.float32)
-    c, labels = share.kmeans_1d(x, 16, refine=0)
+    c, labels = kmeans.kmeans_1d(x, 16, refine=0)
     assert c.shape == (16,) and np.unique(c).size == 16 and np.all(np.diff(c) > 0)
     assert np.unique(labels).size == 16  # every cluster is used
     # labels are the nearest centroid
@@ -61,7 +62,7 @@ def test_kmeans_1d_fills_empty_clusters_from_linear_init():
 
 def test_kmeans_1d_few_distinct_values_is_lossless():
     x = np.array([0.5, -0.25, 0.5, 3.0], dtype=np.float32)
-    c, labels = share.kmeans_1d(x, 8)
+    c, labels = kmeans.kmeans_1d(x, 8)
     assert np.array_equal(c, np.array([-0.25, 0.5, 3.0], np.float32))
     assert np.array_equal(c[labels], x)
 
@@ -106,9 +107,9 @@ def test_weight_share_plain_layer_in_place_and_layers_subset():
 
 def test_compression_rate_eq_6_7_by_hand():
     # (2^5 * 32 + 5 * 1000) / (1000 * 32) = 6024 / 32000 = 2^5/1000 + 5/32
-    assert share.compression_rate(5, 1000) == pytest.approx(0.18825, abs=1e-12)
-    assert share.compression_rate(5, 1000) == pytest.approx(2**5 / 1000 + 5 / 32)
-    assert share.compression_rate(8, 10**6, weight_bits=16) == pytest.approx(256 / 10**6 + 8 / 16)
+    assert sizes.compression_rate(5, 1000) == pytest.approx(0.18825, abs=1e-12)
+    assert sizes.compression_rate(5, 1000) == pytest.approx(2**5 / 1000 + 5 / 32)
+    assert sizes.compression_rate(8, 10**6, weight_bits=16) == pytest.approx(256 / 10**6 + 8 / 16)
 
 
 def test_shared_size_mb_by_hand():
@@ -118,7 +119,7 @@ def test_shared_size_mb_by_hand():
         layer.bias.fill_(1.0)
     model = nn.Sequential(layer)
     # 20 indices x 5 bits + 2^5 table entries x 32 bits + 4 biases x 32 bits
-    assert share.shared_size_mb(model, bits={"linear": 5}) == pytest.approx((20 * 5 + 32 * 32 + 4 * 32) / 8 / 1e6)
+    assert sizes.shared_size_mb(model, bits={"linear": 5}) == pytest.approx((20 * 5 + 32 * 32 + 4 * 32) / 8 / 1e6)
 
 
 @pytest.mark.parametrize("bits", [0, 17, -1, 2.5, "8", True, {"conv": 8, "linear": 40}, {"dense": 4}])
@@ -129,16 +130,16 @@ def test_bad_bits_names_bits(bits):
 
 def test_compression_rate_bad_bits():
     with pytest.raises(ValueError, match="bits"):
-        share.compression_rate(0, 100)
+        sizes.compression_rate(0, 100)
     with pytest.raises(ValueError, match="n_weights"):
-        share.compression_rate(4, 0)
+        sizes.compression_rate(4, 0)
 
 
 def test_kmeans_1d_labels_are_exactly_the_nearest_centroid_on_binned_data():
     # 300k values: the histogram path; many bins are cut by a midpoint and searched per value
     x = np.concatenate([_gap_sample(400_000, seed=3), -np.float32(1e-3) * np.arange(1, 1000, dtype=np.float32)])
     for k in (32, 256):
-        c, labels = share.kmeans_1d(x, k, refine=20)
+        c, labels = kmeans.kmeans_1d(x, k, refine=20)
         mids = (c[:-1].astype(np.float64) + c[1:]) / 2
         assert np.array_equal(labels, np.searchsorted(mids, x, side="right"))
         assert np.unique(labels).size == k

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import save
 from torch import nn
 from torch.nn.utils import prune
-
-from rclib import sizes
 from toys import tiny_vgg
+
+from rclib.compress import sizes
+from rclib.nn import masks
 
 
 def test_safetensors_bytes_equal_the_real_file_for_mixed_dtypes_and_shapes():
@@ -32,7 +33,7 @@ def test_dense_bytes_equal_serialised_effective_state_of_pruned_models():
                               pruning_method=prune.L1Unstructured, amount=0.5)
     seq = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).double()
     for m in (model, seq):
-        assert sizes.dense_bytes(m) == len(save(sizes.effective_state(m)))
+        assert sizes.dense_bytes(m) == len(save(masks.effective_state(m)))
 
 
 def test_effective_nonzero_counts_the_masked_weight_without_building_it():
@@ -40,7 +41,6 @@ def test_effective_nonzero_counts_the_masked_weight_without_building_it():
     and across chunk borders."""
     from torch.nn.utils import prune as torch_prune
 
-    from rclib import models
 
     layer = torch.nn.Linear(300, 7000)  # 2.1M weights: three chunks
     with torch.no_grad():
@@ -48,13 +48,12 @@ def test_effective_nonzero_counts_the_masked_weight_without_building_it():
     g = torch.Generator().manual_seed(0)
     torch_prune.custom_from_mask(layer, "weight", torch.rand(layer.weight.shape, generator=g) > 0.4)
     expected = int(torch.count_nonzero(layer.weight_orig * layer.weight_mask))
-    assert models.effective_nonzero(layer) == expected
-    assert models.effective_nonzero(layer, "bias") == int(torch.count_nonzero(layer.bias))
+    assert masks.effective_nonzero(layer) == expected
+    assert masks.effective_nonzero(layer, "bias") == int(torch.count_nonzero(layer.bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.uint8])
 def test_count_nonzero_matches_torch(dtype):
-    from rclib import models
 
     t = (torch.randn(1000) * (torch.rand(1000) > 0.3)).to(dtype)
-    assert models.count_nonzero(t) == int(torch.count_nonzero(t))
+    assert masks.count_nonzero(t) == int(torch.count_nonzero(t))

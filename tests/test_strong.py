@@ -1,11 +1,12 @@
-"""rclib.strong: ART's attacks on an rclib model, per-example outcomes and their worst case."""
+"""rclib.robust.strong: ART's attacks on an rclib model, per-example outcomes and their worst case."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rclib import attacks, strong, train
+from rclib.nn import train
+from rclib.robust import attacks, strong
 
 SMALL = dict(apgd_steps=10, targets=3, square_queries=50, batch_size=64)
 

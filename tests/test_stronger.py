@@ -1,4 +1,4 @@
-"""rclib.attack_study (chapter 05) on toys: the seeded attack sample, zero input gradients,
+"""rclib.experiments.attack_study (chapter 05) on toys: the seeded attack sample, zero input gradients,
 and the gradient-masking checks on rows whose outcome is known by construction."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
-
-from rclib import attack_study, config
-
 from toys import tiny_vgg  # noqa: E402
+
+from rclib.core import config
+from rclib.experiments import attack_study, steps, table1, variants
 
 torch.set_num_threads(1)
 
@@ -42,11 +42,12 @@ def test_zero_gradient_inputs_flags_a_saturated_softmax_only():
 def _rows(fgsm=0.6, pgd=0.4, transfer=0.5, cascade=(0.35, 0.3, 0.3), square=0.3, large=0.0, zero=0.0):
     """A model's rows: ``cascade`` is the worst case after PGD-50, + APGD-CE and + APGD-T; ``square``
     the worst case once Square has run on what they left."""
-    def r(kind, attack, eps, on, acc):
-        return dict(variant="m", seed=0, kind=kind, attack=attack, eps=eps, on=on, accuracy=acc, n=100)
+    def r(kind, attack, eps, on, acc, source=""):
+        return dict(variant="m", seed=0, kind=kind, attack=attack, eps=eps, on=on, accuracy=acc, n=100,
+                    source=source)
 
     return [r("table", "FGSM", 0.1, "test", fgsm), r("table", "PGD-10", 0.1, "test", pgd),
-            r("check", "transfer PGD-10 from Baseline", 0.1, "test", transfer),
+            r("check", "transfer PGD-10 from Baseline", 0.1, "test", transfer, source="Baseline"),
             r("table", attack_study.CHEAP_ATTACKS[2], 0.1, "subset", cascade[0]),
             r("table", "+ APGD-CE", 0.1, "subset", cascade[1]), r("table", "+ APGD-T", 0.1, "subset", cascade[2]),
             r("table", "+ Square", 0.1, "subset", square),
@@ -110,13 +111,15 @@ def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_mem
     (20-25 GB); now they stream. The rows equal those of the former all-in-memory computation,
     recomputed here, and while a model meets a surrogate's examples at most one batch of them (and
     the small attack subset) is held."""
-    from rclib import attacks, data, pipeline, train
+    from rclib.data import datasets
+    from rclib.nn import train
+    from rclib.robust import attacks
 
     # what streams is the data, not the attack budgets: the ART cascade's steps only cost time here
     cfg = config.load("smoke", epsilon=0.1, train_size=48, test_size=24, epochs=1, width=4, hidden=16, attack_sample=4,
                       batch_size=8, eval_batch_size=16, apgd_steps=3, apgd_targets=1, square_queries=5)
-    splits = data.load(cfg)
-    base = pipeline.new_model(cfg, splits)
+    splits = datasets.load(cfg)
+    base = steps.new_model(cfg, splits)
     train.fit(base, splits.train, 1, progress=False)
     base.eval()
     shape = tuple(splits.input_shape)
@@ -133,20 +136,18 @@ def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_mem
 
     monkeypatch.setattr(attack_study.Spool, "__iter__", sampled)
     rows, hit = attack_study.attack_table(cfg, splits, base, 0.5, progress=False)
-    assert not hit and len(held) == 2 * len(attack_study.ATTACK_VARIANTS) - 2
+    assert not hit and len(held) == 2 * len(attack_study.VARIANTS) - 2
     # the batch being read and the one before it (still named by the loop that consumes them) and
     # the attack subset: not the 2 x 24 transfer examples and 24 test images held before
     assert 0 < max(held) <= 2 * cfg.batch_size + cfg.attack_sample, held
 
     # the former computation: the whole test set and every transfer example in memory
-    _, states, _ = pipeline.robust_table(cfg, splits, base, 0.5, progress=False)
-    x, y = data.as_tensors(splits.test.dataset)
+    _, states, _ = table1.robust_table(cfg, splits, base, 0.5, progress=False)
+    x, y = datasets.as_tensors(splits.test.dataset)
     test = attack_study._batches(x, y, cfg.batch_size)
 
-    def model_of(name):
-        m = pipeline.new_model(cfg, splits, pretrained=False)
-        m.load_state_dict(states[name], strict=True)
-        return m.eval()
+    def model_of(v):
+        return steps.rebuild(cfg, splits, states[v])
 
     def gen():
         return torch.Generator().manual_seed(cfg.seed)
@@ -157,15 +158,16 @@ def test_attack_table_streams_the_test_set_and_transfer_examples_with_the_in_mem
         crafted[src] = [(attacks.pgd(source, xb, yb, cfg.epsilon, steps=attack_study.PGD_STEPS, generator=g), yb)
                         for xb, yb in test]
     got = {(r["variant"], r["attack"]): r["accuracy"] for r in rows if r["on"] == "test"}
-    for name in attack_study.TABLE1_ROWS[1:4]:
-        m = model_of(name)
+    for v in variants.TABLE1[1:4]:
+        name = v.label
+        m = model_of(v)
         want = {"FGSM": attacks.robust_correct(m, test, attacks.fgsm, cfg.epsilon),
                 "PGD-10": attacks.robust_correct(m, test, attacks.pgd, cfg.epsilon, steps=attack_study.PGD_STEPS,
                                                  generator=gen()),
                 "zero input gradient": attack_study.zero_gradient_inputs(m, x, y, cfg.eval_batch_size)}
         for src in attack_study.TRANSFER_SOURCES:
-            if src != name:
-                want[f"transfer PGD-10 from {src}"] = attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb,
+            if src != v:
+                want[f"transfer PGD-10 from {src.label}"] = attacks.robust_correct(m, crafted[src], lambda _m, xb, _y, _e: xb,
                                                                              cfg.epsilon)
         for attack, correct in want.items():
             assert got[(name, attack)] == float(correct.float().mean()), (name, attack)

@@ -1,4 +1,4 @@
-"""rclib.train: fit lowers the loss, is reproducible, keeps pruned weights at zero; evaluate."""
+"""rclib.nn.train: fit lowers the loss, is reproducible, keeps pruned weights at zero; evaluate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from rclib import config, data, models, train
+from rclib.core import config
+from rclib.data import datasets
+from rclib.nn import models, train
+from rclib.nn.train import Optimiser
 
 
 def _small(seed: int = 0, dropout: float = 0.5) -> nn.Module:
@@ -18,13 +21,13 @@ def _small(seed: int = 0, dropout: float = 0.5) -> nn.Module:
 
 @pytest.fixture
 def loader():
-    s = data.load(config.load("smoke", train_size=128, test_size=64, batch_size=32))
+    s = datasets.load(config.load("smoke", train_size=128, test_size=64, batch_size=32))
     return s.train
 
 
 def test_fit_lowers_the_loss(loader):
     model = _small(dropout=0.0)
-    hist = train.fit(model, loader, epochs=6, lr=3e-3, progress=False)
+    hist = train.fit(model, loader, optimiser=Optimiser(lr=3e-3), epochs=6, progress=False)
     assert [h["epoch"] for h in hist] == list(range(1, 7))
     assert all(set(h) == {"epoch", "loss", "accuracy"} for h in hist)
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
@@ -43,14 +46,14 @@ def test_same_seed_gives_bitwise_identical_runs(loader, optimizer):
     runs = []
     for _ in range(2):
         model = _small()
-        hist = train.fit(model, loader, epochs=2, lr=1e-2, optimizer=optimizer, seed=5, progress=False)
+        hist = train.fit(model, loader, optimiser=Optimiser(optimizer, lr=1e-2), epochs=2, seed=5, progress=False)
         runs.append((model.state_dict(), hist))
     (sa, ha), (sb, hb) = runs
     assert ha == hb
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # and the seed matters: a different one shuffles (and drops out) differently
     model = _small()
-    hc = train.fit(model, loader, epochs=2, lr=1e-2, optimizer=optimizer, seed=6, progress=False)
+    hc = train.fit(model, loader, optimiser=Optimiser(optimizer, lr=1e-2), epochs=2, seed=6, progress=False)
     assert hc != ha
 
 
@@ -73,8 +76,7 @@ def test_pruned_weights_stay_exactly_zero(loader, optimizer, weight_decay):
         prune.l1_unstructured(layer, "weight", amount=0.5)
     masks = [layer.weight_mask.clone() for layer in targets]
     orig = [layer.weight_orig.detach().clone() for layer in targets]
-    train.fit(model, loader, epochs=2, lr=1e-2, optimizer=optimizer, momentum=0.9,
-              weight_decay=weight_decay, progress=False)
+    train.fit(model, loader, optimiser=Optimiser(optimizer, lr=1e-2, momentum=0.9, weight_decay=weight_decay), epochs=2, progress=False)
     for layer, mask, w0 in zip(targets, masks, orig):
         assert torch.equal(layer.weight_mask, mask)
         assert (layer.weight[mask == 0] == 0).all()
@@ -99,7 +101,7 @@ def test_mask_gradients_zeroes_masked_entries():
 
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="optimizer"):
-        train.make_optimizer(_small(), "rmsprop", 0.1)
+        train.Optimiser("rmsprop", 0.1)
 
 
 @pytest.mark.parametrize("mode", [True, False])
@@ -112,16 +114,16 @@ def test_fit_restores_mode(loader, mode):
 
 @pytest.mark.parametrize("mode", [True, False])
 def test_evaluate_accuracy_and_mode(tiny_cfg, mode):
-    s = data.load(tiny_cfg)
+    s = datasets.load(tiny_cfg)
     model = _small()
-    train.fit(model, s.train, epochs=2, lr=3e-3, progress=False)
+    train.fit(model, s.train, optimiser=Optimiser(lr=3e-3), epochs=2, progress=False)
     model.train(mode)
     acc = train.evaluate(model, s.test)
     assert isinstance(acc, float) and 0.0 <= acc <= 1.0
     assert model.training is mode
     assert all(m.training is mode for m in model.modules())
     # the same number by hand, in eval mode
-    x, y = data.as_tensors(s.test.dataset)
+    x, y = datasets.as_tensors(s.test.dataset)
     model.eval()
     with torch.no_grad():
         expected = (model(x).argmax(1) == y).float().mean().item()
@@ -145,21 +147,22 @@ def test_evaluate_on_a_known_model():
 def test_divergence_stops_training_and_names_the_learning_rate(loader):
     model = _small()
     with pytest.raises(train.Diverged, match=r"lr=1e\+30") as err:
-        train.fit(model, loader, epochs=3, lr=1e30, optimizer="sgd", progress=False)
+        train.fit(model, loader, optimiser=Optimiser("sgd", lr=1e30), epochs=3, progress=False)
     assert "epoch 1" in str(err.value)
     with pytest.raises(train.Diverged, match="retrain_lr=1e"):
-        train.fit(_small(), loader, epochs=1, lr=1e30, optimizer="sgd", progress=False, blame="retrain_lr=1e+30")
+        train.fit(_small(), loader, optimiser=Optimiser("sgd", lr=1e30), epochs=1, progress=False, blame="retrain_lr=1e+30")
 
 
 def test_diverged_baseline_writes_no_artifact(tmp_path, monkeypatch):
-    from rclib import artifacts, pipeline
+    from rclib.core import artifacts
+    from rclib.experiments import steps
 
     cfg = config.load("smoke", train_size=128, test_size=64, epochs=2, lr=1e30, optimizer="sgd")
-    splits = data.load(cfg)
+    splits = datasets.load(cfg)
     with pytest.raises(ValueError, match=r"lr=1e\+30"):
-        pipeline.baseline(cfg, splits, progress=False)
-    # nothing but the digits arrays that data.load keeps (data.DIGITS_FOLDER): no baseline entry
-    results = [f for f in artifacts.root().rglob("*.json") if f.relative_to(artifacts.root()).parts[0] != data.DIGITS_FOLDER]
+        steps.baseline(cfg, splits, progress=False)
+    # nothing but the digits arrays that datasets.load keeps (datasets.DIGITS_FOLDER): no baseline entry
+    results = [f for f in artifacts.root().rglob("*.json") if f.relative_to(artifacts.root()).parts[0] != datasets.DIGITS_FOLDER]
     assert not results, results
 
 

@@ -1,4 +1,4 @@
-"""rclib.verdict on synthetic numbers: each rule's clear yes, clear no and inconclusive cases."""
+"""rclib.report.verdict on synthetic numbers: each rule's clear yes, clear no and inconclusive cases."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rclib import verdict as V
-from rclib.verdict import FAILS, HOLDS, INCONCLUSIVE
-
+from rclib.core import stats as S
+from rclib.report import verdict as V
+from rclib.report.verdict import FAILS, HOLDS, INCONCLUSIVE
 
 # ---- spread and fmt -------------------------------------------------------------------------
 
 def test_spread_is_mean_sample_std_and_student_t_interval():
     x = np.array([0.91, 0.95, 0.88, 0.97])
-    s = V.spread(x)
+    s = S.spread(x)
     lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
     assert s.n == 4
     assert s.mean == pytest.approx(x.mean())
@@ -25,21 +25,21 @@ def test_spread_is_mean_sample_std_and_student_t_interval():
 
 
 def test_spread_of_one_value_has_no_spread_and_empty_or_nan_is_refused():
-    s = V.spread([0.5])
+    s = S.spread([0.5])
     assert s.n == 1 and s.mean == 0.5
     assert math.isnan(s.std) and math.isnan(s.low) and math.isnan(s.high)
     with pytest.raises(ValueError):
-        V.spread([])
+        S.spread([])
     with pytest.raises(ValueError, match="NaN"):
-        V.spread([0.5, float("nan")])
+        S.spread([0.5, float("nan")])
 
 
 def test_fmt_mean_pm_sample_std_and_single_value_without_pm():
-    assert V.fmt([0.972, 0.961, 0.983]) == "97.2 ± 1.1"  # mean 0.972, sample std 0.011
-    assert V.fmt([0.972]) == "97.2"
-    assert V.fmt([2.0, 4.0], scale=1, digits=2) == f"3.00 ± {math.sqrt(2):.2f}"
-    assert V.fmt([-0.02, -0.04], signed=True) == "-3.0 ± 1.4"
-    assert V.fmt([0.0004, -0.0004], signed=True).startswith("+0.0 ±")  # never "-0.0"
+    assert S.fmt([0.972, 0.961, 0.983]) == "97.2 ± 1.1"  # mean 0.972, sample std 0.011
+    assert S.fmt([0.972]) == "97.2"
+    assert S.fmt([2.0, 4.0], scale=1, digits=2) == f"3.00 ± {math.sqrt(2):.2f}"
+    assert S.fmt([-0.02, -0.04], signed=True) == "-3.0 ± 1.4"
+    assert S.fmt([0.0004, -0.0004], signed=True).startswith("+0.0 ±")  # never "-0.0"
 
 
 # ---- paired comparisons ---------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_pairing_sees_a_steady_gain_that_unpaired_spreads_would_hide():
     # seeds differ a lot from each other, but within each seed a beats b by 1-2 points
     b = np.array([0.60, 0.75, 0.90, 0.68])
     a = b + np.array([0.012, 0.015, 0.011, 0.018])
-    sa, sb = V.spread(a), V.spread(b)
+    sa, sb = S.spread(a), S.spread(b)
     assert sa.low < sb.high  # the two means' intervals overlap ...
     assert V.paired(a, b, ">").outcome == HOLDS  # ... yet every paired difference is positive
 
@@ -203,27 +203,6 @@ def test_a_trend_carried_by_one_model_is_inconclusive():
     assert v.outcome == INCONCLUSIVE and "tied" in v.detail
 
 
-# ---- shares ---------------------------------------------------------------------------------
-
-def test_share_yes_no_inconclusive_and_empty():
-    assert V.share([True] * 12, ">", 0.5).outcome == HOLDS
-    assert V.share([False] * 12, ">", 0.5).outcome == FAILS
-    v = V.share([True, True, False], ">", 0.5)  # most, but three models cannot show it
-    assert v.outcome == INCONCLUSIVE and v.low < 0.5 < v.high
-    assert v.estimate == pytest.approx(2 / 3) and v.detail == "2 of 3 models"
-    assert V.share([], ">", 0.5).outcome == INCONCLUSIVE
-    with pytest.raises(ValueError):
-        V.share([0.3, 0.9])
-
-
-def test_wilson_matches_its_formula_at_the_edges():
-    lo, hi = V.wilson(10, 10)
-    z = stats.norm.ppf(0.975)
-    assert hi == 1.0 and lo == pytest.approx(10 / (10 + z * z))
-    lo0, hi0 = V.wilson(0, 10)
-    assert lo0 == 0.0 and hi0 == pytest.approx(1 - lo)
-
-
 # ---- the Verdict object and the words for prose ---------------------------------------------
 
 def test_verdict_string_form():
@@ -239,12 +218,12 @@ def test_verdict_string_form():
 def test_paired_string_matches_its_numbers():
     a, b = [0.90, 0.85, 0.88], [0.70, 0.60, 0.65]
     v = V.paired(a, b, ">")
-    s = V.spread(np.subtract(a, b))
+    s = S.spread(np.subtract(a, b))
     assert str(v) == (f"holds: 3 of 3 seeds agree; {100 * s.mean:+.1f} pp, "
                       f"95% CI {100 * s.low:+.1f} to {100 * s.high:+.1f}")
 
 
-def test_direction_and_against_paper():
+def test_direction():
     yes = V.paired([0.9, 0.8, 0.85], [0.5, 0.4, 0.45])
     no = V.paired([0.5, 0.4, 0.45], [0.9, 0.8, 0.85])
     unsure = V.paired([0.9], [0.5])
@@ -256,9 +235,6 @@ def test_direction_and_against_paper():
     with pytest.raises(ValueError, match="unsure"):
         V.direction(yes, "rougher", "smoother")  # refused even when the verdict is clear
     assert V.direction(unsure, "rougher", "smoother", unsure="either") == "either"
-    assert V.against_paper(yes) == "agrees with the paper"
-    assert V.against_paper(no) == "disagrees with the paper"
-    assert "neither" in V.against_paper(unsure)
 
 
 def test_seeded_correlation_needs_every_seed_to_agree():
@@ -307,27 +283,27 @@ def test_no_values_give_an_inconclusive_verdict_with_the_callers_reason():
     assert v.inconclusive and v.n == 0 and math.isnan(v.estimate)
     assert str(v) == "inconclusive: no compressed model beats chance; n/a%, no interval"
     assert V.direction(v, "are rougher", "are not rougher") == "may or may not be rougher (inconclusive)"
-    assert V.fmt([]) == "n/a" and V.fmt([], empty="none") == "none" and V.fmt([0.5]) == "50.0"
+    assert S.fmt([]) == "n/a" and S.fmt([], empty="none") == "none" and S.fmt([0.5]) == "50.0"
 
 
 def test_a_share_near_100_or_0_keeps_its_interval_inside_0_and_1():
-    near_top = V.spread([0.98, 1.0, 1.0, 0.97, 1.0], bounds=V.SHARE)
-    near_zero = V.spread([0.0, 0.02, 0.0, 0.05, 0.0], bounds=V.SHARE)
-    plain = V.spread([0.98, 1.0, 1.0, 0.97, 1.0])
+    near_top = S.spread([0.98, 1.0, 1.0, 0.97, 1.0], bounds=S.SHARE)
+    near_zero = S.spread([0.0, 0.02, 0.0, 0.05, 0.0], bounds=S.SHARE)
+    plain = S.spread([0.98, 1.0, 1.0, 0.97, 1.0])
     assert plain.high > 1.0  # the plain t-interval leaves the possible range ...
     assert near_top.high == 1.0 and near_top.low == plain.low  # ... the bounded one is cut at 1
     assert near_zero.low == 0.0 and 0 < near_zero.high < 1
-    v = V.threshold([0.98, 1.0, 1.0, 0.97, 1.0], ">", 0.5, bounds=V.SHARE)
+    v = V.threshold([0.98, 1.0, 1.0, 0.97, 1.0], ">", 0.5, bounds=S.SHARE)
     assert v.holds and v.high == 1.0
 
 
 def test_a_spread_near_zero_has_no_negative_interval_and_its_verdict_is_unchanged():
     values = [0.001, 0.0, 0.002, 0.0, 0.0005]
-    v = V.threshold(values, "<=", 0.02, bounds=V.NONNEGATIVE)
+    v = V.threshold(values, "<=", 0.02, bounds=S.NONNEGATIVE)
     assert v.low == 0.0 and v.high > 0 and v.holds
     assert V.threshold(values, "<=", 0.02).outcome == v.outcome
     with pytest.raises(ValueError, match="possible range"):
-        V.spread([-0.1, 0.2], bounds=V.NONNEGATIVE)
+        S.spread([-0.1, 0.2], bounds=S.NONNEGATIVE)
 
 
 def test_twin_families_are_resampled_together_and_counted_once():

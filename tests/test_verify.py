@@ -1,5 +1,5 @@
 """Nothing wrong reaches the book: artifacts verify their key material and their content
-(rclib.artifacts, rclib.verify), a read-only cache is used read-only, weights are checked by dtype."""
+(rclib.core.artifacts, rclib.core.verify), a read-only cache is used read-only, weights are checked by dtype."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import warnings
 import pytest
 import torch
 
-from rclib import artifacts, config, verify
+from rclib.core import artifacts, config, paths, verify
+from rclib.core.keys import Step
+from rclib.experiments import setup
 
 NAMES = ("seed", "epsilon")
 
@@ -29,8 +31,8 @@ class Counter:
 
 def _entry(seed: int, compute: Counter):
     cfg = config.load("smoke", seed=seed)
-    artifacts.cached(cfg, "baseline", NAMES, compute)
-    return cfg, artifacts.location(cfg, "baseline", NAMES)
+    artifacts.cached(cfg, Step("baseline", NAMES), compute)
+    return cfg, artifacts.location(cfg, Step("baseline", NAMES))
 
 
 def _rewrite(path, tensors=None, metrics=None):
@@ -56,18 +58,18 @@ def test_entry_under_another_key_is_not_served(how):
         path1.symlink_to(path0, target_is_directory=True)
         match = "a link, not a folder of the cache; refused unread"
     with pytest.warns(UserWarning, match=match):
-        _, metrics, hit = artifacts.cached(cfg1, "baseline", NAMES, one)
+        _, metrics, hit = artifacts.cached(cfg1, Step("baseline", NAMES), one)
     assert not hit and metrics["clean_accuracy"] == 0.7 and one.calls == 2
     assert path0.is_dir() and artifacts.load(path0)[1]["clean_accuracy"] == 0.6  # seed 0's entry untouched
 
 
 def test_record_names_every_part_of_the_key():
     cfg = config.load("smoke")
-    rec = artifacts.record(cfg, "baseline", NAMES)
+    rec = artifacts.record(cfg, Step("baseline", NAMES))
     assert set(rec) == {"step", "config", "compute", "source", "content"}
-    assert rec["config"] == {"seed": 0, "epsilon": cfg.epsilon} and rec["source"] == config.source_fingerprint()
-    artifacts.cached(cfg, "baseline", NAMES, Counter())
-    assert artifacts.recorded(artifacts.location(cfg, "baseline", NAMES)) == rec
+    assert rec["config"] == {"seed": 0, "epsilon": cfg.epsilon} and rec["source"] == paths.source_fingerprint()
+    artifacts.cached(cfg, Step("baseline", NAMES), Counter())
+    assert artifacts.recorded(artifacts.location(cfg, Step("baseline", NAMES))) == rec
 
 
 def test_manifest_fifo_or_device_link_is_refused_unread():
@@ -114,7 +116,7 @@ def test_metrics_with_consistent_checksums_are_judged_and_recomputed(bad, reason
     cfg, path = _entry(0, compute)
     _rewrite(path, metrics=bad)
     with pytest.warns(UserWarning, match=reason):
-        _, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute)
+        _, metrics, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert not hit and metrics["clean_accuracy"] == 0.75 and compute.calls == 2
 
 
@@ -138,7 +140,7 @@ def test_nan_weights_in_the_cache_are_recomputed():
     cfg, path = _entry(0, compute)
     _rewrite(path, tensors={"w": torch.full((2, 3), float("nan"))})
     with pytest.warns(UserWarning, match=r"tensor 'w' holds NaN or infinite values"):
-        tensors, _, hit = artifacts.cached(cfg, "baseline", NAMES, compute)
+        tensors, _, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert not hit and torch.isfinite(tensors["w"]).all()
 
 
@@ -156,16 +158,17 @@ def test_state_is_checked_by_dtype_as_well_as_shape(tiny_model):
 
 
 def test_int8_baseline_weights_in_the_cache_are_recomputed(tiny_cfg):
-    from rclib import data, pipeline
+    from rclib.data import datasets
+    from rclib.experiments import steps
 
-    splits = data.load(tiny_cfg)
-    _, _, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
-    path = artifacts.location(tiny_cfg, "baseline", pipeline.BASELINE_FIELDS)
+    splits = datasets.load(tiny_cfg)
+    _, _, hit = steps.baseline(tiny_cfg, splits, progress=False)
+    path = artifacts.location(tiny_cfg, steps.BASELINE)
     tensors, _ = artifacts.load(path)
     name = next(k for k, v in tensors.items() if k.endswith("weight") and v.dim() == 4)
     _rewrite(path, tensors={**tensors, name: tensors[name].to(torch.int8)})
     with pytest.warns(UserWarning, match=rf"unusable artifact .*TypeError: tensor '{name}' is .* torch.int8"):
-        model, _, hit = pipeline.baseline(tiny_cfg, splits, progress=False)
+        model, _, hit = steps.baseline(tiny_cfg, splits, progress=False)
     assert not hit and dict(model.named_parameters())[name].dtype == torch.float32
 
 
@@ -180,18 +183,18 @@ def test_read_only_cache_is_used_read_only(monkeypatch):
     monkeypatch.setattr(artifacts, "discard", refuse)
     with warnings.catch_warnings():  # an entry that is there is read as usual
         warnings.simplefilter("error")
-        assert artifacts.cached(cfg, "baseline", NAMES, compute)[2] is True
+        assert artifacts.cached(cfg, Step("baseline", NAMES), compute)[2] is True
     other = config.load("smoke", seed=3)
     with pytest.warns(UserWarning, match=r"is not writable \(Read-only file system.*results are not stored"):
-        tensors, metrics, hit = artifacts.cached(other, "baseline", NAMES, compute)
-    assert not hit and metrics["calls"] == 2 and not artifacts.location(other, "baseline", NAMES).exists()
+        tensors, metrics, hit = artifacts.cached(other, Step("baseline", NAMES), compute)
+    assert not hit and metrics["calls"] == 2 and not artifacts.location(other, Step("baseline", NAMES)).exists()
     _rewrite_bad = {"clean_accuracy": 7.0}  # a damaged entry that cannot be replaced: computed, not stored
     monkeypatch.undo()
     _rewrite(path, metrics=_rewrite_bad)
     monkeypatch.setattr(artifacts, "save", refuse)
     monkeypatch.setattr(artifacts, "discard", refuse)
     with pytest.warns(UserWarning) as seen:
-        _, metrics, hit = artifacts.cached(cfg, "baseline", NAMES, compute)
+        _, metrics, hit = artifacts.cached(cfg, Step("baseline", NAMES), compute)
     assert not hit and metrics["clean_accuracy"] == 0.75
     assert any("not writable" in str(w.message) for w in seen)
 
@@ -202,7 +205,7 @@ def test_other_write_errors_still_propagate(monkeypatch):
 
     monkeypatch.setattr(artifacts, "save", full)
     with pytest.raises(OSError, match="No space"):
-        artifacts.cached(config.load("smoke"), "baseline", NAMES, Counter())
+        artifacts.cached(setup.load("smoke"), Step("baseline", NAMES), Counter())
 
 
 def test_decoded_cache_records_its_entry():

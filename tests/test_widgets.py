@@ -1,4 +1,4 @@
-"""rclib.widgets: the explorers are driven in code (setting ``.value`` fires the observers, as a
+"""rclib.report.map_explorer: the explorers are driven in code (setting ``.value`` fires the observers, as a
 slider drag does in JupyterLab) and their outputs checked; the static figures carry the numbers.
 
 One small model is trained once for the module (smoke profile, ~4 s); the explorer is shared too,
@@ -20,7 +20,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from rclib import config, data, pipeline, train, widgets  # noqa: E402
+from rclib.core import config
+from rclib.data import datasets
+from rclib.experiments import live_variants, steps
+from rclib.nn import train
+from rclib.report import (
+    fgsm_viewer,
+    map_explorer,  # noqa: E402
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -35,8 +42,8 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RCLIB_ARTIFACTS", str(tmp_path_factory.mktemp("artifacts")))
         cfg = config.load("smoke", epsilon=0.1, test_size=64)
-        splits = data.load(cfg)
-        base, metrics, _ = pipeline.baseline(cfg, splits, progress=False)
+        splits = datasets.load(cfg)
+        base, metrics, _ = steps.baseline(cfg, splits, progress=False)
     assert metrics["clean_accuracy"] > 0.4, "the fixture model must learn something"
     return cfg, splits, base
 
@@ -44,7 +51,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ex(trained):
     cfg, splits, base = trained
-    return widgets.Explorer(base, splits, cfg, resolution=30)
+    return map_explorer.Explorer(base, splits, cfg, resolution=30)
 
 
 def _png(output: ipywidgets.Output) -> bytes:
@@ -54,11 +61,11 @@ def _png(output: ipywidgets.Output) -> bytes:
 
 def _share_module():
     try:
-        from rclib import share
+        from rclib.compress import share
     except ImportError as err:  # pragma: no cover - only while share.py is being written
-        pytest.skip(f"rclib.share is missing ({err}); weight sharing is not testable yet")
+        pytest.skip(f"rclib.compress.share is missing ({err}); weight sharing is not testable yet")
     if not hasattr(share, "weight_share"):  # pragma: no cover
-        pytest.skip("rclib.share has no weight_share yet")
+        pytest.skip("rclib.compress.share has no weight_share yet")
     return share
 
 
@@ -156,13 +163,13 @@ def test_cache_hits_do_not_recompute(ex):
 
 def test_set_updates_once(ex, monkeypatch):
     counted = []
-    original = widgets.Explorer.update
+    original = map_explorer.Explorer.update
 
     def counting(self):
         counted.append(1)
         return original(self)
 
-    monkeypatch.setattr(widgets.Explorer, "update", counting)
+    monkeypatch.setattr(map_explorer.Explorer, "update", counting)
     ex.set(method="channel", rate=0.3, shared=False, eps=0.05)
     assert len(counted) == 1
     ex.rate.value = 0.4  # a single control: one update through the observer
@@ -172,17 +179,17 @@ def test_set_updates_once(ex, monkeypatch):
 def test_bad_arguments_name_the_parameter(trained):
     cfg, splits, base = trained
     with pytest.raises(ValueError, match="method"):
-        widgets.Explorer(base, splits, cfg, method="random")
+        map_explorer.Explorer(base, splits, cfg, method="random")
     with pytest.raises(ValueError, match="rate"):
-        widgets.Variants.key("global", 1.0, False)
+        live_variants.Variants.key("global", 1.0, False)
     with pytest.raises(ValueError, match="eps"):
-        widgets.Variants(base, splits, resolution=8).robust("global", 0.0, False, -0.1)
+        live_variants.Variants(base, splits, resolution=8).robust("global", 0.0, False, -0.1)
 
 
 def test_explorer_figure_title_carries_the_numbers(ex, trained):
     _, splits, _ = trained
     row = ex.set(method="channel", rate=0.5, shared=False, eps=0.2)
-    fig = widgets.explorer_figure(row, ex.variants.map("channel", 0.5, False), splits.num_classes)
+    fig = map_explorer.explorer_figure(row, ex.variants.map("channel", 0.5, False), splits.num_classes)
     assert isinstance(fig, Figure)
     title = fig.axes[0].get_title()
     for text in ("channel, r = 0.5", "weight sharing off", "eps = 0.2",
@@ -192,7 +199,7 @@ def test_explorer_figure_title_carries_the_numbers(ex, trained):
     plt.close(fig)
 
     fig, ax = plt.subplots()
-    assert widgets.explorer_figure(dict(row, rate=0.0), ex.variants.map("global", 0.0, False),
+    assert map_explorer.explorer_figure(dict(row, rate=0.0), ex.variants.map("global", 0.0, False),
                                    splits.num_classes, ax=ax) is fig
     assert ax.get_title().startswith("unpruned, weight sharing off")
     plt.close(fig)
@@ -200,7 +207,7 @@ def test_explorer_figure_title_carries_the_numbers(ex, trained):
 
 def test_static_explorer_matches_widget_defaults(trained):
     cfg, splits, base = trained
-    fig = widgets.static_explorer(base, splits, cfg, resolution=12)
+    fig = map_explorer.static_explorer(base, splits, cfg, resolution=12)
     assert isinstance(fig, Figure)
     assert f"global, r = {cfg.prune_rate:g}, weight sharing off" in fig.axes[0].get_title()
     assert f"eps = {cfg.epsilon:g}" in fig.axes[0].get_title()
@@ -210,13 +217,13 @@ def test_static_explorer_matches_widget_defaults(trained):
 @pytest.fixture(scope="module")
 def pool(trained):
     _, splits, _ = trained
-    return data.first_batch(splits.test, 20)
+    return datasets.first_batch(splits.test, 20)
 
 
 def test_adversarial_viewer_follows_epsilon_and_index(trained, pool):
     _, splits, base = trained
     x, y = pool
-    v = widgets.adversarial_viewer(base, x, y, splits.class_names, eps=0.0, n=6)
+    v = fgsm_viewer.adversarial_viewer(base, x, y, splits.class_names, eps=0.0, n=6)
     assert isinstance(v, ipywidgets.Widget) and v.last is v.state
     assert v.epsilon.continuous_update is False and v.index.max == len(x) - 6 and not v.index.disabled
     # labels are not cut ("first exam..."): the description keeps its natural width
@@ -246,10 +253,10 @@ def test_adversarial_figure_titles_show_predictions(trained, pool):
     _, splits, base = trained
     x, y = pool
     eps, n = 0.2, 4
-    fig = widgets.adversarial_figure(base, x, y, eps, splits.class_names, n=n)
+    fig = fgsm_viewer.adversarial_figure(base, x, y, eps, splits.class_names, n=n)
     assert isinstance(fig, Figure)
     assert "eps = 0.2" in fig._suptitle.get_text()
-    p = widgets.adversarial_predictions(base, x[:n], y[:n], eps)
+    p = fgsm_viewer.adversarial_predictions(base, x[:n], y[:n], eps)
     axes = fig.axes[:3 * n]
     for i in range(n):
         assert axes[i].get_title() == f"pred {splits.class_names[int(p['pred_clean'][i])]}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rclib.models import from_spec
+from rclib.nn.models import from_spec
 
 # The overrides the shared smoke build of the whole book runs with (conftest.smoke_book): every
 # chapter must receive them, and tests that rerun a chapter reuse them to compare with that build.
@@ -118,7 +118,7 @@ def paper_weights(folder: Path) -> Path:
 
 
 class LiveModels:
-    """Counts the ``rclib.models.VGG`` objects created after ``start(monkeypatch)`` that are still
+    """Counts the ``rclib.nn.models.VGG`` objects created after ``start(monkeypatch)`` that are still
     alive: how the memory tests check that at most one variant exists beside the baseline.
     Weak references, not a scan of every object (``gc.get_objects`` takes seconds in a long test
     session); a collection runs only when the count looks too high, to drop cycles."""
@@ -126,7 +126,7 @@ class LiveModels:
     def start(self, monkeypatch) -> "LiveModels":
         import weakref
 
-        from rclib import models
+        from rclib.nn import models
 
         self.alive = weakref.WeakSet()
         init, setstate = models.VGG.__init__, models.VGG.__setstate__

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from rclib import models
+from rclib.nn import masks, models
 
 METHODS = ("global", "layer", "channel")
 """One-shot methods :func:`prune` dispatches to (Alg 1, 2, 3)."""
@@ -63,7 +63,7 @@ def _targets(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, 
 
 def _scores(module: nn.Module) -> torch.Tensor:
     """|w| of the weights as the model computes with them (already pruned entries are 0)."""
-    return models.effective(module).abs()
+    return masks.effective(module).abs()
 
 
 def _keep_mask(scores: np.ndarray, k: int) -> np.ndarray:
@@ -221,11 +221,11 @@ def _alive(m: nn.Module, bn: nn.Module | None) -> torch.Tensor:
     is kept so that no layer becomes empty.
     """
     with torch.no_grad():
-        alive = models.effective(m).flatten(1).ne(0).any(1)
+        alive = masks.effective(m).flatten(1).ne(0).any(1)
         if m.bias is not None:
-            alive |= models.effective(m, "bias").ne(0)
+            alive |= masks.effective(m, "bias").ne(0)
         if bn is not None and bn.affine:
-            scale, shift = models.effective(bn), models.effective(bn, "bias")
+            scale, shift = masks.effective(bn), masks.effective(bn, "bias")
             shifted = scale.ne(0) & bn.running_mean.ne(0) if bn.running_mean is not None else torch.zeros_like(alive)
             alive |= shift.ne(0) | shifted
         if not alive.any():
@@ -245,7 +245,7 @@ def harden(model: models.VGG) -> models.VGG:
     (tested to 1e-5), with fewer parameters and a smaller file.
 
     Args:
-        model: an ``rclib.models.VGG`` (unchanged), usually after :func:`channel_structured`.
+        model: an ``rclib.nn.models.VGG`` (unchanged), usually after :func:`channel_structured`.
 
     Returns:
         A new ``VGG`` in ``model``'s train/eval mode on its device, whose ``spec`` lists every
@@ -254,7 +254,7 @@ def harden(model: models.VGG) -> models.VGG:
     Used by chapter 01 (Figures 1, 3, 4) and :func:`iterative`.
     """
     if not isinstance(model, models.VGG):
-        raise ValueError(f"harden needs an rclib.models.VGG (features/avgpool/classifier), "
+        raise ValueError(f"harden needs an rclib.nn.models.VGG (features/avgpool/classifier), "
                          f"got {type(model).__name__}")
     spec = models.describe(model)
     bn_of = _following_batchnorm(model)
@@ -275,7 +275,7 @@ def harden(model: models.VGG) -> models.VGG:
             key = f"{part}.{i}"
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 out_keep = keeps[id(m)]
-                w = models.effective(m)
+                w = masks.effective(m)
                 if prev_keep is not None:
                     if isinstance(m, nn.Linear) and convs_out is not None:
                         # flatten(avgpool(x)) is channel-major: each channel owns `per` columns
@@ -288,7 +288,7 @@ def harden(model: models.VGG) -> models.VGG:
                 w = w[out_keep]
                 state[f"{key}.weight"] = w.clone()
                 if m.bias is not None:
-                    state[f"{key}.bias"] = models.effective(m, "bias")[out_keep].clone()
+                    state[f"{key}.bias"] = masks.effective(m, "bias")[out_keep].clone()
                 if isinstance(m, nn.Conv2d):
                     entries[part][i] = ["conv", w.shape[1], w.shape[0], m.kernel_size[0], m.stride[0], m.padding[0]]
                     convs_out = m.out_channels
@@ -298,7 +298,7 @@ def harden(model: models.VGG) -> models.VGG:
             elif isinstance(m, nn.BatchNorm2d):
                 for name in ("weight", "bias", "running_mean", "running_var"):
                     if getattr(m, name, None) is not None:
-                        state[f"{key}.{name}"] = models.effective(m, name)[prev_keep].clone()
+                        state[f"{key}.{name}"] = masks.effective(m, name)[prev_keep].clone()
                 if m.num_batches_tracked is not None:
                     state[f"{key}.num_batches_tracked"] = m.num_batches_tracked.clone()
                 entries[part][i] = ["bn", len(prev_keep)]
@@ -372,7 +372,7 @@ def sparsity(model: nn.Module, layers: Sequence[str] | None = None):
 
     rows = []
     for name, m in _targets(model, layers):
-        w = models.effective(m)
+        w = masks.effective(m)
         zeros = int(w.numel() - torch.count_nonzero(w))
         rows.append(dict(layer=name, type=type(m).__name__, weights=w.numel(), zeros=zeros,
                          sparsity=zeros / w.numel()))

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rclib.models import effective as effective_weight  # noqa: F401  (public here too)
-from rclib.models import prunable_layers
+from rclib.nn.masks import effective as effective_weight  # noqa: F401  (public here too)
+from rclib.nn.models import prunable_layers
 
 Bits = Union[int, Mapping[str, int]]
 DEFAULT_BITS: dict[str, int] = {"conv": 8, "linear": 5}  # the paper's Sec. 3.2 (2^8 and 2^5 bins)

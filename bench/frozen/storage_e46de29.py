@@ -80,7 +80,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rclib.models import effective
+from rclib.nn.masks import effective
 
 UNITS = {"MB": 1e6, "MiB": 2**20}
 
@@ -470,7 +470,7 @@ def _plan_weight(w: np.ndarray) -> dict[str, Any]:
 
 def _plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
     from frozen import share_e46de29 as share
-    from rclib.models import prunable_layers
+    from rclib.nn.models import prunable_layers
 
     _check_host()
     layers = dict(prunable_layers(model))
@@ -495,7 +495,7 @@ def _plan(model: nn.Module, bits: Bits = None) -> list[dict[str, Any]]:
 
 
 def _encode(model: nn.Module, bits: Bits = None, entries: list[dict[str, Any]] | None = None) -> bytes:
-    from rclib import models
+    from rclib.nn import models
 
     if entries is None:
         entries = _plan(model, bits)
@@ -686,7 +686,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise ValueError(f"{path}: file is corrupt (bad tensor record)")
     rebuilt = model is None
     if rebuilt:
-        from rclib import models
+        from rclib.nn import models
 
         if not isinstance(header.get("spec"), dict):
             raise ValueError(f"{path}: the file records no rclib architecture; pass model= to fill")

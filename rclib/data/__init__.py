@@ -1,0 +1,4 @@
+"""Datasets and their seeded splits (paper Sec. 3): digits, torchvision sets and image folders.
+
+Imports only ``rclib.core``.
+"""
