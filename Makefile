@@ -34,7 +34,7 @@ test-all: install
 	$(PY) -m pytest -m ""
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m rclib lab
 
 # one bounded measurement of the paper setting on this device (README, "Measuring on a GPU")
 gpu-check: install

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from rclib.core.paths import project_root
 from rclib.experiments import distributed, gpucheck, setup, torchrun
 from rclib.experiments.torchrun import TRAJECTORY_STEP
 from rclib.experiments.variants import RETRAININGS
+from rclib.report import lab
 from rclib.report.runner import (
     BUILD,
     STAGE,
@@ -152,6 +154,25 @@ def gpu_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_lab(root: Path, out: Path, launch: bool = True) -> int:
+    """``python -m rclib lab``: copies of the executed chapters with their glued values in the
+    prose (:mod:`rclib.report.lab`) under ``<out>/_build/lab``, opened in JupyterLab; without an
+    executed book, the source chapters (their glue roles then show names, not values)."""
+    src = out / BUILD / STAGE
+    if any(src.glob("notebooks/*.ipynb")):
+        dest = out / BUILD / "lab"
+        filled = lab.lab_copies(src, dest)
+        print(f"{dest}: {len(filled)} chapters, {sum(filled.values())} glued values written into the prose")
+        folder = dest
+    else:
+        print(f"no executed book under {src} (run `make book` first): opening the source chapters, whose "
+              "glued values show as their names", file=sys.stderr)
+        folder = root
+    if not launch:
+        return 0
+    return subprocess.call([str(Path(sys.executable).with_name("jupyter")), "lab", str(folder / "notebooks")])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rclib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
         p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     sub.add_parser("build", help="render the last executed notebooks into _build/html")
+    lab = sub.add_parser("lab", help="JupyterLab on the last executed chapters, glued values written into the prose")
+    lab.add_argument("--no-launch", action="store_true", help="write _build/lab only")
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=None,
                        help="folder that receives _build/ (default: the project root)")
@@ -212,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or root).resolve()
     if args.command == "build":
         return build_book(root, out)
+    if args.command == "lab":
+        return open_lab(root, out, launch=not args.no_launch)
 
     try:  # every chapter takes every field: one check of the merged config, before any work
         overrides = overrides_of(args)

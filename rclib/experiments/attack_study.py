@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from rclib.core import accel, artifacts
 from rclib.core.config import Config
 from rclib.core.keys import Step
+from rclib.core.progress import progress_bar
 from rclib.data import datasets
 from rclib.experiments import retrain, table1
 from rclib.experiments.steps import kind_of, rebuild, runtime_of
@@ -251,7 +251,7 @@ def attack_table(cfg: Config, splits: datasets.Splits, base: nn.Module, rate: fl
 
         strong_kw = dict(apgd_steps=cfg.apgd_steps, targets=cfg.apgd_targets, square_queries=cfg.square_queries,
                          batch_size=cfg.batch_size, seed=cfg.seed)
-        for v in tqdm(VARIANTS, desc=f"attacks, seed {cfg.seed}", disable=not progress):
+        for v in progress_bar(VARIANTS, desc=f"attacks, seed {cfg.seed}", show=progress):
             m = model_of(v)
             per_test = {
                 "clean": attacks.robust_correct(m, test, attacks.fgsm, 0.0, runtime=rt),

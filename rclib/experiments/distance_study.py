@@ -13,11 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from scipy import stats
-from tqdm.auto import tqdm
 
 from rclib.core import artifacts
 from rclib.core.config import Config
 from rclib.core.keys import Step
+from rclib.core.progress import progress_bar
 from rclib.data import datasets
 from rclib.experiments import attack_study, table1
 from rclib.experiments.steps import kind_of, rebuild
@@ -120,7 +120,7 @@ def distance_table(cfg: Config, splits: datasets.Splits, base: torch.nn.Module, 
         xs, ys = attack_study.take(splits.test.dataset, idx)
         tensors: dict[str, torch.Tensor] = {"subset": idx}
         rows, base_correct = [], None
-        for v in tqdm(VARIANTS, desc=f"distances, seed {cfg.seed}", disable=not progress):
+        for v in progress_bar(VARIANTS, desc=f"distances, seed {cfg.seed}", show=progress):
             m = rebuild(cfg, splits, states[v], device, what=v.label)  # one at a time: paper-scale ones are 0.5 GB
             d = distance.distances(m, xs, ys, seed=cfg.seed, batch_size=cfg.eval_batch_size)
             d = {k: v if k == "margin" else v.clamp(max=UNFLIPPED) for k, v in d.items()}

@@ -11,12 +11,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rclib.compress import harden, iterative, prune, sizes
 from rclib.core import accel, artifacts
 from rclib.core.config import Config
 from rclib.core.keys import Step
+from rclib.core.progress import progress_bar
 from rclib.data import datasets
 from rclib.experiments.steps import kind_of, retrainer, runtime_of
 from rclib.nn import masks, models, timing, train
@@ -212,7 +212,7 @@ def prune_sweep(cfg: Config, splits: datasets.Splits, base: nn.Module,
 
     def compute():
         rows = []
-        bar = tqdm(total=len(ONE_SHOT) * len(rates) + 1, desc="prune sweep", disable=not progress)
+        bar = progress_bar(total=len(ONE_SHOT) * len(rates) + 1, show=progress, desc="prune sweep")
         for how in ONE_SHOT:
             for r in rates:
                 rows.append(dict(method=how.label, rate=r, **measure(pruned(base, how, r), splits, cfg.epsilon, rt)))

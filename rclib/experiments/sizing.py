@@ -14,12 +14,12 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
-from tqdm.auto import tqdm
 
 from rclib.compress import codec, prune, share, sizes
 from rclib.core import artifacts
 from rclib.core.config import Config
 from rclib.core.keys import Step
+from rclib.core.progress import progress_bar
 from rclib.data import datasets
 from rclib.experiments.pruning import GLOBAL, pruned
 from rclib.experiments.steps import BASELINE, HOST_KIND, kind_of, runtime_of, share_bits
@@ -47,7 +47,7 @@ def share_sweep(cfg: Config, splits: datasets.Splits, base: nn.Module,
     """
     def compute():
         rows = []
-        for r in tqdm(sorted(cfg.prune_rates), desc="share sweep", disable=not progress):
+        for r in progress_bar(sorted(cfg.prune_rates), show=progress, desc="share sweep"):
             for ws in (False, True):
                 # one variant at a time, pruned afresh (global pruning is deterministic), shared on
                 # the masked copy, then folded: base plus one masked copy at most on the device
@@ -124,7 +124,7 @@ def vgg16_sizes(cfg: Config, rates=(0.5, 0.925), progress: bool = True) -> tuple
     """
     def compute():
         rows = []
-        for r in tqdm(rates, desc="VGG16 sizes", disable=not progress):
+        for r in progress_bar(rates, desc="VGG16 sizes", show=progress):
             m = size_model(cfg)
             prune.global_unstructured(m, r)
             t0 = time.perf_counter()

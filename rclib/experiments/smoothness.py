@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rclib.compress import share
 from rclib.core import artifacts
 from rclib.core.config import MAP_POINTS, Config
 from rclib.core.keys import Step
+from rclib.core.progress import progress_bar
 from rclib.data import datasets, split
 from rclib.experiments.pruning import ALGORITHMS, Pruning, iterative_trajectory, pruned
 from rclib.experiments.steps import kind_of, runtime_of, share_bits
@@ -140,7 +140,7 @@ def boundary_sweep(cfg: Config, splits: datasets.Splits, base: nn.Module,
         n, batch = cfg.local_examples, cfg.eval_batch_size
         variants = compressed_variants(cfg, splits, base, cfg.map_rates)
         rows, pca = [], None
-        for label in tqdm(variants, desc="roughness", disable=not progress):
+        for label in progress_bar(variants, desc="roughness", show=progress):
             v, m = variants[label], variants.model(label)
             dmap = boundary.decision_map(m, x, y, resolution=cfg.resolution, pca=pca, batch_size=batch)
             pca = dmap.pca

@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rclib.core import accel, artifacts, verify
 from rclib.core.config import Config
 from rclib.core.keys import Step
+from rclib.core.progress import progress_bar
 from rclib.data import datasets
 from rclib.nn import masks, models, train
 
@@ -157,7 +157,7 @@ def over_seeds(cfg: Config, step: Callable[[Config, datasets.Splits, nn.Module],
         masks.move(m, "cpu")
     try:
         rows: list[dict[str, Any]] = []
-        for s in tqdm(cfg.seeds, desc="seeds", disable=not progress):
+        for s in progress_bar(cfg.seeds, desc="seeds", show=progress):
             cfg_s = dataclasses.replace(cfg, seed=s)
             splits_s = datasets.load(cfg_s, device)
             base_s, _, _ = baseline(cfg_s, splits_s, device, progress=False)

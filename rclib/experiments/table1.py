@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rclib.compress import share, sizes
 from rclib.core import artifacts
 from rclib.core.config import Config
 from rclib.core.keys import Step
+from rclib.core.progress import progress_bar
 from rclib.data import datasets
 from rclib.experiments import retrain
 from rclib.experiments.pruning import GLOBAL, pruned
@@ -85,7 +85,7 @@ def robust_table(cfg: Config, splits: datasets.Splits, base: nn.Module, rate: fl
 
     def compute():
         rows = []
-        for v in tqdm(rows_of, desc=f"Table 1 at r={rate:g}", disable=not progress):
+        for v in progress_bar(rows_of, desc=f"Table 1 at r={rate:g}", show=progress):
             own_step = v.retraining is not None and not v.shared  # its evaluation is a cached step of its own
             if own_step:
                 found, counts, _ = retrain.evaluated(cfg, splits, base, rate, v.retraining)

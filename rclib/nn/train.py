@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rclib.core.accel import Runtime, autocast, batch_to, to_device
 from rclib.core.config import OPTIMIZERS, Config
+from rclib.core.progress import progress_bar
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -129,7 +129,7 @@ def fit(model: nn.Module, loader: DataLoader, epochs: int, optimiser: Optimiser 
     reseed(loader, seed)
     history = []
     was_training = model.training
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(range(epochs), show=progress, desc=desc, leave=False)
     for epoch in bar:
         if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # a DistributedSampler reshuffles per epoch
             loader.sampler.set_epoch(epoch)

@@ -35,7 +35,9 @@ STAGE = "src"  # _build/src: the book sources with executed notebooks
 BOOK_FILES = ("_config.yml", "_toc.yml")
 
 
-BOOK_DIRS = ("book",)  # copied as they are; notebooks among them are executed over the copies
+# copied as they are: book/ (its notebooks are executed over the copies) and _static/ (the book's CSS,
+# which Jupyter Book links into every page)
+BOOK_DIRS = ("book", "_static")
 
 
 class ChapterFailed(RuntimeError):
