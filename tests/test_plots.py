@@ -111,10 +111,6 @@ def test_bands_are_one_sample_standard_deviation():
 
 
 def test_panels_share_one_legend_below():
-    eps, curves = _curves(6)
-    fig = plots.robust_curve_panels(eps, {"FGSM": curves, "PGD-10": curves}, ["FGSM", "PGD-10"])
-    assert all(ax.get_legend() is None for ax in fig.axes)
-    assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 6
     rows = [dict(seed=s, method=m, rate=r, accuracy=0.9 - r, robust_accuracy=0.1)
             for s in (0, 1) for m in ("global", "global + WS") for r in (0.1, 0.5)]
     fig = plots.metric_panels(rows, [dict(metric="accuracy", ylabel="a", title="(a)"),

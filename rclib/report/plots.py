@@ -147,7 +147,7 @@ def training_curve(history: Sequence[dict] | Sequence[Sequence[dict]], title: st
 def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
                   paper: dict[str, tuple[float, float]] | None = None,
                   title: str = "FGSM robust accuracy", attack: str = "FGSM",
-                  operating: tuple[float, float] | None = None, ax=None, legend: bool = True):
+                  operating: tuple[float, float] | None = None):
     """Robust accuracy (%) against epsilon for one or more models; a model's curve may be one
     list or one list per seed (then its mean with a +/- one sample standard deviation band).
     Each model has its own colour, marker, line style and width (:func:`series_style`), so
@@ -156,16 +156,12 @@ def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
     ``paper`` marks points reported by the paper: ``{label: (epsilon, accuracy in [0, 1])}``;
     only where the paper's axis means ours (the same data and epsilon scale).
     ``operating``: ``(epsilon, target accuracy in [0, 1])`` of the paper's operating point
-    (:mod:`rclib.experiments.operating`), drawn as dotted lines. ``ax``: draw into this panel
-    (the caller lays out the figure); ``legend``: draw the panel's legend (below it when there
-    are more than two curves). Chapters 00, 04 and 05.
+    (:mod:`rclib.experiments.operating`), drawn as dotted lines. With more than two models the
+    legend goes below the panel. Chapters 00, 04 and 05.
     """
-    own = ax is None
-    if own:
-        entries = len(curves) + len(paper or {}) + (operating is not None)
-        fig, ax = plt.subplots(figsize=(6.0, 3.4 + (0.3 * ((entries + 1) // 2) if len(curves) > 2 else 0)),
-                               layout="constrained")
-    fig = ax.figure
+    entries = len(curves) + len(paper or {}) + (operating is not None)
+    fig, ax = plt.subplots(figsize=(6.0, 3.4 + (0.3 * ((entries + 1) // 2) if len(curves) > 2 else 0)),
+                           layout="constrained")
     for i, (label, acc) in enumerate(curves.items()):
         _band(ax, epsilons, acc, 100, label=label, **series_style(i))
     for label, (eps, acc) in (paper or {}).items():
@@ -179,27 +175,11 @@ def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
     ax.set_ylabel(f"{attack} robust accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=10)
-    if legend:
-        if len(curves) > 2:  # many models: below the panel, never over the curves
-            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
-        else:
-            ax.legend(fontsize=8)
+    if len(curves) > 2:  # many models: below the panel, never over the curves
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return fig
-
-
-def robust_curve_panels(epsilons: Sequence[float], panels: dict[str, dict[str, Sequence]], attacks: Sequence[str],
-                        operating: tuple[float, float] | None = None):
-    """Several :func:`robust_curves` panels side by side with one shared y axis and one legend
-    below them: ``panels[title] = curves`` and ``attacks`` the attack of each panel. Chapter 05
-    (FGSM beside PGD-10)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(BOOK_WIDTH, 4.4), sharey=True, squeeze=False,
-                             layout="constrained")
-    for ax, (title, curves), attack in zip(axes[0], panels.items(), attacks):
-        robust_curves(epsilons, curves, title=title, attack=attack, operating=operating, ax=ax, legend=False)
-    for ax in axes[0][1:]:
-        ax.set_ylabel("")
-    axes[0][0].set_ylabel("robust accuracy (%)")
-    return _legend_below(fig, axes, ncol=2)
 
 
 def adversarial_examples(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, pred_clean: torch.Tensor,
