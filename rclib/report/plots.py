@@ -2,6 +2,13 @@
 
 Used by every chapter; the widgets call the same functions, so a chapter's static figure and
 its live explorer draw identical pictures.
+
+Conventions, the same in every figure (and stated in every caption): a line, bar or point
+about several seeds is their mean, and its band or error bar is plus/minus one *sample*
+standard deviation over the seeds (ddof 1; none with a single seed). Figures are sized for the
+book's text column, ``BOOK_WIDTH`` inches at the style's dpi (about 800 px), so that the book
+shows them at their own size and their labels stay legible. A chapter glues each figure with
+:func:`glue_figure` and shows it, numbered and captioned, with myst-nb's ``{glue:figure}``.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import torch
 
@@ -24,6 +32,56 @@ STYLE = {
     "font.size": 10,
 }
 plt.rcParams.update(STYLE)
+
+BOOK_WIDTH = 7.3  # inches: the book's text column (about 800 px at the style's 110 dpi)
+
+# one look per curve when several share an axis: colour, marker, line style and width all differ,
+# and later curves are thinner and drawn on top, so a curve that coincides with an earlier one (a
+# model and its weight-shared twin) shows as a thin line inside a thick one, not as one line
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+SERIES_LINES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (2, 1)), (0, (8, 2)), (0, (1, 2)))
+
+
+def series_style(i: int) -> dict:
+    """Matplotlib style of the ``i``-th of several curves on one axis (see ``SERIES_MARKERS``)."""
+    return dict(color=f"C{i % 10}", marker=SERIES_MARKERS[i % len(SERIES_MARKERS)],
+                linestyle=SERIES_LINES[i % len(SERIES_LINES)], linewidth=max(2.8 - 0.35 * i, 1.0),
+                markersize=max(7.5 - 0.7 * i, 3.5), zorder=2 + i)
+
+
+def glue_figure(name: str, fig) -> None:
+    """Glue ``fig`` under ``name`` for a ``{glue:figure}`` directive, then close it.
+
+    The figure is glued *displayed*: the book hides that output (the cell is tagged
+    ``remove-output``) and shows the figure once, numbered and captioned, where the directive
+    is, while JupyterLab, which does not read glue, still shows it as the cell's output. Closing
+    it stops the inline backend from drawing it a second time.
+    """
+    from myst_nb import glue
+
+    glue(name, fig, display=True)
+    plt.close(fig)
+
+
+def _legend_below(fig, axes, ncol: int = 3, **kw):
+    """One legend for ``axes`` (their handles, each label once) under the figure, outside every
+    panel; the figure must use the constrained layout. Removes the panels' own legends."""
+    seen: dict[str, object] = {}
+    for ax in np.atleast_1d(axes).flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center",
+                   ncol=min(ncol, len(seen)), fontsize=8, frameon=False, **kw)
+    return fig
+
+
+def _legend_in(ax, handles, labels, **kw):
+    """A legend filling an otherwise empty panel ``ax`` (switched off as axes)."""
+    ax.axis("off")
+    ax.legend(handles, labels, loc="center", fontsize=8, frameon=False, **kw)
 
 
 def _show_image(ax, img: torch.Tensor, cmap="gray_r"):
@@ -42,7 +100,8 @@ def samples(x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str], n: int
     n = min(n, len(x))
     cols = min(10, n)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.3 * rows), squeeze=False)
+    size = min(1.0, BOOK_WIDTH / cols)  # inches per image: a row of ten fills the text column
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, (size + 0.3) * rows + 0.3), squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < n:
             _show_image(ax, x[i])
@@ -90,17 +149,23 @@ def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
                   title: str = "FGSM robust accuracy", attack: str = "FGSM",
                   operating: tuple[float, float] | None = None):
     """Robust accuracy (%) against epsilon for one or more models; a model's curve may be one
-    list or one list per seed (then its mean with a +/- std band).
+    list or one list per seed (then its mean with a +/- one sample standard deviation band).
+    Each model has its own colour, marker, line style and width (:func:`series_style`), so
+    curves that coincide stay distinguishable.
 
-    ``paper`` marks points reported by the paper: ``{label: (epsilon, accuracy in [0, 1])}``.
+    ``paper`` marks points reported by the paper: ``{label: (epsilon, accuracy in [0, 1])}``;
+    only where the paper's axis means ours (the same data and epsilon scale).
     ``operating``: ``(epsilon, target accuracy in [0, 1])`` of the paper's operating point
-    (:mod:`rclib.experiments.operating`), drawn as dotted lines. Chapters 00, 04 and 05.
+    (:mod:`rclib.experiments.operating`), drawn as dotted lines. With more than two models the
+    legend goes below the panel. Chapters 00, 04 and 05.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    entries = len(curves) + len(paper or {}) + (operating is not None)
+    fig, ax = plt.subplots(figsize=(6.0, 3.4 + (0.3 * ((entries + 1) // 2) if len(curves) > 2 else 0)),
+                           layout="constrained")
     for i, (label, acc) in enumerate(curves.items()):
-        _band(ax, epsilons, acc, 100, marker="o", color=f"C{i}", label=label)
+        _band(ax, epsilons, acc, 100, label=label, **series_style(i))
     for label, (eps, acc) in (paper or {}).items():
-        ax.plot([eps], [100 * acc], "*", markersize=12, color="k", label=label)
+        ax.plot([eps], [100 * acc], "*", markersize=12, color="k", label=label, zorder=20)
     if operating is not None:
         eps, target = operating
         ax.axvline(eps, color="0.3", linestyle=":", linewidth=1)
@@ -109,9 +174,11 @@ def robust_curves(epsilons: Sequence[float], curves: dict[str, Sequence[float]],
     ax.set_xlabel(r"$\epsilon$ (L$\infty$ step, pixels in [0, 1])")
     ax.set_ylabel(f"{attack} robust accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    if len(curves) > 2:  # many models: below the panel, never over the curves
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -125,7 +192,8 @@ def adversarial_examples(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, 
     """
     n = min(n, len(x))
     scale = max(float(eps), 1 / 255)
-    fig, axes = plt.subplots(3, n, figsize=(1.5 * n, 4.6), squeeze=False)
+    size = min(1.1, (BOOK_WIDTH - 0.8) / n)  # inches per image; room for the row labels
+    fig, axes = plt.subplots(3, n, figsize=(size * n + 0.8, 3 * (size + 0.3) + 0.4), squeeze=False)
     for i in range(n):
         _show_image(axes[0, i], x[i])
         ok = int(pred_clean[i]) == int(y[i])
@@ -152,7 +220,16 @@ METHOD_STYLE = {
     "channel": dict(color="C2", marker="^"),
     "channel (hardened)": dict(color="C2", marker="x", linestyle="--"),
     "iterative (hardened)": dict(color="C3", marker="D"),
+    "global + WS": dict(color="C3", marker="x", linestyle="--"),  # chapter 02: global pruning, then weight sharing
 }
+
+
+def _method_style(method: str, i: int) -> dict:
+    """``METHOD_STYLE[method]`` with the width, marker size and drawing order of the ``i``-th line:
+    later lines thinner and on top, so methods whose curves coincide (the formula sizes of the
+    unstructured methods, a model and its weight-shared twin) all stay visible."""
+    return dict(METHOD_STYLE.get(method, {}), linewidth=max(2.8 - 0.4 * i, 1.0), markersize=max(7.5 - 0.8 * i, 3.5),
+                zorder=2 + i)
 
 
 def _by_method(rows: Sequence[dict]) -> dict[str, list[dict]]:
@@ -163,17 +240,20 @@ def _by_method(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 
 def metric_vs_rate(rows: Sequence[dict], metric: str, ylabel: str, title: str,
-                   baseline: float | Sequence[float] | None = None, percent: bool = True, ax=None):
-    """One line per pruning method: ``metric`` against prune rate (Figure 1 and its FGSM twin;
-    Figure 3 with ``metric="approx_mb"``). Rows from several seeds give the mean with a band of
-    +/- one standard deviation. ``baseline`` (one value, or one per seed) draws the unpruned
-    value, with its band. Chapter 01."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.8, 3.6))
+                   baseline: float | Sequence[float] | None = None, percent: bool = True, ax=None,
+                   legend: bool = True):
+    """One line per pruning method: ``metric`` against prune rate (the paper's Figure 1 and its
+    FGSM twin; Figure 3 with ``metric="approx_mb"``). Rows from several seeds give the mean with
+    a band of +/- one sample standard deviation. ``baseline`` (one value, or one per seed) draws
+    the unpruned value, with its band. ``ax``: draw into this panel (see :func:`metric_panels`).
+    Chapters 01 and 02."""
+    own = ax is None
+    fig, ax = (ax.figure, ax) if not own else plt.subplots(figsize=(5.8, 3.6))
     scale = 100 if percent else 1
     seeds = {r.get("seed") for r in rows}
-    for method, rs in _by_method(rows).items():
+    for i, (method, rs) in enumerate(_by_method(rows).items()):
         rates, mean, std, _ = seed_stats(rs, metric, scale)
-        line, = ax.plot(rates, mean, label=method, **METHOD_STYLE.get(method, {}))
+        line, = ax.plot(rates, mean, label=method, **_method_style(method, i))
         if std.any():
             ax.fill_between(rates, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
     if baseline is not None:
@@ -185,10 +265,23 @@ def metric_vs_rate(rows: Sequence[dict], metric: str, ylabel: str, title: str,
     ax.set_ylabel(ylabel + (f"\nmean ± std over {len(seeds)} seeds" if len(seeds) > 1 else ""))
     if percent:
         ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(fontsize=8)
+    if own:
+        fig.tight_layout()
     return fig
+
+
+def metric_panels(rows: Sequence[dict], panels: Sequence[dict]):
+    """:func:`metric_vs_rate` panels side by side, sized for the book, with one legend below
+    them: each of ``panels`` is a dict of that function's keyword arguments (``metric``,
+    ``ylabel``, ``title``, optionally ``baseline``). Chapter 01's accuracy and robust accuracy
+    against prune rate, chapter 02's with and without weight sharing."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(BOOK_WIDTH, 3.9), squeeze=False, layout="constrained")
+    for ax, kw in zip(axes[0], panels):
+        metric_vs_rate(rows, ax=ax, legend=False, **kw)
+    return _legend_below(fig, axes, ncol=3)
 
 
 def layer_sparsity(tables: dict, rate: float):
@@ -198,7 +291,7 @@ def layer_sparsity(tables: dict, rate: float):
     names = list(dict.fromkeys(next(iter(tables.values()))["layer"].tolist()))
     x = np.arange(len(names))
     width = 0.8 / len(tables)
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH, 3.6))
     for i, (label, table) in enumerate(tables.items()):
         g = table.groupby("layer", sort=False)["sparsity"]
         mean, std = g.mean().reindex(names), g.std(ddof=1).reindex(names).fillna(0.0)
@@ -215,14 +308,16 @@ def layer_sparsity(tables: dict, rate: float):
 
 
 def latency_bars(rows: Sequence[dict], flop_ratio: float):
-    """Figure 4: forward latency (ms) of model variants at each batch size, with the speed-up
+    """The paper's Figure 4: forward latency (ms) of model variants at each batch size (bars:
+    mean over the seeds' models, error bars +/- one sample standard deviation), with the speed-up
     a FLOP count would predict drawn as the hardened model's limit. Chapter 01.
 
     ``rows``: dicts with ``model``, ``batch`` and ``seconds``; the first model is the reference.
     """
     batches = sorted({r["batch"] for r in rows})
     labels = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(batches), figsize=(3.4 * len(batches), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(min(3.4 * len(batches), BOOK_WIDTH), 3.9), squeeze=False,
+                             layout="constrained")
     for ax, b in zip(axes[0], batches):
         ms = {m: np.array([1e3 * r["seconds"] for r in rows if r["batch"] == b and r["model"] == m]) for m in labels}
         t = {m: v.mean() for m, v in ms.items()}  # mean over seeds' models when several
@@ -233,32 +328,28 @@ def latency_bars(rows: Sequence[dict], flop_ratio: float):
         ax.set_title(f"batch {b}")
         ax.set_ylabel("forward pass (ms)")
         ax.tick_params(axis="x", rotation=20)
-        ax.legend(fontsize=7)
-    fig.suptitle("Inference latency (median of repeated runs, CPU)")
-    fig.tight_layout()
-    return fig
+    fig.suptitle("Inference latency (median of repeated runs, CPU)", fontsize=11)
+    return _legend_below(fig, axes, ncol=1)
 
 
 def compression_vs_rate(rows: Sequence[dict]):
     """Figure 3: model size against prune rate per method; left the paper's formula (non-zero
     parameters x 32 bit), right the bytes of the model's safetensors file (dense: masked zeros
     are stored; a hardened model stores only what is left). Both in MB (10^6 bytes). Chapter 01."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(BOOK_WIDTH, 3.9), sharey=True, layout="constrained")
     for ax, key, scale, title in ((axes[0], "approx_mb", 1.0, "paper's approximate size"),
                                   (axes[1], "dense_bytes", 1e-6, "safetensors file")):
-        for method, rs in _by_method(rows).items():  # mean over seeds (sizes barely vary)
+        for i, (method, rs) in enumerate(_by_method(rows).items()):  # mean over seeds (sizes barely vary)
             rates, mean, std, _ = seed_stats(rs, key, scale)
-            line, = ax.plot(rates, mean, label=method, **METHOD_STYLE.get(method, {}))
+            line, = ax.plot(rates, mean, label=method, **_method_style(method, i))
             if std.any():
                 ax.fill_between(rates, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_yscale("log")
         ax.set_xlabel("prune rate r")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("size (MB, log scale)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("Compression vs prune rate")
-    fig.tight_layout()
-    return fig
+    fig.suptitle("Compression vs prune rate", fontsize=11)
+    return _legend_below(fig, axes, ncol=3)
 
 
 def decision_map(dmap, num_classes: int, title: str = "", ax=None, points: bool = True):
@@ -277,115 +368,172 @@ def decision_map(dmap, num_classes: int, title: str = "", ax=None, points: bool 
     ax.set_xlim(dmap.extent[0], dmap.extent[1])
     ax.set_ylim(dmap.extent[2], dmap.extent[3])
     ax.set_title(title, fontsize=9)
+    ax.grid(False)  # grid lines would cross the map's own boundaries
     return fig
 
 
-def decision_maps(maps: Sequence, titles: Sequence[str], num_classes: int, ncols: int = 4,
+def decision_maps(maps: Sequence, titles: Sequence[str], num_classes: int, ncols: int = 3,
                   suptitle: str = "", points: bool = True):
-    """A grid of decision maps with a shared class legend (Figure 7 / Figure 8)."""
+    """A grid of decision maps with one class legend (chapter 03's maps after the paper's
+    Figure 7, chapter 04's after its Figure 8), sized for the book's text column: ``ncols``
+    maps per row share ``BOOK_WIDTH``, so at the default 3 each map is about 260 px wide. The
+    legend takes the first empty cell of the grid, or a row below it when the grid is full."""
     import matplotlib
     import matplotlib.patches as mpatches
 
     n = len(maps)
+    ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 3.0 * nrows + 0.6), squeeze=False)
+    spare = nrows * ncols > n  # an empty cell to hold the legend
+    side = BOOK_WIDTH / ncols
+    height = nrows * (0.9 * side + 0.45) + (0 if spare else 0.7) + (0.35 if suptitle else 0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(BOOK_WIDTH, height), squeeze=False, layout="constrained")
     for ax, m, t in zip(axes.flat, maps, titles):
         decision_map(m, num_classes, t, ax=ax, points=points)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
+        ax.title.set_fontsize(9.5)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.label.set_fontsize(8.5)
+        ax.yaxis.label.set_fontsize(8.5)
     colours = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"].colors
     handles = [mpatches.Patch(color=colours[k % len(colours)], label=str(k)) for k in range(num_classes)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(num_classes, 10), fontsize=8,
-               title="predicted class (pale = low confidence)", title_fontsize=8)
+    title = "predicted class\n(pale = low confidence)"
+    empty = list(axes.flat)[n:]
+    for ax in empty:
+        ax.axis("off")
+    if empty:
+        _legend_in(empty[0], handles, [h.get_label() for h in handles], ncol=2, title=title, title_fontsize=8.5)
+    else:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(num_classes, 10), fontsize=8,
+                   title=title.replace("\n", " "), title_fontsize=8, frameon=False)
     if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.suptitle(suptitle, fontsize=10.5)
     return fig
 
 
-def table1_bars(summary, rates: Sequence[float], variants: Sequence[str], paper: dict | None = None):
-    """Chapter 04: clean and FGSM robust accuracy (%) of each Table 1 variant, mean over seeds
-    with the min-max spread as error bars, one panel per prune rate; the paper's robust
-    accuracies as black ticks on the first panel.
+def table1_bars(summary, rates: Sequence[float], variants: Sequence[str], paper: dict | None = None,
+                epsilon: float | None = None):
+    """Chapter 04: clean and FGSM robust accuracy (%) of each Table 1 variant, one panel per prune
+    rate; bars are means over seeds and error bars +/- one sample standard deviation (ddof 1).
 
     ``summary``: a DataFrame with columns rate, variant, metric ("accuracy" |
-    "robust_accuracy"), mean, min, max (fractions in [0, 1]).
+    "robust_accuracy"), mean, std (fractions in [0, 1]; std NaN for a single seed).
+    ``paper``: the paper's Table 1 (:data:`rclib.core.paper.TABLE1`, in %), drawn in a panel of
+    its own: its FGSM step (0.03 on ImageNet) is not our operating point on our data, so its
+    values never stand on our panels' axes. ``epsilon``: our FGSM step, for the labels.
     """
-    fig, axes = plt.subplots(1, len(rates), figsize=(5.6 * len(rates), 4.2), sharey=True, squeeze=False)
+    panels = len(rates) + (paper is not None)
+    ncols = min(2, panels)
+    nrows = (panels + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(BOOK_WIDTH, 3.3 * nrows + 0.2), squeeze=False,
+                             layout="constrained")
+    flat = list(axes.flat)
     x = np.arange(len(variants))
-    for ax, rate in zip(axes[0], rates):
-        for i, (metric, label) in enumerate((("accuracy", "clean"), ("robust_accuracy", "FGSM robust"))):
+    names = [v.replace("Pruned + ", "+ ") for v in variants]
+    ours = f"FGSM robust, $\\epsilon$ = {epsilon:g}" if epsilon is not None else "FGSM robust"
+    handles = []
+    for ax, rate in zip(flat, rates):
+        for i, (metric, label) in enumerate((("accuracy", "clean"), ("robust_accuracy", ours))):
             s = summary[(summary.rate == rate) & (summary.metric == metric)].set_index("variant").loc[list(variants)]
-            err = np.vstack([s["mean"] - s["min"], s["max"] - s["mean"]]) * 100
-            ax.bar(x + (i - 0.5) * 0.38, 100 * s["mean"], 0.38, yerr=err, capsize=3, label=label,
-                   color=f"C{i}")
-        if paper is not None and ax is axes[0][0]:
-            ax.scatter(x + 0.19, [paper[v]["robust_accuracy"] for v in variants], marker="_", s=300,
-                       color="k", zorder=3, label="paper, FGSM robust (ImageNet)")
-        ax.set_xticks(x, [v.replace("Pruned + ", "+ ") for v in variants], rotation=25, ha="right", fontsize=8)
-        ax.set_title(f"global pruning at r = {rate:g}")
-        ax.set_ylim(0, 125)  # headroom for the legend above the bars
+            err = 100 * s["std"].fillna(0.0).to_numpy(float)
+            bars = ax.bar(x + (i - 0.5) * 0.38, 100 * s["mean"], 0.38, yerr=err, capsize=3, color=f"C{i}",
+                          label=f"ours: {label} (mean ± 1 sd over seeds)")
+            if ax is flat[0]:
+                handles.append(bars)
+        ax.set_title(f"ours: global pruning at r = {rate:g}", fontsize=10)
+    last = len(rates)
+    if paper is not None:
+        ax = flat[last]
+        for i, (metric, label) in enumerate((("accuracy", "clean"), ("robust_accuracy", "FGSM robust, $\\epsilon$ = 0.03"))):
+            bars = ax.bar(x + (i - 0.5) * 0.38, [paper[v][metric] for v in variants], 0.38, color=f"C{i}",
+                          alpha=0.45, hatch="//", edgecolor=f"C{i}", label=f"paper: {label} (ImageNet, one run)")
+            handles.append(bars)
+        ax.set_title("the paper's Table 1: ImageNet, VGG16, one run", fontsize=10)
+        last += 1
+    for ax in flat[:last]:
+        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0, 105)  # an error bar may reach 100
         ax.set_yticks(range(0, 101, 20))
-    axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][0].legend(fontsize=8, loc="upper center", ncol=3)
-    fig.suptitle("Table 1 as bars: mean over seeds, error bars from min to max")
-    fig.tight_layout()
+        ax.set_ylabel("test accuracy (%)")
+    labels = [h.get_label() for h in handles]
+    if last < len(flat):
+        for ax in flat[last + 1:]:
+            ax.axis("off")
+        _legend_in(flat[last], handles, labels)
+    else:
+        fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
 def roughness_scatter(rows: Sequence[dict], metrics: Sequence[tuple[str, str]], title: str = ""):
     """Chapter 03: FGSM robust accuracy (%) against each roughness measure, one panel per
-    measure, one marker per pruning method, filled without and hollow with weight sharing.
+    measure, one marker per pruning method, filled without and hollow with weight sharing. Each
+    point is one model of one seed (nothing averaged). Panels two to a row; the legend takes the
+    grid's empty cell, or a row below it, never a panel's data area.
 
     ``rows``: dicts with ``method``, ``shared``, ``robust_accuracy`` and the ``metrics`` keys;
     ``metrics``: ``(key, axis label)`` pairs.
     """
     markers = {"baseline": "*", "global": "o", "layer": "s", "channel": "^", "iterative": "D"}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
-    for ax, (key, label) in zip(axes[0], metrics):
+    ncols = min(2, len(metrics))
+    nrows = (len(metrics) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(BOOK_WIDTH, 3.2 * nrows + (0.4 if title else 0)),
+                             squeeze=False, layout="constrained")
+    flat = list(axes.flat)
+    for ax, (key, label) in zip(flat, metrics):
         for i, method in enumerate(markers):
             for shared in (False, True):
                 pts = [r for r in rows if r["method"] == method and bool(r["shared"]) == shared]
                 if not pts:
                     continue
                 ax.scatter([r[key] for r in pts], [100 * r["robust_accuracy"] for r in pts],
-                           marker=markers[method], s=60 if method == "baseline" else 36,
+                           marker=markers[method], s=70 if method == "baseline" else 36,
                            facecolors="none" if shared else f"C{i}", edgecolors=f"C{i}",
                            label=f"{method}{' + WS' if shared else ''}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("FGSM robust accuracy (%)")
-    if axes[0][0].get_legend_handles_labels()[0]:  # no rows (no model beats chance): no legend to draw
-        axes[0][0].legend(fontsize=7, ncol=2)
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_ylabel("FGSM robust accuracy (%)", fontsize=9)
+    handles, labels = flat[0].get_legend_handles_labels()
+    empty = flat[len(metrics):]
+    for ax in empty:
+        ax.axis("off")
+    if handles:  # no rows (no model beats chance): no legend to draw
+        if empty:
+            _legend_in(empty[0], handles, labels, ncol=2, title="pruning method (hollow: + weight sharing)",
+                       title_fontsize=8.5)
+        else:
+            fig.legend(handles, labels, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10.5)
     return fig
 
 
 def distance_curves(grid: Sequence[float], curves: dict[str, Sequence[Sequence[float]]],
-                    points: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                    points: dict[str, tuple] | None = None,
                     title: str = "Robust accuracy implied by the distances"):
     """Robust accuracy (%) at every eps of ``grid`` implied by per-input distances, one band per
-    model (mean +/- one std over seeds; ``curves[label]`` one list per seed), with fixed-eps
-    attack results as markers in the model's colour (``points[label] = (eps, accuracy in
-    [0, 1])``, e.g. chapter 05's PGD-10 means). Chapter 06."""
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    styles = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))  # a weight-shared twin must not hide its source
+    model (mean +/- one sample standard deviation over seeds; ``curves[label]`` one list per
+    seed), with fixed-eps attack results as diamonds in the model's colour: ``points[label] =
+    (eps, mean accuracy in [0, 1])`` or ``(eps, mean, sample std)``, the std drawn as error bars
+    (e.g. chapter 05's PGD-10 over seeds). Every model has its own line style, width and colour
+    (:func:`series_style`), later ones thinner and on top. Chapter 06."""
+    entries = len(curves) + bool(points)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6 + 0.3 * ((entries + 1) // 2)), layout="constrained")
     for i, (label, runs) in enumerate(curves.items()):
-        _band(ax, grid, runs, 100, color=f"C{i}", label=label, linestyle=styles[i % len(styles)],
-              linewidth=max(2.6 - 0.4 * i, 1.0))  # later curves thinner, drawn over earlier ones
+        style = dict(series_style(i), marker=None)  # a dense grid: lines, no markers
+        _band(ax, grid, runs, 100, label=label, **style)
         if points and label in points:
-            eps, acc = points[label]
-            ax.plot(eps, 100 * np.asarray(acc, dtype=float), "D", color=f"C{i}", markersize=5,
-                    markeredgecolor="k", markeredgewidth=0.6)
+            eps, acc, *sd = points[label]
+            err = 100 * np.asarray(sd[0], dtype=float) if sd else None
+            ax.errorbar(eps, 100 * np.asarray(acc, dtype=float), yerr=err, fmt="D", color=f"C{i % 10}",
+                        markersize=5, markeredgecolor="k", markeredgewidth=0.6, capsize=2, elinewidth=1,
+                        zorder=20)
     if points:
-        ax.plot([], [], "D", color="0.6", markeredgecolor="k", markeredgewidth=0.6, label="PGD-10 (chapter 05)")
+        ax.plot([], [], "D", color="0.6", markeredgecolor="k", markeredgewidth=0.6,
+                label="PGD-10 (chapter 05), mean ± 1 sd")
     ax.set_xlabel(r"$\epsilon$ (L$\infty$, pixels in [0, 1])")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return fig
 
 
@@ -394,7 +542,8 @@ def margin_vs_distance(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], unf
     """One scatter per model of the clean logit margin (x) against the input's distance to the
     boundary (y), over the inputs classified correctly; inputs no attack flipped (distance
     ``unflipped``) are drawn as triangles at ``top`` (the largest eps tried). Chapter 06."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(3.0 * len(panels), BOOK_WIDTH), 3.1), squeeze=False,
+                             sharey=True)
     for ax, (label, (margin, dist)) in zip(axes[0], panels.items()):
         right = dist > 0
         m, d = margin[right].numpy(), dist[right].numpy()
@@ -410,3 +559,56 @@ def margin_vs_distance(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], unf
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def shared_weights(layers: Sequence[tuple[str, np.ndarray, np.ndarray]], zoom_values: int = 12):
+    """Chapter 02, after the paper's Figure 6: the non-zero weights of some layers before and
+    after weight sharing, one row per layer.
+
+    Left, the whole range in 200 bins (the shared weights as an outline over the float ones),
+    with every shared value as a tick under the axis: a
+    layer may have 256 shared values, more than a column of 800 px can show as spikes, so the
+    ticks mark them and the shaded window is drawn, right, in fine bins (about a dozen per gap
+    between shared values), where each shared value is one spike and the float weights a
+    continuous spread. Counts on a log scale.
+
+    ``layers``: ``(title, weights before, weights after)``, the weights as 1-D arrays of the
+    layer's non-zero values; ``zoom_values``: how many consecutive shared values the zoom shows,
+    around the most populated one.
+    """
+    fig, axes = plt.subplots(len(layers), 2, figsize=(BOOK_WIDTH, 2.7 * len(layers) + 0.5), squeeze=False,
+                             layout="constrained", width_ratios=(1.25, 1))
+    for (full, zoom), (title, wb, wa) in zip(axes, layers):
+        wb, wa = np.asarray(wb, dtype=float), np.asarray(wa, dtype=float)
+        values, counts = np.unique(wa, return_counts=True)
+        edges = np.linspace(min(wb.min(), wa.min()), max(wb.max(), wa.max()), 201)
+        full.hist(wb, bins=edges, color="C0", alpha=0.6, label="pruned (float32)")
+        full.hist(wa, bins=edges, color="C3", histtype="step", linewidth=0.9, label="weight-shared")
+        full.vlines(values, 0, 0.06, transform=full.get_xaxis_transform(), color="C3", linewidth=0.6,
+                    label="a shared value")
+        # the zoom: zoom_values consecutive shared values around the most populated one, on one side
+        # of zero (pruning leaves a gap around it: a window across it would show mostly nothing)
+        side = values > 0 if (values > 0).sum() >= (values < 0).sum() else values < 0
+        first, last = np.flatnonzero(side)[[0, -1]]
+        k = min(zoom_values, last - first + 1)
+        peak = first + int(np.argmax(counts[first:last + 1]))
+        lo = int(np.clip(peak - k // 2, first, last + 1 - k))
+        window = values[lo:lo + k]
+        gap = float(np.diff(values).min()) if len(values) > 1 else max(abs(float(values[0])), 1e-3)
+        left = (window[0] + values[lo - 1]) / 2 if lo > first else window[0] - gap / 2
+        right = (window[-1] + values[lo + k]) / 2 if lo + k <= last else window[-1] + gap / 2
+        fine = np.linspace(left, right, 12 * k + 1)
+        zoom.hist(wb[(wb >= left) & (wb <= right)], bins=fine, color="C0", alpha=0.6)
+        zoom.hist(wa[(wa >= left) & (wa <= right)], bins=fine, color="C3", alpha=0.8)
+        full.axvspan(left, right, color="0.5", alpha=0.2, linewidth=0, label="zoomed window (right)")
+        for ax in (full, zoom):
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("weight value", fontsize=9)
+            ax.tick_params(labelsize=8)
+        full.set_ylabel("count per bin (log scale)", fontsize=9)
+        full.set_title(f"{title}: {len(values)} shared values", fontsize=9.5)
+        zoom.set_title(f"zoom: {k} of them, fine bins", fontsize=9.5)
+        full.legend()  # collected below the figure
+    return _legend_below(fig, axes, ncol=4)
+
