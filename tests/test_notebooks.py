@@ -118,10 +118,14 @@ def _check_claims(values: dict, n: int) -> None:
     assert len(claims) == n
     for row in claims:
         assert set(row) == {"section", "quantity", "paper", "ours", "verdict", "kind", "measures", "setting",
-                            "refuted_by"}
+                            "refuted_by", "anchor"}
         assert row["kind"] in book.KINDS and row["measures"] in book.MEASURES and row["setting"], row
         allowed = (book.PASSED,) if row["kind"] == book.CHECK else verdict.OUTCOMES
         assert book.outcome(row["verdict"]) in allowed, row
+        # the row links to a section of its own chapter: the label is above a heading there
+        chapter = nbformat.read(next((ROOT / "notebooks").glob(f"{row['anchor'][2:4]}_*.ipynb")), as_version=4)
+        markdown = "\n".join(c.source for c in chapter.cells if c.cell_type == "markdown")
+        assert re.search(rf"^\({re.escape(row['anchor'])}\)=\n#+ ", markdown, re.M), row
 
 
 def test_same_profile_and_seed_give_identical_numbers(smoke_book, rerun_00):
