@@ -245,7 +245,7 @@ def claims_table(claims, kind: str = PAPER):
     out = pd.DataFrame({
         "where": [link(r) for r in rows.itertuples()],
         "claim" if kind != CHECK else "property": [cell(q) for q in rows.quantity],
-        "measures": [cell(m) for m in rows.measures],
+        "what it measures": [cell(m) for m in rows.measures],
         "setting · refuted by": [f"{cell(s)} · <i>{cell(f)}</i>" for s, f in zip(rows.setting, rows.refuted_by)],
         **({"paper": [cell(p) for p in rows.paper]} if kind == PAPER else {}),
         "ours": [cell(o) for o in rows.ours],
