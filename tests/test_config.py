@@ -383,6 +383,7 @@ def test_table_shows_every_field_that_differs_from_the_profile():
     assert list(t.index) == ["profile", "epsilon", "seed", "width"]
     assert t.loc["width", "value"] == "4" and t.loc["width", "profile 'smoke' has"] == "8"
     assert t.loc["epsilon", "profile 'smoke' has"] == ""
+    assert t.index.name == "parameter (a Config field, set with -p)"  # the rows are field names, and say so
 
 
 @pytest.mark.parametrize("spec", [

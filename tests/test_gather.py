@@ -26,10 +26,10 @@ def test_gathering_pages_run_after_the_chapters():
 
 
 def test_claim_rows_read_back_from_a_glued_notebook(tmp_path):
-    where = dict(setting="r = 0.5", refuted_by="a drop at or below 0")
+    where = dict(setting="r = 0.5", refuted_by="a drop at or below 0", anchor="ch01-sweep")
     rows = [book.claim("Sec. 3.1 · chapter 01", "structured pruning drops faster", "yes", "12.0 ± 3.1",
                        "holds (3 of 3 seeds)", measures="clean accuracy", **where),
-            book.claim("Sec. 3.2 · chapter 02", "weight sharing cost (pp)", 1.5, float("nan"), "inconclusive",
+            book.claim("Sec. 3.2 · chapter 01", "weight sharing cost (pp)", 1.5, float("nan"), "inconclusive",
                        measures="clean accuracy", **where)]
     assert rows[1]["ours"] is None  # nan would not read back from the glued text
     # a chapter as papermill + myst_nb.glue leave it: the value's repr under a scrapbook name
@@ -40,6 +40,7 @@ def test_claim_rows_read_back_from_a_glued_notebook(tmp_path):
     nbformat.write(nb, tmp_path / "notebooks" / "01_pruning.ipynb")
     table = book.gather(["notebooks/01_pruning.ipynb"], src=tmp_path)
     assert list(table.quantity) == [r["quantity"] for r in rows]
+    assert list(table.anchor) == ["ch01-sweep", "ch01-sweep"]  # the section each row links to
     assert table.chapter.unique().tolist() == ["notebooks/01_pruning.ipynb"]
     with pytest.raises(FileNotFoundError, match="02_weight_sharing"):
         book.gather(["notebooks/01_pruning.ipynb", "notebooks/02_weight_sharing.ipynb"], src=tmp_path)
@@ -107,17 +108,18 @@ def test_comparison_styles_claims_whose_quantities_coincide():
 
 
 def _rows():
-    where = dict(setting="eps 0.2, r = 0.5", refuted_by="the other side on every seed")
+    where = dict(setting="eps 0.2, r = 0.5", refuted_by="the other side on every seed", anchor="ch04-table-1")
     return [
-        book.claim("Sec. 3.4 · chapter 04", "doubles", 2.13, "1.9 ± 0.1", "does not hold (0 of 5 seeds agree)",
+        book.claim("Sec. 3.4 · chapter 04", "doubles", 2.13, "1.9 ± 0.1", "does not hold: 0 of 5 seeds agree",
                    measures="robustness", **where),
-        book.claim("Sec. 3.4 · chapter 04", "costs clean accuracy", 2.4, "1.0 ± 0.5", "holds (5 of 5 seeds agree)",
+        book.claim("Sec. 3.4 · chapter 04", "costs clean accuracy", 2.4, "1.0 ± 0.5", "holds: 5 of 5 seeds agree",
                    measures="clean accuracy", **where),
-        book.claim("Sec. 3.1 · chapter 01", "lowers robust accuracy", 6.2, "3.0 ± 1.0", "holds (5 of 5 seeds agree)",
-                   measures="robustness", **where),
-        book.claim("Sec. 4.1 · chapter 05", "FGSM overstates", "not tested", "+30 ± 2", "holds (5 of 5 seeds agree)",
+        book.claim("Sec. 3.1 · chapter 04", "lowers robust accuracy", 6.2, "3.0 ± 1.0", "holds (5 of 5 seeds agree)",
+                   measures="robustness", **where),  # the older text form of a verdict still counts
+        book.claim("Sec. 4.1 · chapter 04", "FGSM overstates", "not tested", "+30 ± 2", "holds: 5 of 5 seeds agree",
                    kind=book.FINDING, measures="robustness", **where),
-        book.check("Sec. 3.1.3 · chapter 01", "hardened = masked", True, "largest gap 0.00 pp", measures="clean accuracy"),
+        book.check("Sec. 3.1.3 · chapter 04", "hardened = masked", True, "largest gap 0.00 pp", anchor="ch04-algorithm-7",
+                   measures="clean accuracy"),
     ]
 
 
@@ -134,17 +136,63 @@ def test_tally_counts_the_three_kinds_apart_and_groups_the_papers_claims_by_what
     # the finding's "holds" and the check are not counted as the paper's
     assert counts == dict(n_paper=3, n_holds=2, n_fails=1, n_inconclusive=0, n_findings=1, n_checks=1)
     html = book.claims_table(claims, book.PAPER).to_html()
-    assert html.count('<a href="../notebooks/04_robust_retraining.html">') == 3 and "|---|" not in html
-    assert "hardened = masked" in book.claims_table(claims, book.CHECK).to_html()
+    assert html.count('<a href="../notebooks/04_robust_retraining.html#ch04-table-1">') == 3 and "|---|" not in html
+    checks = book.claims_table(claims, book.CHECK).to_html()
+    assert "hardened = masked" in checks and 'href="../notebooks/04_robust_retraining.html#ch04-algorithm-7"' in checks
+    # the count table for display: words in its headers, the counts unchanged
+    shown = book.readable(t)
+    assert list(shown.index.names) == ["kind of row", "what it measures"] and "rows in all" in shown.columns
+    assert shown.loc[("the paper's claims", "robustness"), "rows in all"] == 2 and "rows" in t.columns
+
+
+def test_a_row_links_to_the_section_named_by_its_anchor_and_a_bad_anchor_is_refused():
+    where = dict(measures="robustness", setting="x", refuted_by="y")
+    row = book.claim("Table 1 · chapter 04", "q", 1, 2, "holds: 2 of 2 seeds agree", anchor="ch04-table-1", **where)
+    assert row["anchor"] == "ch04-table-1"
+    assert book.section_link("notebooks/04_robust_retraining.ipynb", row["anchor"]) == \
+        "../notebooks/04_robust_retraining.html#ch04-table-1"
+    for bad in ("table-1", "ch4-table-1", "#ch04-table-1", "ch04-Table-1", "ch04_table_1", "ch04-", "", None):
+        with pytest.raises(ValueError, match="anchor"):
+            book.claim("s", "q", 1, 2, "holds", anchor=bad, **where)
+        with pytest.raises(ValueError, match="anchor"):
+            book.check("s", "q", True, "d", anchor=bad, measures="size")
+    with pytest.raises(TypeError):
+        book.claim("s", "q", 1, 2, "holds", **where)  # required
+    with pytest.raises(ValueError, match="names chapter 03"):  # a label of another chapter would not be on the page
+        book.section_link("notebooks/04_robust_retraining.ipynb", "ch03-roughness-measures")
+    with pytest.raises(ValueError, match="execute the chapter again"):  # a row glued before rows had anchors
+        book.section_link("notebooks/04_robust_retraining.ipynb", float("nan"))
+
+
+def test_readable_puts_words_in_a_tables_headers_and_refuses_identifiers():
+    import pandas as pd
+
+    study = pd.DataFrame({"label": ["baseline", "global r=0.5"], "accuracy": ["97.0", "90.1"],
+                          "pca_boundary_length": ["1.20", "1.35"]}).set_index("label")
+    shown = book.readable(study)
+    assert list(shown.columns) == ["clean accuracy (%)", "PCA map: boundary length (map sides)"]
+    assert shown.index.name == "model" and list(shown.index) == ["baseline", "global r=0.5"]  # rows are data
+    assert list(study.columns) == ["accuracy", "pca_boundary_length"]  # the data keep their names
+    sweep = pd.DataFrame({("accuracy", "global"): [1.0], ("robust_accuracy", "global"): [0.5]},
+                         index=pd.Index([0.5], name="rate"))
+    sweep.columns.names = [None, "method"]
+    shown = book.readable(sweep, {"robust_accuracy": "FGSM robust accuracy at eps 0.1 (%)"})
+    assert list(shown.columns) == [("clean accuracy (%)", "global"), ("FGSM robust accuracy at eps 0.1 (%)", "global")]
+    assert shown.index.name == "prune rate r" and shown.columns.names == [None, "method"]
+    with pytest.raises(ValueError, match="approx_mb"):
+        book.readable(pd.DataFrame({"approx_mb": [1.0]}))
+    assert list(book.readable(pd.DataFrame({"approx_mb": [1.0]}), {"approx_mb": "size (MB)"}).columns) == ["size (MB)"]
 
 
 def test_a_broken_check_stops_with_its_numbers_and_a_claim_needs_its_setting():
     with pytest.raises(book.CheckFailed, match="hardened = masked.*largest gap 1.39 pp"):
-        book.check("Sec. 3.1.3 · chapter 01", "hardened = masked", False, "largest gap 1.39 pp", measures="clean accuracy")
+        book.check("Sec. 3.1.3 · chapter 01", "hardened = masked", False, "largest gap 1.39 pp", anchor="ch01-sweep",
+                   measures="clean accuracy")
     with pytest.raises(ValueError, match="measures="):
-        book.claim("s", "q", 1, 2, "holds", measures="vibes", setting="x", refuted_by="y")
+        book.claim("s", "q", 1, 2, "holds", anchor="ch01-sweep", measures="vibes", setting="x", refuted_by="y")
     with pytest.raises(ValueError, match="book.check"):
-        book.claim("s", "q", 1, 2, "holds", measures="size", setting="x", refuted_by="y", kind=book.CHECK)
+        book.claim("s", "q", 1, 2, "holds", anchor="ch01-sweep", measures="size", setting="x", refuted_by="y",
+                   kind=book.CHECK)
 
 
 def test_a_broken_check_fails_its_chapter(tmp_path):
@@ -154,7 +202,7 @@ def test_a_broken_check_fails_its_chapter(tmp_path):
 
     nb = new_notebook(cells=[new_code_cell("from rclib.report import book\n"
                                            "book.check('chapter 01', 'hardened = masked', 0.0139 == 0, "
-                                           "'largest gap 1.39 pp', measures='clean accuracy')"),
+                                           "'largest gap 1.39 pp', anchor='ch01-sweep', measures='clean accuracy')"),
                              new_code_cell("after = True")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "in.ipynb")

@@ -223,18 +223,41 @@ def test_paired_string_matches_its_numbers():
                       f"95% CI {100 * s.low:+.1f} to {100 * s.high:+.1f}")
 
 
-def test_direction():
+def test_clause_states_each_outcome_as_a_whole_clause_with_its_evidence():
     yes = V.paired([0.9, 0.8, 0.85], [0.5, 0.4, 0.45])
     no = V.paired([0.5, 0.4, 0.45], [0.9, 0.8, 0.85])
     unsure = V.paired([0.9], [0.5])
-    assert V.direction(yes, "raises", "does not raise") == "raises"
-    assert V.direction(no, "raises", "does not raise") == "does not raise"
-    assert V.direction(unsure, "raises", "does not raise") == "may or may not raise (inconclusive)"
-    assert V.direction(unsure, "is rougher", "is not rougher") == \
-        "may or may not be rougher (inconclusive)"
-    with pytest.raises(ValueError, match="unsure"):
-        V.direction(yes, "rougher", "smoother")  # refused even when the verdict is clear
-    assert V.direction(unsure, "rougher", "smoother", unsure="either") == "either"
+    words = ("Algorithm 7", "raises robust accuracy", "does not raise robust accuracy")
+    assert V.clause(yes, *words) == f"Algorithm 7 raises robust accuracy ({yes.evidence})"
+    assert V.clause(no, *words, evidence=False) == "Algorithm 7 does not raise robust accuracy"
+    # inconclusive: a clause that reads whole, no verb phrase with "(inconclusive)" stuck in it
+    said = V.clause(unsure, *words)
+    assert said == ("it is inconclusive whether Algorithm 7 raises robust accuracy "
+                    "(one seed is an anecdote; +40.0 pp, no interval)")
+    assert said.count("(") == said.count(")") == 1  # the evidence, with no parentheses nested in it
+    # the evidence is str(v) without its outcome word, and without numbers when there is no estimate
+    assert str(yes) == f"holds: {yes.evidence}" and yes.evidence.startswith("3 of 3 seeds agree; +")
+    empty = V.threshold([], ">", 0.5, empty="no model beats chance")
+    assert empty.evidence == "no model beats chance" and str(empty) == "inconclusive: no model beats chance"
+    with pytest.raises(ValueError, match="negate"):
+        V.clause(yes, "compressed models", "are rougher", "are smoother")  # refused even when it holds
+    with pytest.raises(ValueError, match="negate"):  # yes's own "not" does not count as the negation
+        V.clause(yes, "compression", "costs what retraining does not give back", "costs what retraining does not restore")
+    assert V.clause(no, "compression", "costs what retraining does not give back",
+                    "does not cost what retraining does not give back", evidence=False).startswith("compression does not")
+    with pytest.raises(ValueError, match="given"):
+        V.clause(yes, "", "raises", "does not raise")
+
+
+def test_a_verdicts_text_never_nests_parentheses():
+    """Chapters glue a verdict inside their own parentheses: its text has none of its own."""
+    cases = [V.threshold([0.025] * 3, ">", 0.0, resolution=1 / 40), V.threshold([], ">", 0.5, empty="none left"),
+             V.paired([0.9], [0.5]), V.paired([0.6, 0.7, 0.5], [0.5, 0.6, 0.7]),
+             V.correlation([1, 2, 3], [3, 2, 1]), V.arithmetic(263.87, 263.9, 0.05, unit="MiB")]
+    for v in cases:
+        assert "(" not in str(v) and ")" not in str(v), str(v)
+    with pytest.raises(ValueError, match="parentheses"):
+        V.Verdict(HOLDS, 0.1, 0.0, 0.2, 3, "3 of 3 seeds (all)", "holds")
 
 
 def test_seeded_correlation_needs_every_seed_to_agree():
@@ -281,8 +304,9 @@ def test_no_values_give_an_inconclusive_verdict_with_the_callers_reason():
     assert V.paired([], [], ">").inconclusive
     v = V.threshold([], ">", 0.5, scale=100, unit="%", empty="no compressed model beats chance")
     assert v.inconclusive and v.n == 0 and math.isnan(v.estimate)
-    assert str(v) == "inconclusive: no compressed model beats chance; n/a%, no interval"
-    assert V.direction(v, "are rougher", "are not rougher") == "may or may not be rougher (inconclusive)"
+    assert str(v) == "inconclusive: no compressed model beats chance"
+    assert V.clause(v, "compressed models", "are rougher", "are not rougher", evidence=False) == \
+        "it is inconclusive whether compressed models are rougher"
     assert S.fmt([]) == "n/a" and S.fmt([], empty="none") == "none" and S.fmt([0.5]) == "50.0"
 
 

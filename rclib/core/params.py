@@ -70,7 +70,9 @@ def table(cfg: Config, names: tuple[str, ...] | None = None):
 
     Rows: ``names`` (the fields the chapter reads; all when None), then every other field whose
     value differs from the profile's. The second column gives the profile's value where the run
-    overrides it and is empty elsewhere, so a reader sees at once what was changed.
+    overrides it and is empty elsewhere, so a reader sees at once what was changed. The rows are
+    the fields' own names, since they are what a reader passes (``-p name value``); the header
+    says so.
     """
     base = profile_config(cfg.profile)
     names = FIELD_NAMES if names is None else tuple(names)
@@ -80,4 +82,4 @@ def table(cfg: Config, names: tuple[str, ...] | None = None):
         "value": [str(getattr(cfg, n)) for n in rows],
         f"profile {cfg.profile!r} has": [str(getattr(base, n)) if getattr(cfg, n) != getattr(base, n) else ""
                                          for n in rows],
-    }).set_index("parameter")
+    }).set_index("parameter").rename_axis("parameter (a Config field, set with -p)")

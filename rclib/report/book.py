@@ -6,6 +6,7 @@ Used by every chapter.
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +29,10 @@ KINDS = (PAPER, FINDING, CHECK)
 MEASURES = ("robustness", "robustness beyond clean accuracy", "clean accuracy", "boundary smoothness",
             "sparsity", "size", "speed")
 PASSED = "passed"
-ROW_DETAILS = ("kind", "measures", "setting", "refuted_by")  # what claim() and check() add for the claims page
+ROW_DETAILS = ("kind", "measures", "setting", "refuted_by", "anchor")  # what claim() and check() add for the claims page
+# A chapter section's MyST label, ``(chNN-name)=`` above its heading: Sphinx makes it an id of the
+# chapter's HTML page, so a claims row can link to the very section that measures it
+ANCHOR = re.compile(r"ch(\d\d)-[a-z0-9]+(?:-[a-z0-9]+)*")
 KIND_LABELS = {PAPER: "the paper's claims", FINDING: "the book's findings", CHECK: "checks (by construction)"}
 KIND_OF = {label: kind for kind, label in KIND_LABELS.items()}
 # The chapters whose rows the claims page and the introduction gather, in reading order
@@ -43,7 +47,14 @@ def _plain(v: Any) -> Any:  # glue stores a repr that must read back: no nan, no
     return v if v is None or isinstance(v, (str, bool)) else str(v)
 
 
-def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any, *, measures: str,
+def _anchor(anchor: str) -> str:
+    if not isinstance(anchor, str) or not ANCHOR.fullmatch(anchor):
+        raise ValueError(f"anchor={anchor!r} is not a chapter section's label: chNN-name (lower case, digits "
+                         "and hyphens), as in the label (chNN-name)= above the section that measures the row")
+    return anchor
+
+
+def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any, *, anchor: str, measures: str,
           setting: str, refuted_by: str, kind: str = PAPER) -> dict[str, Any]:
     """One row of a chapter's "paper vs ours" table, and of the claims page that gathers them.
 
@@ -55,6 +66,9 @@ def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any, *, m
             (``None`` when it reports none).
         ours: our number as text with its spread (``verdict.fmt``) or a number.
         verdict: a ``rclib.report.verdict.Verdict`` or its text.
+        anchor: the MyST label of the chapter section that measures the row (where its numbers
+            are computed and shown, not the summary), e.g. ``"ch04-table-1"``; the claims page
+            links the row there.
         measures: what the row actually measures, one of :data:`MEASURES` (a claim about
             robustness that is judged on clean accuracy is grouped under clean accuracy).
         setting: in one line, where it is measured (epsilon, prune rate, attack, sample).
@@ -70,7 +84,7 @@ def claim(section: str, quantity: str, paper: Any, ours: Any, verdict: Any, *, m
     if measures not in MEASURES:
         raise ValueError(f"measures={measures!r} is not allowed: one of {', '.join(MEASURES)}")
     return dict(section=section, quantity=quantity, paper=_plain(paper), ours=_plain(ours), verdict=str(verdict),
-                kind=kind, measures=measures, setting=setting, refuted_by=refuted_by)
+                kind=kind, measures=measures, setting=setting, refuted_by=refuted_by, anchor=_anchor(anchor))
 
 
 class CheckFailed(AssertionError):
@@ -78,12 +92,12 @@ class CheckFailed(AssertionError):
     chapter stops here rather than print numbers computed by broken code."""
 
 
-def check(section: str, quantity: str, ok: bool, detail: str, *, measures: str) -> dict[str, Any]:
+def check(section: str, quantity: str, ok: bool, detail: str, *, anchor: str, measures: str) -> dict[str, Any]:
     """A property that holds by construction (hardened = masked, uniform layer-wise sparsity, at
     most 2^n shared values, ...): asserted, and listed apart from the claims, never tallied.
 
     Args:
-        section, quantity, measures: as in :func:`claim`.
+        section, quantity, anchor, measures: as in :func:`claim`.
         ok: whether it held on every seed.
         detail: what was compared, with the numbers (e.g. ``"largest gap 0.00 pp over 5 seeds"``).
 
@@ -93,10 +107,12 @@ def check(section: str, quantity: str, ok: bool, detail: str, *, measures: str) 
 
     Used by chapters 00-06.
     """
+    anchor = _anchor(anchor)
     if not ok:
         raise CheckFailed(f"check failed, {section}: {quantity} ({detail})")
     return dict(section=section, quantity=quantity, paper=None, ours=detail, verdict=PASSED, kind=CHECK,
-                measures=measures, setting="every seed", refuted_by="any seed breaking it (the chapter stops)")
+                measures=measures, setting="every seed", refuted_by="any seed breaking it (the chapter stops)",
+                anchor=anchor)
 
 
 def stage_dir() -> Path:
@@ -185,10 +201,30 @@ def counts_of(claims) -> dict[str, int]:
                 n_checks=int(t[level == KIND_LABELS[CHECK]]["rows"].sum()))
 
 
+def section_link(chapter: str, anchor: Any) -> str:
+    """The claims page's link to the section that measures a row: ``chapter``
+    ``"notebooks/04_robust_retraining.ipynb"`` and anchor ``"ch04-table-1"`` give
+    ``"../notebooks/04_robust_retraining.html#ch04-table-1"``.
+
+    Raises:
+        ValueError: the anchor is missing or not a label (a row glued before rows had anchors:
+            execute the chapter again), or it names another chapter than the one that glued the row.
+    """
+    page = Path(str(chapter))
+    m = ANCHOR.fullmatch(anchor) if isinstance(anchor, str) else None
+    if m is None:
+        raise ValueError(f"a row of {chapter} has no section anchor ({anchor!r}); "
+                         "execute the chapter again (python -m rclib book)")
+    if not page.name.startswith(m.group(1) + "_"):
+        raise ValueError(f"anchor {anchor!r} names chapter {m.group(1)}, but the row comes from {chapter}")
+    return f"../{page.with_suffix('.html').as_posix()}#{anchor}"
+
+
 def claims_table(claims, kind: str = PAPER):
-    """The gathered rows of one kind as an HTML table (a pandas Styler), each row linking to the
-    chapter that measures it; the claims page shows one per kind. An HTML table, not Markdown: the
-    book renders a Markdown output as CommonMark, which has no tables."""
+    """The gathered rows of one kind as an HTML table (a pandas Styler), each row's first cell
+    linking to the section of its chapter that measures it (:func:`section_link`); the claims page
+    shows one per kind. An HTML table, not Markdown: the book renders a Markdown output as
+    CommonMark, which has no tables."""
     import html
 
     import pandas as pd
@@ -200,8 +236,7 @@ def claims_table(claims, kind: str = PAPER):
         return "—" if missing else html.escape(f"{v:g}" if isinstance(v, float) else str(v))
 
     def link(r) -> str:
-        page = "../" + str(r.chapter).removesuffix(".ipynb") + ".html"
-        return f'<a href="{page}">{cell(r.section)}</a>'
+        return f'<a href="{html.escape(section_link(r.chapter, getattr(r, "anchor", None)))}">{cell(r.section)}</a>'
 
     def verdict_cell(v: str) -> str:
         word = outcome(v)
@@ -210,13 +245,61 @@ def claims_table(claims, kind: str = PAPER):
     out = pd.DataFrame({
         "where": [link(r) for r in rows.itertuples()],
         "claim" if kind != CHECK else "property": [cell(q) for q in rows.quantity],
-        "measures": [cell(m) for m in rows.measures],
+        "what it measures": [cell(m) for m in rows.measures],
         "setting · refuted by": [f"{cell(s)} · <i>{cell(f)}</i>" for s, f in zip(rows.setting, rows.refuted_by)],
         **({"paper": [cell(p) for p in rows.paper]} if kind == PAPER else {}),
         "ours": [cell(o) for o in rows.ours],
         "verdict": [verdict_cell(v) for v in rows.verdict],
     })
     return out.style.hide(axis="index").set_properties(**{"text-align": "left", "vertical-align": "top"})
+
+
+# What the code calls a table's columns and index, in words with their units, for display: the
+# cached data keep their names, and a chapter shows ``readable(table)``
+WORDS = {
+    "accuracy": "clean accuracy (%)",
+    "robust_accuracy": "FGSM robust accuracy (%)",
+    "pca_boundary_length": "PCA map: boundary length (map sides)",
+    "pca_confidence_tv": "PCA map: confidence total variation",
+    "pca_regions": "PCA map: single-class regions",
+    "local_boundary_length": "local maps: boundary length (map sides)",
+    "local_confidence_tv": "local maps: confidence total variation",
+    "label": "model", "variant": "model", "model": "model", "method": "method",
+    "rate": "prune rate r", "epsilon": "FGSM epsilon (pixel units)", "batch": "batch size", "seed": "seed",
+    "layer": "layer", "type": "layer type", "weight_shape": "weight shape",
+    "parameters": "parameters (weights and biases)", "weights": "weights",
+    "bits": "index bits n", "rho": "compression rate ρ",
+    "attack": "attack", "check": "check",
+    "kind": "kind of row", "measures": "what it measures", "rows": "rows in all",
+}
+IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+")  # snake_case: a name from the code
+
+
+def readable(table, words: dict[str, str] | None = None):
+    """``table`` (a DataFrame) for display: its column labels (every level) and the names of its
+    index and column levels in words, from :data:`WORDS` and then ``words`` (a chapter's own, e.g.
+    the epsilon of its robust accuracy). Row labels are data and are left as they are.
+
+    Raises:
+        ValueError: a label or level name is still an identifier (``snake_case``) after renaming:
+            add it to ``words``.
+
+    Used by chapters 00-05 and the claims page.
+    """
+    names = {**WORDS, **(words or {})}
+
+    def word(v):
+        return names.get(v, v) if isinstance(v, str) else v
+
+    out = table.rename(columns=word)
+    out.index = out.index.set_names([word(n) for n in out.index.names])
+    out.columns = out.columns.set_names([word(n) for n in out.columns.names])
+    labels = [v for c in out.columns for v in (c if isinstance(c, tuple) else (c,))]
+    left = sorted({str(v) for v in labels + list(out.index.names) + list(out.columns.names)
+                   if isinstance(v, str) and IDENTIFIER.fullmatch(v)})
+    if left:
+        raise ValueError(f"identifiers left in the table's headers: {', '.join(left)}; give them words=")
+    return out
 
 
 def comparison(rows: Sequence[dict[str, Any]]):

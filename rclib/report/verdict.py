@@ -1,8 +1,9 @@
 """Verdicts computed from numbers with spread: "holds", "does not hold" or "inconclusive".
 
 The book never types the outcome of one of our runs. A chapter passes its per-seed (or
-per-model) numbers to one of the functions below and glues the returned :class:`Verdict`
-(``str(v)``, ``v.sentence``, or a word from :func:`direction`) into its prose. The rules:
+per-model) numbers to one of the functions below and glues the returned :class:`Verdict` into
+its prose: ``str(v)`` (the outcome, then its evidence), ``v.evidence`` (the evidence alone), or
+:func:`clause`, which states the outcome in words as a whole clause. The rules:
 
 **Spread** (``rclib.core.stats``): a number about our runs is the mean over the seeds with the
 sample standard deviation, and its 95% Student-t interval, intersected with the quantity's
@@ -32,15 +33,20 @@ inconclusive, with the reason. Models that are not independent (a model and its 
 twin, which share every weight position) form a *family* (``groups``): the bootstrap resamples
 whole families, and ``min_n`` counts families, so twins cannot pass for extra evidence.
 
-Wording for prose comes from :func:`direction`, so that a sentence
-such as "Alg 7 {raises} robust accuracy" cannot contradict the numbers beside it.
+**Wording for prose** comes from :func:`clause`, a whole clause that the prose uses as it stands:
+"Algorithm 7 raises robust accuracy", "Algorithm 7 does not raise robust accuracy", or "it is
+inconclusive whether Algorithm 7 raises robust accuracy", followed by its evidence in parentheses
+("2 of 2 seeds agree; +12.0 pp, 95% CI +3.1 to +20.9"). So a sentence cannot contradict the
+numbers beside it, and it reads as a sentence whatever the outcome. A verdict's text never holds
+parentheses of its own, so prose may put it inside its own.
 
-Used by chapters 01-05 and book/claims.
+Used by chapters 01-06 and book/claims.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -71,13 +77,14 @@ class Verdict:
         estimate: the point estimate (mean difference, mean, r, share), unscaled.
         low, high: its interval at ``level`` (NaN when none can be computed).
         n: seeds or models the verdict rests on.
-        detail: a short reason, e.g. ``"3 of 3 seeds agree"`` or ``"only 2 models"``.
+        detail: a short reason, e.g. ``"3 of 3 seeds agree"`` or ``"only 2 models"``; without
+            parentheses, since prose glues a verdict inside its own.
         sentence: a ready-to-glue clause starting with the outcome and stating why.
         claim: the claim tested, in unscaled units, e.g. ``"mean difference > 0"``.
         scale, unit, digits, signed, label: how ``estimate`` is shown (``label`` prefixes it,
             e.g. ``"r = "``).
 
-    Used by chapters 01-05 and book/claims.
+    Used by chapters 01-06 and book/claims.
     """
 
     outcome: str
@@ -98,6 +105,8 @@ class Verdict:
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+        if "(" in self.detail or ")" in self.detail:
+            raise ValueError(f"detail {self.detail!r} has parentheses: prose glues a verdict inside its own")
 
     @property
     def holds(self) -> bool:
@@ -121,9 +130,18 @@ class Verdict:
         hi = number(self.high, self.scale, self.digits, self.signed)
         return f"{est}, {percent_label(self.level)} CI {lo} to {hi}"
 
+    @property
+    def evidence(self) -> str:
+        """What the outcome rests on, without the outcome: ``"3 of 3 seeds agree; +23.4 pp, 95% CI
+        +12.0 to +34.8"``, or the detail alone when there is no estimate (``"only 3 models"``). For
+        prose that states the outcome in its own words (:func:`clause`)."""
+        if math.isnan(self.estimate):
+            return self.detail
+        return f"{self.detail}; {self.numbers()}"
+
     def __str__(self) -> str:
         # a colon, not parentheses: chapters glue this inside a sentence's own parentheses
-        return f"{self.outcome}: {self.detail}; {self.numbers()}"
+        return f"{self.outcome}: {self.evidence}"
 
 
 def _rankdata(v, axis: int = -1) -> np.ndarray:
@@ -150,7 +168,7 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
     a caller that expects that case says why in ``empty`` (e.g. "no compressed model beats
     chance"); otherwise the reason is generic. ``bounds``: the quantity's possible range, as in
     :func:`spread` (a share: :data:`SHARE`; never negative: :data:`NONNEGATIVE`).
-    Used by chapters 01-05 and book/claims.
+    Used by chapters 01-06 and book/claims.
     """
     if claim not in _SIDES:
         raise ValueError(f"claim must be one of {sorted(_SIDES)}, got {claim!r}")
@@ -173,7 +191,7 @@ def threshold(values: Values, claim: str, bound: float, *, level: float = 0.95,
                        f"interval to compare with {b}", **show)
     if resolution > 0 and abs(s.mean - bound) <= resolution * (1 + 1e-9):  # float sums of equal steps
         step = with_unit(number(resolution, scale, digits, False), unit)
-        return Verdict(INCONCLUSIVE, s.mean, s.low, s.high, n, f"within one measurement step ({step}) of {b}",
+        return Verdict(INCONCLUSIVE, s.mean, s.low, s.high, n, f"within one measurement step, {step}, of {b}",
                        f"{INCONCLUSIVE}: the {what} lies within one measurement step ({step}) of {b}, "
                        "so one example changing sides would move it across", **show)
     k = int(on_side(x, bound).sum())
@@ -213,7 +231,7 @@ def paired(a: Values, b: Values, claim: str = ">", margin: float = 0.0, *, level
     fewer than two seeds is always INCONCLUSIVE. Defaults show accuracies in [0, 1] as
     percentage points. ``bounds``: the difference's possible range for its interval (as in
     :func:`spread`); ``"auto"`` means :data:`DIFFERENCE` for differences of shares in percentage
-    points (``unit="pp"``) and none otherwise. Used by chapters 01-05 and book/claims.
+    points (``unit="pp"``) and none otherwise. Used by chapters 01-06 and book/claims.
     """
     x, y = as_vector(a, "a"), as_vector(b, "b")
     if x.shape != y.shape:
@@ -246,7 +264,7 @@ def correlation(x: Values, y: Values, claim: str = "negative", method: str = "pe
     ``groups``: one label per pair naming its family (e.g. a model and its weight-shared twin
     share one). The bootstrap then resamples whole families and ``min_n`` counts families, so
     pairs that are not independent cannot narrow the interval (a cluster bootstrap).
-    Used by chapters 01-05 and book/claims.
+    Used by chapters 01-06 and book/claims.
     """
     if claim not in ("negative", "positive"):
         raise ValueError(f"claim must be 'negative' or 'positive', got {claim!r}")
@@ -388,25 +406,35 @@ def arithmetic(value: float, target: float, tolerance: float, *, unit: str = "",
                    scale=1.0, unit=unit, digits=digits, signed=False)
 
 
-_NEGATIONS = (("does not ", ""), ("do not ", ""), ("is not ", "be "), ("are not ", "be "))
+_NEGATION = re.compile(r"\b(?:not|no|never|neither|nor)\b")
 
 
-def direction(v: Verdict, yes: str, no: str, unsure: str | None = None) -> str:
-    """The verb phrase for prose: ``yes`` if ``v`` holds, ``no`` if it fails, else ``unsure``.
+def clause(v: Verdict, subject: str, yes: str, no: str, *, evidence: bool = True) -> str:
+    """The outcome of ``v`` as a whole clause that prose uses as it stands, with its evidence.
 
-    ``unsure`` defaults to "may or may not X (inconclusive)" derived from a ``no`` of the form
-    "does not X" / "do not X" / "is not X" / "are not X"; any other ``no`` needs an explicit
-    ``unsure`` (checked on every call, so a wording gap shows up before a run is inconclusive).
-    Used by chapters 01-05 and book/claims.
+    ``clause(v, "Algorithm 7", "raises robust accuracy", "does not raise robust accuracy")`` gives
+
+    - when ``v`` holds: "Algorithm 7 raises robust accuracy (2 of 2 seeds agree; +12.0 pp, 95% CI
+      +3.1 to +20.9)";
+    - when it does not hold: "Algorithm 7 does not raise robust accuracy (0 of 2 seeds agree; ...)";
+    - when it is inconclusive: "it is inconclusive whether Algorithm 7 raises robust accuracy (1 of
+      2 seeds agree; ...)".
+
+    The clause starts in lower case unless ``subject`` does, so the prose puts it after a lead-in
+    ("In our runs, {clause}."), never at the start of a sentence; and it is not put inside
+    parentheses, since it ends with its own. ``evidence=False`` leaves out the parenthesis (for a
+    sentence that gives ``v.evidence`` or ``str(v)`` elsewhere).
+
+    Raises:
+        ValueError: an empty part, or a ``no`` that negates nothing ("smoother" for "rougher"):
+            checked on every call, so a wording gap shows up before a run comes out that way.
+
+    Used by chapters 01-06.
     """
-    if unsure is None:
-        for neg, verb in _NEGATIONS:
-            if no.startswith(neg):
-                unsure = f"may or may not {verb}{no[len(neg):]} (inconclusive)"
-                break
-        else:
-            raise ValueError(f"cannot derive the inconclusive wording from no={no!r}; "
-                             f"pass unsure=")
-    return {HOLDS: yes, FAILS: no, INCONCLUSIVE: unsure}[v.outcome]
-
-
+    if not (subject.strip() and yes.strip() and no.strip()):
+        raise ValueError(f"subject, yes and no must all be given: {subject!r}, {yes!r}, {no!r}")
+    if len(_NEGATION.findall(no)) <= len(_NEGATION.findall(yes)):
+        raise ValueError(f"no={no!r} must negate yes={yes!r}: one more not, no or never than it has")
+    said = {HOLDS: f"{subject} {yes}", FAILS: f"{subject} {no}",
+            INCONCLUSIVE: f"it is inconclusive whether {subject} {yes}"}[v.outcome]
+    return f"{said} ({v.evidence})" if evidence else said
