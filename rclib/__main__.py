@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
         p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     sub.add_parser("build", help="render the last executed notebooks into _build/html")
-    lab = sub.add_parser("lab", help="JupyterLab on the last executed chapters, glued values written into the prose")
-    lab.add_argument("--no-launch", action="store_true", help="write _build/lab only")
+    lab_parser = sub.add_parser("lab", help="JupyterLab on the last executed chapters, glued values written into the prose")
+    lab_parser.add_argument("--no-launch", action="store_true", help="write _build/lab only")
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=None,
                        help="folder that receives _build/ (default: the project root)")

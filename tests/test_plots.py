@@ -18,7 +18,11 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 
 from rclib.core import paper  # noqa: E402
-from rclib.report import plots  # noqa: E402
+from rclib.report import (
+    figstyle,
+    map_plots,
+    plots,  # noqa: E402
+)
 from rclib.robust.boundary import DecisionMap  # noqa: E402
 
 TABLE1 = ["Baseline", "Pruned", "Pruned + Retrained", "Pruned + Adv Ret.", "Pruned + Adv Ret. + WS"]
@@ -75,7 +79,7 @@ def test_table1_bars_use_one_sample_sd_and_keep_the_papers_values_off_our_axes()
     assert "paper" in theirs.get_title()
     np.testing.assert_allclose([b.get_height() for b in _bars(theirs)[1]],
                                [paper.TABLE1[v]["robust_accuracy"] for v in TABLE1])
-    assert fig.get_size_inches()[0] <= plots.BOOK_WIDTH + SLACK
+    assert fig.get_size_inches()[0] <= figstyle.BOOK_WIDTH + SLACK
 
 
 def test_table1_bars_with_one_seed_draw_no_spread():
@@ -93,7 +97,7 @@ def test_every_curve_has_its_own_look_and_later_ones_lie_on_top():
     assert len(lines) == 6
     for key in (lambda ln: ln.get_color(), lambda ln: ln.get_marker(), lambda ln: ln.get_linewidth()):
         assert len({key(ln) for ln in lines}) == 6
-    assert len({str(plots.series_style(i)["linestyle"]) for i in range(len(plots.SERIES_LINES))}) == len(plots.SERIES_LINES)
+    assert len({str(figstyle.series_style(i)["linestyle"]) for i in range(len(figstyle.SERIES_LINES))}) == len(figstyle.SERIES_LINES)
     assert [ln.get_zorder() for ln in lines] == sorted(ln.get_zorder() for ln in lines)
     assert all(a.get_linewidth() > b.get_linewidth() for a, b in zip(lines, lines[1:]))
     legend = fig.axes[0].get_legend()
@@ -122,9 +126,9 @@ def test_panels_share_one_legend_below():
 
 def test_decision_maps_fill_the_column_with_readable_maps_and_a_legend_in_the_spare_cell():
     maps = [_map(i) for i in range(5)]
-    fig = plots.decision_maps(maps, [f"model {i}\nrobust 50%" for i in range(5)], 10, ncols=3)
+    fig = map_plots.decision_maps(maps, [f"model {i}\nrobust 50%" for i in range(5)], 10, ncols=3)
     fig.canvas.draw()
-    assert abs(fig.get_size_inches()[0] - plots.BOOK_WIDTH) < SLACK
+    assert abs(fig.get_size_inches()[0] - figstyle.BOOK_WIDTH) < SLACK
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == 5
     for ax in shown:
@@ -133,7 +137,7 @@ def test_decision_maps_fill_the_column_with_readable_maps_and_a_legend_in_the_sp
         assert ax.get_legend() is None
     spare = [ax for ax in fig.axes if not ax.images]
     assert len(spare) == 1 and spare[0].get_legend() is not None and not fig.legends
-    full = plots.decision_maps(maps[:4], ["a", "b", "c", "d"], 10, ncols=2)  # no spare cell: legend below
+    full = map_plots.decision_maps(maps[:4], ["a", "b", "c", "d"], 10, ncols=2)  # no spare cell: legend below
     assert len(full.legends) == 1
 
 
@@ -141,15 +145,15 @@ def test_roughness_scatter_keeps_its_legend_off_the_points():
     rng = np.random.default_rng(1)
     rows = [dict(method=m, shared=sh, robust_accuracy=rng.uniform(), a=rng.uniform(), b=rng.uniform(),
                  c=rng.uniform()) for m in ("baseline", "global", "layer", "channel", "iterative") for sh in (0, 1)]
-    fig = plots.roughness_scatter(rows, [("a", "A"), ("b", "B"), ("c", "C")], title="t")
+    fig = map_plots.roughness_scatter(rows, [("a", "A"), ("b", "B"), ("c", "C")], title="t")
     with_points = [ax for ax in fig.axes if ax.collections]
     assert len(with_points) == 3 and all(ax.get_legend() is None for ax in with_points)
     holders = [ax for ax in fig.axes if ax.get_legend() is not None]
     assert len(holders) == 1 and not holders[0].collections and not holders[0].axison
-    assert fig.get_size_inches()[0] <= plots.BOOK_WIDTH + SLACK
-    two = plots.roughness_scatter(rows, [("a", "A"), ("b", "B")])  # no spare cell: a legend below
+    assert fig.get_size_inches()[0] <= figstyle.BOOK_WIDTH + SLACK
+    two = map_plots.roughness_scatter(rows, [("a", "A"), ("b", "B")])  # no spare cell: a legend below
     assert len(two.legends) == 1 and all(ax.get_legend() is None for ax in two.axes)
-    assert plots.roughness_scatter([], [("a", "A")]).legends == []  # nothing to draw, no legend
+    assert map_plots.roughness_scatter([], [("a", "A")]).legends == []  # nothing to draw, no legend
 
 
 def test_shared_weights_show_every_shared_value():
@@ -158,7 +162,7 @@ def test_shared_weights_show_every_shared_value():
     before = before[np.abs(before) > 0.01]
     centroids = np.sort(np.unique(np.round(before, 3)))[::7]  # 8-bit-like: many close values
     after = centroids[np.abs(before[:, None] - centroids[None, :]).argmin(1)]
-    fig = plots.shared_weights([("conv", before, after)], zoom_values=12)
+    fig = map_plots.shared_weights([("conv", before, after)], zoom_values=12)
     full, zoom = fig.axes[:2]
     ticks = [c for c in full.collections if isinstance(c, LineCollection)]
     assert len(ticks) == 1 and len(ticks[0].get_segments()) == len(np.unique(after))
@@ -176,14 +180,14 @@ def test_every_figure_fits_the_book_column():
         plots.samples(x, y, names),
         plots.adversarial_examples(x[:8], x[:8], y[:8], y[:8], y[:8], names, 0.1, n=8),
         plots.robust_curves(eps, curves),
-        plots.distance_curves(np.linspace(0, 0.3, 7), {"a": [list(np.linspace(1, 0, 7))] * 2},
+        map_plots.distance_curves(np.linspace(0, 0.3, 7), {"a": [list(np.linspace(1, 0, 7))] * 2},
                               {"a": ([0.1], [0.5], [0.05])}),
-        plots.margin_vs_distance({k: (torch.randn(30), torch.rand(30)) for k in "abc"}, 1.0, 0.5),
+        map_plots.margin_vs_distance({k: (torch.randn(30), torch.rand(30)) for k in "abc"}, 1.0, 0.5),
         plots.compression_vs_rate([dict(seed=0, method="global", rate=r, approx_mb=1 - r, dense_bytes=1e6)
                                    for r in (0.1, 0.5)]),
     ]
     for fig in figures:
-        assert fig.get_size_inches()[0] <= plots.BOOK_WIDTH + SLACK, fig.axes[0].get_title()
+        assert fig.get_size_inches()[0] <= figstyle.BOOK_WIDTH + SLACK, fig.axes[0].get_title()
 
 
 def test_glue_figure_glues_the_figure_and_closes_it(monkeypatch):
@@ -192,6 +196,6 @@ def test_glue_figure_glues_the_figure_and_closes_it(monkeypatch):
     glued = []
     monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=True: glued.append((name, value, display)))
     fig, _ = plt.subplots()
-    plots.glue_figure("fig_x", fig)
+    figstyle.glue_figure("fig_x", fig)
     assert glued == [("fig_x", fig, True)]  # displayed: JupyterLab shows it, the book hides the output
     assert fig.number not in plt.get_fignums()  # closed: the inline backend does not draw it again

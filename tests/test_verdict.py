@@ -10,6 +10,7 @@ from scipy import stats
 
 from rclib.core import stats as S
 from rclib.report import verdict as V
+from rclib.report import wording
 from rclib.report.verdict import FAILS, HOLDS, INCONCLUSIVE
 
 # ---- spread and fmt -------------------------------------------------------------------------
@@ -228,10 +229,10 @@ def test_clause_states_each_outcome_as_a_whole_clause_with_its_evidence():
     no = V.paired([0.5, 0.4, 0.45], [0.9, 0.8, 0.85])
     unsure = V.paired([0.9], [0.5])
     words = ("Algorithm 7", "raises robust accuracy", "does not raise robust accuracy")
-    assert V.clause(yes, *words) == f"Algorithm 7 raises robust accuracy ({yes.evidence})"
-    assert V.clause(no, *words, evidence=False) == "Algorithm 7 does not raise robust accuracy"
+    assert wording.clause(yes, *words) == f"Algorithm 7 raises robust accuracy ({yes.evidence})"
+    assert wording.clause(no, *words, evidence=False) == "Algorithm 7 does not raise robust accuracy"
     # inconclusive: a clause that reads whole, no verb phrase with "(inconclusive)" stuck in it
-    said = V.clause(unsure, *words)
+    said = wording.clause(unsure, *words)
     assert said == ("it is inconclusive whether Algorithm 7 raises robust accuracy "
                     "(one seed is an anecdote; +40.0 pp, no interval)")
     assert said.count("(") == said.count(")") == 1  # the evidence, with no parentheses nested in it
@@ -240,13 +241,13 @@ def test_clause_states_each_outcome_as_a_whole_clause_with_its_evidence():
     empty = V.threshold([], ">", 0.5, empty="no model beats chance")
     assert empty.evidence == "no model beats chance" and str(empty) == "inconclusive: no model beats chance"
     with pytest.raises(ValueError, match="negate"):
-        V.clause(yes, "compressed models", "are rougher", "are smoother")  # refused even when it holds
+        wording.clause(yes, "compressed models", "are rougher", "are smoother")  # refused even when it holds
     with pytest.raises(ValueError, match="negate"):  # yes's own "not" does not count as the negation
-        V.clause(yes, "compression", "costs what retraining does not give back", "costs what retraining does not restore")
-    assert V.clause(no, "compression", "costs what retraining does not give back",
+        wording.clause(yes, "compression", "costs what retraining does not give back", "costs what retraining does not restore")
+    assert wording.clause(no, "compression", "costs what retraining does not give back",
                     "does not cost what retraining does not give back", evidence=False).startswith("compression does not")
     with pytest.raises(ValueError, match="given"):
-        V.clause(yes, "", "raises", "does not raise")
+        wording.clause(yes, "", "raises", "does not raise")
 
 
 def test_a_verdicts_text_never_nests_parentheses():
@@ -305,7 +306,7 @@ def test_no_values_give_an_inconclusive_verdict_with_the_callers_reason():
     v = V.threshold([], ">", 0.5, scale=100, unit="%", empty="no compressed model beats chance")
     assert v.inconclusive and v.n == 0 and math.isnan(v.estimate)
     assert str(v) == "inconclusive: no compressed model beats chance"
-    assert V.clause(v, "compressed models", "are rougher", "are not rougher", evidence=False) == \
+    assert wording.clause(v, "compressed models", "are rougher", "are not rougher", evidence=False) == \
         "it is inconclusive whether compressed models are rougher"
     assert S.fmt([]) == "n/a" and S.fmt([], empty="none") == "none" and S.fmt([0.5]) == "50.0"
 

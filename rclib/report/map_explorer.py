@@ -39,7 +39,7 @@ from rclib.compress.share import DEFAULT_BITS
 from rclib.core.config import MAP_POINTS
 from rclib.data import datasets
 from rclib.experiments.live_variants import MAP_BATCH, MAX_RESOLUTION, METHODS, Variants
-from rclib.report import plots
+from rclib.report import map_plots
 from rclib.report.widget_parts import MAX_EPS, html_table, png_output
 from rclib.robust import boundary
 
@@ -92,7 +92,7 @@ def explorer_figure(variant: Mapping[str, Any], dmap: boundary.DecisionMap, num_
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(4.9, 4.1))
-    fig = plots.decision_map(dmap, num_classes, "\n".join(_describe(variant)), ax=ax)
+    fig = map_plots.decision_map(dmap, num_classes, "\n".join(_describe(variant)), ax=ax)
     if own:
         # the class colours are the only key to the map; put them beside it, not over the data
         colours = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"].colors
