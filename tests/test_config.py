@@ -115,7 +115,6 @@ BAD = [
     ("linear_bits", dict(linear_bits=17)),
     ("dataset", dict(dataset="bogus")),
     ("model", dict(model="resnet")),
-    ("prune_method", dict(prune_method="random")),
     ("optimizer", dict(optimizer="rmsprop")),
     ("margin_on", dict(margin_on="softmax")),
     ("device", dict(device="tpu")),

@@ -6,7 +6,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from rclib.__main__ import main
-from rclib.report import lab
+from rclib.report import book, lab
 
 
 def _glued(name: str, text: str):
@@ -38,7 +38,7 @@ def test_the_smoke_books_lab_copies_hold_no_role_of_a_glued_value(smoke_book, ca
     assert len(copies) >= 9
     for path in copies:
         nb = nbformat.read(str(path), as_version=4)
-        values = lab.glued_text(nb)
+        values = book.glued_text(nb)
         left = [m.group(0) for c in nb.cells if c.cell_type == "markdown" for m in lab.GLUE_ROLE.finditer(c.source)
                 if m.group("body").partition(":")[0] in values]
         assert left == [], (path.name, left[:3])

@@ -50,8 +50,6 @@ SWEEP = Step("prune_sweep", ("seed", "data", "model", "train", "retrain", "prune
 TRAJECTORY = Step("trajectory", ("seed", "data", "model", "train", "retrain", "prune_rates", "prune_step"))
 
 
-
-
 def pruned(model: nn.Module, how: Pruning, rate: float) -> nn.Module:
     """A copy of ``model`` pruned one-shot by ``how`` at ``rate`` (hardened when ``how`` says
     so); ``model`` is untouched. Used by chapters 01 and 03-04."""
@@ -82,8 +80,6 @@ class HostModel:
     def build(self, device: Any = "cpu") -> models.VGG:
         """A fresh model holding this state, in eval mode, on ``device``."""
         return models.from_state(self.spec, self.state, device)
-
-
 
 
 def trajectory_artifact(cfg: Config, base: nn.Module, rates) -> dict[str, Any]:

@@ -32,8 +32,6 @@ FORMULA = Step("vgg16_formula", ("seeds", "sharing", "prune_rate"))
 SIZES = Step("vgg16_sizes", ("sharing", "sizes", "prune_rates"))
 
 
-
-
 def share_sweep(cfg: Config, splits: datasets.Splits, base: nn.Module,
                 progress: bool = True) -> tuple[list[dict[str, Any]], bool]:
     """Figure 5 data: global pruning at every rate of ``cfg.prune_rates``, without and with

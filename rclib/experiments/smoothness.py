@@ -27,12 +27,6 @@ SWEEP = Step("boundary_sweep", ("seed", "data", "model", "train", "retrain", "pr
                                 "sharing", "maps"))
 
 
-
-
-
-
-
-
 def map_inputs(splits: datasets.Splits, device: Any = "cpu", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``MAP_POINTS`` test inputs and labels for PCA decision maps, spread across the classes
     (``split.spread_sample``, seeded): a 10k x 150k ImageNet matrix would not fit PCA in memory,

@@ -169,8 +169,6 @@ def over_seeds(cfg: Config, step: Callable[[Config, datasets.Splits, nn.Module],
             masks.move(m, home)
 
 
-
-
 def retrainer(cfg: Config, splits: datasets.Splits, desc: str = "retrain",
               loader: DataLoader | None = None) -> Callable[[nn.Module], object]:
     """``retrain(model)``: ``cfg.retrain_epochs`` of mask-keeping training with the retraining

@@ -30,8 +30,6 @@ READS = ("seed", "data", "model", "train", "retrain", "attack", "alg7", "sharing
 TABLE = Step("robust_table", READS + ("prune_rate",))
 
 
-
-
 def robust_table(cfg: Config, splits: datasets.Splits, base: nn.Module, rate: float,
                  progress: bool = True) -> tuple[list[dict[str, Any]], Mapping[str, dict], bool]:
     """Table 1 for one seed (``cfg.seed``) and one global prune rate, plus Alg 7's ablation.

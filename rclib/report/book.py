@@ -320,6 +320,18 @@ def comparison(rows: Sequence[dict[str, Any]]):
         subset=["quantity", "verdict"], **{"text-align": "left"})
 
 
+def glued_text(nb) -> dict[str, str]:
+    """``{name: text/plain}`` of every value an executed notebook (an ``nbformat`` node) stored with
+    ``myst_nb.glue``, as myst-nb renders it. Used by :func:`glued` and ``report.lab``."""
+    out: dict[str, str] = {}
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            glue = output.get("metadata", {}).get("scrapbook", {})
+            if "name" in glue:
+                out[glue["name"]] = output.get("data", {}).get(glue.get("mime_prefix", "") + "text/plain", "")
+    return out
+
+
 def glued(path) -> dict[str, Any]:
     """The values a notebook stored with ``myst_nb.glue``, read back from its executed copy.
 
@@ -331,17 +343,10 @@ def glued(path) -> dict[str, Any]:
 
     import nbformat
 
-    nb = nbformat.read(str(path), as_version=4)
     out: dict[str, Any] = {}
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            name = output.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name is None:
-                continue
-            prefix = output["metadata"]["scrapbook"].get("mime_prefix", "")
-            text = output.get("data", {}).get(prefix + "text/plain", "")
-            try:
-                out[name] = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                out[name] = text
+    for name, text in glued_text(nbformat.read(str(path), as_version=4)).items():
+        try:
+            out[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[name] = text
     return out

@@ -20,21 +20,12 @@ from pathlib import Path
 import nbformat
 from myst_nb.core.variables import format_plain_text
 
+from rclib.report.book import glued_text
+
 # {glue:text}`key`, {glue:text}`key:fmt`, {glue}`key`; another document's `path::key` is left alone
 GLUE_ROLE = re.compile(r"\{glue(?::text)?\}`(?P<body>[^`:]+(?::[^`]*)?)`")
 NOTE = ("*In this copy (for JupyterLab) each glued value in the prose is the one of the last book "
         "build; rerunning a cell does not rewrite the text.*\n\n")
-
-
-def glued_text(nb: nbformat.NotebookNode) -> dict[str, str]:
-    """``{key: text/plain}`` of every value the notebook glued (its executed outputs)."""
-    out: dict[str, str] = {}
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            glue = output.get("metadata", {}).get("scrapbook", {})
-            if "name" in glue:
-                out[glue["name"]] = output.get("data", {}).get(glue.get("mime_prefix", "") + "text/plain", "")
-    return out
 
 
 def fill_roles(text: str, values: dict[str, str]) -> str:
