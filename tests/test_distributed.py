@@ -25,7 +25,7 @@ import torch
 from rclib.__main__ import main
 from rclib.core import artifacts, config
 from rclib.data import datasets
-from rclib.experiments import distributed, pruning, retrain, steps
+from rclib.experiments import distributed, pruning, retrain, steps, variants
 from rclib.nn import masks
 
 TOLERANCE = 0.2  # |accuracy with 2 processes - with 1|, clean and FGSM, on 128 smoke test digits
@@ -131,7 +131,7 @@ def test_ddp_is_one_process_on_the_same_batches_and_a_failing_rank_stops_the_run
     assert hit
     model = retrain.pruned_copy(base, cfg.prune_rate)
     same_batches = distributed.train_shard(distributed.Context(), splits.train, cfg.seed)  # 1 rank, the global order
-    retrain.retrain_in_place(cfg, model, same_batches, "clean")
+    retrain.retrain_in_place(cfg, model, same_batches, variants.CLEAN)
     ours, theirs = masks.effective_state(model), step_artifact(tmp_path, "clean")[0]
     assert ours.keys() == theirs.keys()
     for k in ours:

@@ -4,6 +4,8 @@ and the gradient-masking checks on rows whose outcome is known by construction."
 from __future__ import annotations
 
 import dataclasses
+import gc
+import warnings
 
 import pytest
 import torch
@@ -90,11 +92,12 @@ def test_spool_gives_back_exactly_what_was_written_batch_by_batch(tmp_path):
 def _image_storages(shape, exclude=frozenset()) -> dict[int, int]:
     """``{storage address: images}`` of live CPU float tensors of ``shape`` (C, H, W), each storage
     counted once, other than the storages in ``exclude``."""
-    import gc
-
     storages: dict[int, int] = {}
-    for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and o.dim() == 4 and tuple(o.shape[1:]) == shape and o.device.type == "cpu" \
+    with warnings.catch_warnings():  # isinstance on deprecated torch.distributed objects warns
+        warnings.simplefilter("ignore", FutureWarning)
+        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for o in objects:
+        if o.dim() == 4 and tuple(o.shape[1:]) == shape and o.device.type == "cpu" \
                 and o.is_floating_point():
             ptr = o.untyped_storage().data_ptr()
             if ptr not in exclude:
