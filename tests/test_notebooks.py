@@ -7,6 +7,7 @@ two runs with the same profile and seed give identical numbers.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -209,6 +210,35 @@ def test_every_chapter_declares_every_config_field():
         assert cell.source == params.parameters_source(), f"{nb}: regenerate its parameters cell"
 
 
+@pytest.mark.parametrize("nb", CHAPTERS + PAGES, ids=lambda p: p.stem)
+def test_plumbing_is_hidden_and_algorithms_shown(nb):
+    """Every plumbing cell (:func:`rclib.report.book.is_plumbing`) is tagged to hide its code;
+    a cell listing an algorithm (``book.source``) holds only that and is shown; every other
+    open cell runs rclib (an experiment, a check), never plain table shuffling."""
+    data = nbformat.read(ROOT / nb, as_version=4)
+    rclib_names = {alias.asname or alias.name for c in data.cells if c.cell_type == "code"
+                   for stmt in ast.parse(c.source).body if isinstance(stmt, ast.ImportFrom)
+                   and (stmt.module or "").startswith("rclib") for alias in stmt.names}
+    calls_rclib = re.compile(rf"\b(?:{'|'.join(sorted(rclib_names))})\.\w+")
+    shown = 0
+    for c in data.cells:
+        tags = set(c.metadata.get("tags", []))
+        if c.cell_type != "code" or "parameters" in tags:
+            continue
+        hidden = bool(tags & book.HIDDEN_TAGS)
+        where = f"{nb.stem}: {c.source.splitlines()[0][:70]!r}"
+        if "book.source(" in c.source:
+            assert not hidden and not book.is_plumbing(c.source), f"{where} lists an algorithm: shown, alone"
+            assert all(line.startswith("book.source(") for line in c.source.splitlines()), where
+        elif book.is_plumbing(c.source):
+            assert "hide-input" in tags or hidden, f"{where} is plumbing: tag it hide-input"
+        elif not hidden:
+            assert calls_rclib.search(c.source), f"{where} is shown but runs nothing of rclib"
+        shown += not hidden
+    if nb in CHAPTERS:
+        assert shown >= 2, f"{nb.stem} shows no algorithm or experiment cell"
+
+
 # one bad value per chapter, each refused by the first code cell under plain papermill
 FIRST_CELL_REFUSALS = {
     "00_baseline": (dict(epsilom=0.2), "did you mean 'epsilon'?"),
@@ -229,8 +259,6 @@ def _first_work_cell(nb: Path) -> str:
 def test_every_page_checks_its_parameters_before_any_work(nb):
     """The first code cell after the parameters imports and then reads the configuration through
     setup.from_notebook, which validates it, before anything else can run."""
-    import ast
-
     body = ast.parse(_first_work_cell(nb)).body
     first = next(stmt for stmt in body if not isinstance(stmt, (ast.Import, ast.ImportFrom)))
     assert ast.unparse(first) == "cfg = setup.from_notebook(globals())", nb.stem

@@ -14,6 +14,9 @@ shown to catch what it claims. ``test_book_html`` runs them over every page of t
   ...), or math on a page that loads no local MathJax/KaTeX: offline, formulas stay raw LaTeX;
 - ``uncaptioned_figures`` (chapters): an image in the page's content that is not in a
   ``<figure>`` with a non-empty ``<figcaption>`` (logos excepted);
+- ``code_cells``: a plumbing cell (:func:`rclib.report.book.is_plumbing`: glue, claim rows,
+  imports, reshaping) whose code is open on the page instead of behind a "Show code cell source"
+  toggle, or an algorithm's listing (``book.source``) folded away;
 - ``claim_links`` (the claims page): a row of a claims table (a table with a ``verdict`` column)
   whose first cell has no link to ``notebooks/NN_*.html#anchor``, or whose anchor is not in that
   chapter's page.
@@ -31,6 +34,8 @@ from pathlib import Path
 import pytest
 import yaml
 from bs4 import BeautifulSoup, NavigableString, Tag  # a dependency of jupyter-book's theme
+
+from rclib.report import book
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,6 +157,22 @@ def uncaptioned_figures(html: str) -> list[str]:
     return out
 
 
+def code_cells(html: str) -> list[str]:
+    """Plumbing cells whose code is open on the page, and algorithm listings folded away. myst-nb
+    puts a ``hide-input`` cell's code in a ``<details>`` toggle; its output stays open."""
+    out = []
+    for cell in _content(_soup(html)).find_all("div", class_="cell"):
+        code = cell.find("div", class_="cell_input")
+        if code is None:
+            continue
+        text, folded = code.get_text(), code.find_parent("details") is not None
+        if "book.source(" in text and folded:
+            out.append(f"algorithm listing behind a toggle: {_excerpt(text)}")
+        elif book.is_plumbing(text) and not folded:
+            out.append(f"plumbing code open on the page: {_excerpt(text)}")
+    return out
+
+
 def claim_links(html: str, anchors: Callable[[str], set[str] | None] | None = None) -> list[str]:
     """Rows of the claims tables (tables with a ``verdict`` column) whose first cell does not link
     to ``notebooks/NN_*.html#anchor`` with a non-empty anchor. With ``anchors`` (a page's href
@@ -252,6 +273,7 @@ CHECKS: dict[str, Callable[[str], list[str]]] = {
     "cdn_scripts": cdn_scripts,
     "uncaptioned_figures": uncaptioned_figures,
     "claim_links": claim_links,
+    "code_cells": code_cells,
 }
 
 
@@ -294,6 +316,24 @@ def test_unresolved_references():
     assert unresolved_references(good) == []
     assert len(unresolved_references(page("<p>See <span class='xref std std-ref'>missing</span>.</p>"))) == 1
     assert len(unresolved_references(page("<p>As Figure ?? shows.</p>"))) == 1
+
+
+def cell(code: str, folded: bool) -> str:
+    body = f"<div class='cell_input docutils container'><pre>{code}</pre></div>"
+    if folded:
+        body = f"<details class='hide above-input'><summary>Show code cell source</summary>{body}</details>"
+    return f"<div class='cell docutils container'>{body}<div class='cell_output'><p>out</p></div></div>"
+
+
+def test_code_cells():
+    good = page(cell("book.source(prune.harden)", False) + cell('glue("acc", 0.5, display=False)', True)
+                + cell("rows = steps.over_seeds(cfg, step, device)", False)
+                + cell("import pandas as pd", True))
+    assert code_cells(good) == []
+    bad = page(cell("book.source(prune.harden)", True) + cell('glue("acc", 0.5, display=False)', False)
+               + cell("t = rows.pivot_table(index='seed')", False))
+    assert [p.split(":")[0] for p in code_cells(bad)] == ["algorithm listing behind a toggle"] + [
+        "plumbing code open on the page"] * 2
 
 
 def test_cdn_scripts():

@@ -176,7 +176,7 @@ def memory(cfg: config.Config, base: torch.nn.Module, rt: Runtime, x: torch.Tens
     and the largest ``eval_batch_size`` whose PGD step fits (from two measured sizes, then tried)."""
     device = x.device
     variant = accel.prepare(retrain.pruned_copy(base, cfg.prune_rate), rt)
-    xt, yt, xe, ye = x[:s.batch_size], y[:s.batch_size], x[:s.eval_batch_size], y[:s.eval_batch_size]
+    xt, yt, xe = x[:s.batch_size], y[:s.batch_size], x[:s.eval_batch_size]
     tiny_step = train.Optimiser("sgd", lr=1e-9)  # memory, not learning: the weights barely move
     steps = {
         "00 baseline: training step": lambda: train.fit(base, [(xt, yt)], 1, tiny_step, progress=False, runtime=rt),
@@ -288,7 +288,8 @@ def run(out: Path, budget_s: float = 480.0, size: str = "auto", device: str = "a
     for label, rt in runtimes.items():
         model = fresh(rt)
         for op in OPS:
-            found = stage(f"{op} ({label})", lambda: throughput(cfg, model, rt, x, y, s, op))
+            # stage() calls the function at once; the defaults bind this loop's values for the linter too
+            found = stage(f"{op} ({label})", lambda model=model, rt=rt, op=op: throughput(cfg, model, rt, x, y, s, op))
             if found is not None:
                 report["throughput"].setdefault(label, {})[op] = found
         del model

@@ -21,6 +21,22 @@ def source(obj: Any):
     return Code(inspect.getsource(obj), language="python")
 
 
+# What a page shows and what it folds away: a code cell a reader need not read to follow the
+# method (gluing values and figures into the prose, building claim rows, importing, reshaping
+# tables) is tagged ``hide-input``, rendered as a "Show code cell source" toggle with its output
+# open; a cell that lists an algorithm (:func:`source`) or runs a chapter's experiment stays open.
+HIDDEN_TAGS = frozenset({"hide-input", "remove-input", "remove-cell"})
+PLUMBING = re.compile(r"\bglue(?:_figure)?\(|\bbook\.(?:claim|check|readable|claims_table)\(|^\s*(?:import|from)\s+\w|"
+                      r"\.(?:pivot_table|groupby|melt|unstack|agg)\(", re.M)
+
+
+def is_plumbing(code: str) -> bool:
+    """Whether a code cell's text is plumbing (:data:`PLUMBING`), to be hidden behind a toggle.
+    A cell that lists an algorithm's source holds nothing else, so it is never plumbing. Checked on
+    every page by tests/test_notebooks.py and on the rendered HTML by tests/test_rendered.py."""
+    return PLUMBING.search(code) is not None
+
+
 # The three kinds of rows a chapter glues. Only the paper's claims are tallied as the paper's;
 # the book's own findings are counted apart; checks hold by construction and are never tallied.
 PAPER, FINDING, CHECK = "paper", "finding", "check"
