@@ -259,7 +259,7 @@ def claims_table(claims, kind: str = PAPER):
         return f"<b>{html.escape(word)}</b>{cell(v)[len(word):]}"
 
     out = pd.DataFrame({
-        "where": [link(r) for r in rows.itertuples()],
+        "in the paper · chapter": [link(r) for r in rows.itertuples()],
         "claim" if kind != CHECK else "property": [cell(q) for q in rows.quantity],
         "what it measures": [cell(m) for m in rows.measures],
         "setting · refuted by": [f"{cell(s)} · <i>{cell(f)}</i>" for s, f in zip(rows.setting, rows.refuted_by)],
