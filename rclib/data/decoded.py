@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -155,8 +156,11 @@ def keep_bytes() -> int:
 
 def _touch(path: Path) -> None:
     """Mark an entry as just used: eviction removes the least recently used first."""
+    # an explicit time: without one the kernel stamps its coarse clock (a few ms), so two uses in
+    # quick succession tie and eviction could pick the one just used
+    now = time.time_ns()
     try:
-        os.utime(path)
+        os.utime(path, ns=(now, now))
     except OSError:  # removed meanwhile by another process's eviction: nothing to mark
         pass
 
