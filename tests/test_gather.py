@@ -137,6 +137,9 @@ def test_tally_counts_the_three_kinds_apart_and_groups_the_papers_claims_by_what
     assert counts == dict(n_paper=3, n_holds=2, n_fails=1, n_inconclusive=0, n_findings=1, n_checks=1)
     html = book.claims_table(claims, book.PAPER).to_html()
     assert html.count('<a href="../notebooks/04_robust_retraining.html#ch04-table-1">') == 3 and "|---|" not in html
+    # its smaller type comes from the book's stylesheet, which must know the class
+    assert 'class="rclib-claims"' in html
+    assert "table.rclib-claims" in (Path(__file__).resolve().parent.parent / "_static" / "rclib.css").read_text()
     checks = book.claims_table(claims, book.CHECK).to_html()
     assert "hardened = masked" in checks and 'href="../notebooks/04_robust_retraining.html#ch04-algorithm-7"' in checks
     # the count table for display: words in its headers, the counts unchanged

@@ -172,6 +172,20 @@ def test_shared_weights_show_every_shared_value():
     assert len(fig.legends) == 1
 
 
+def test_shared_weights_zoom_labels_do_not_overlap():
+    """256 shared values (8 bits) put a dozen of them in a narrow window, whose tick labels need
+    four decimals: the zoom must still leave room between them."""
+    before = -np.abs(np.random.default_rng(3).normal(0, 0.012, 36864))  # negative: labels carry a minus
+    before = before[before < -0.01]
+    centroids = np.linspace(before.min(), before.max(), 256)  # a window of 12 is about 0.002 wide
+    after = centroids[np.abs(before[:, None] - centroids[None, :]).argmin(1)]
+    fig = map_plots.shared_weights([("conv", before, after)], zoom_values=12)
+    zoom = fig.axes[1]
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in zoom.get_xticklabels() if t.get_visible() and t.get_text()]
+    assert len(boxes) >= 2 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
 def test_every_figure_fits_the_book_column():
     x, y = torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))
     names = [str(k) for k in range(10)]

@@ -17,6 +17,8 @@ shown to catch what it claims. ``test_book_html`` runs them over every page of t
 - ``code_cells``: a plumbing cell (:func:`rclib.report.book.is_plumbing`: glue, claim rows,
   imports, reshaping) whose code is open on the page instead of behind a "Show code cell source"
   toggle, or an algorithm's listing (``book.source``) folded away;
+- ``truncated_cells``: a table cell cut short with ``...``, as pandas shortens long text in a
+  DataFrame's display (``display.max_colwidth``): a verdict or a setting the reader cannot read;
 - ``claim_links`` (the claims page): a row of a claims table (a table with a ``verdict`` column)
   whose first cell has no link to ``notebooks/NN_*.html#anchor``, or whose anchor is not in that
   chapter's page.
@@ -173,6 +175,16 @@ def code_cells(html: str) -> list[str]:
     return out
 
 
+def truncated_cells(html: str) -> list[str]:
+    """Table cells whose text ends in ``...``: pandas's mark for text it cut to fit a column."""
+    out = []
+    for td in _content(_soup(html)).find_all("td"):
+        text = " ".join(td.get_text().split())
+        if text.endswith("...") and not _hidden(td):
+            out.append(f"table cell cut short: {_excerpt(text, width=80)}")
+    return out
+
+
 def claim_links(html: str, anchors: Callable[[str], set[str] | None] | None = None) -> list[str]:
     """Rows of the claims tables (tables with a ``verdict`` column) whose first cell does not link
     to ``notebooks/NN_*.html#anchor`` with a non-empty anchor. With ``anchors`` (a page's href
@@ -274,6 +286,7 @@ CHECKS: dict[str, Callable[[str], list[str]]] = {
     "uncaptioned_figures": uncaptioned_figures,
     "claim_links": claim_links,
     "code_cells": code_cells,
+    "truncated_cells": truncated_cells,
 }
 
 
@@ -334,6 +347,14 @@ def test_code_cells():
                + cell("t = rows.pivot_table(index='seed')", False))
     assert [p.split(":")[0] for p in code_cells(bad)] == ["algorithm listing behind a toggle"] + [
         "plumbing code open on the page"] * 2
+
+
+def test_truncated_cells():
+    good = page("<table><tr><td>inconclusive: 100 models in 50 families</td><td>1.5</td></tr></table>"
+                "<p>and so on...</p>")
+    assert truncated_cells(good) == []
+    bad = page("<table><tr><td>inconclusive: 100 models in 50 families, inter...</td></tr></table>")
+    assert [p.split(":")[0] for p in truncated_cells(bad)] == ["table cell cut short"]
 
 
 def test_cdn_scripts():

@@ -226,5 +226,6 @@ def shared_weights(layers: Sequence[tuple[str, np.ndarray, np.ndarray]], zoom_va
         full.set_ylabel("count per bin (log scale)", fontsize=9)
         full.set_title(f"{title}: {len(values)} shared values", fontsize=9.5)
         zoom.set_title(f"zoom: {k} of them, fine bins", fontsize=9.5)
+        zoom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))  # the default's 8 labels overlap
         full.legend()  # collected below the figure
     return legend_below(fig, axes, ncol=4)
