@@ -4,9 +4,10 @@
 a ``{glue:text}`key``` role there shows the key's name, not its value (jupyterlab-myst issue
 165). So the lab opens copies of the executed chapters (``_build/src``, from the last
 ``python -m rclib book``) in which each such role is replaced by the text the book shows, formatted
-by myst-nb's own ``format_plain_text`` with the role's format spec. Cells, outputs and widgets
-are untouched, so the explorers still run live; a value in the prose is that of the last build,
-and rerunning a cell does not rewrite it (the copy's first cell says so).
+by myst-nb's own ``format_plain_text`` with the role's format spec, and each ``{glue:figure}``
+directive (unknown there) by its caption. Cells, outputs and widgets are untouched, so the
+explorers still run live; a value in the prose is that of the last build, and rerunning a cell
+does not rewrite it (the copy's first cell says so).
 
 Used by ``python -m rclib lab`` (``make lab``).
 """
@@ -24,6 +25,8 @@ from rclib.report.book import glued_text
 
 # {glue:text}`key`, {glue:text}`key:fmt`, {glue}`key`; another document's `path::key` is left alone
 GLUE_ROLE = re.compile(r"\{glue(?::text)?\}`(?P<body>[^`:]+(?::[^`]*)?)`")
+# ```{glue:figure} name, its :option: lines, then the caption up to the closing fence
+FIGURE = re.compile(r"```\{glue:figure\}[ \t]+\S+[ \t]*\n(?:[ \t]*:[\w-]+:[^\n]*\n)*(?P<caption>.*?)\n?```", re.S)
 NOTE = ("*In this copy (for JupyterLab) each glued value in the prose is the one of the last book "
         "build; rerunning a cell does not rewrite the text.*\n\n")
 
@@ -39,6 +42,22 @@ def fill_roles(text: str, values: dict[str, str]) -> str:
     return GLUE_ROLE.sub(paste, text)
 
 
+def captions(text: str) -> str:
+    """``text`` with each ``{glue:figure}`` directive replaced by its caption as a paragraph.
+
+    jupyterlab-myst does not know the directive (myst-nb's), so the caption would not show; the
+    figure itself is the output of the code cell just before (``figstyle.glue_figure`` glues it
+    displayed). The caption names which figure it belongs to when a cell draws several."""
+    blocks = list(FIGURE.finditer(text))
+    order = iter(range(1, len(blocks) + 1))
+
+    def caption(m: re.Match) -> str:
+        k = next(order)
+        which = "The figure above" if len(blocks) == 1 else f"Figure {k} of the {len(blocks)} above"
+        return f"*{which}:* {' '.join(m.group('caption').split())}"
+    return FIGURE.sub(caption, text)
+
+
 def lab_copy(executed: Path, dest: Path) -> int:
     """Write ``executed`` to ``dest`` with its glue roles filled; returns how many were filled."""
     nb = nbformat.read(str(executed), as_version=4)
@@ -46,7 +65,7 @@ def lab_copy(executed: Path, dest: Path) -> int:
     filled = 0
     for cell in nb.cells:
         if cell.cell_type == "markdown":
-            new = fill_roles(cell.source, values)
+            new = captions(fill_roles(cell.source, values))
             filled += len(GLUE_ROLE.findall(cell.source)) - len(GLUE_ROLE.findall(new))
             cell.source = new
     first = next((c for c in nb.cells if c.cell_type == "markdown"), None)
