@@ -6,10 +6,12 @@ explorer. Run on demand, never by the tests (it needs Chromium and Playwright):
     .venv/bin/python bench/lab_check.py [_build/src/notebooks/03_boundary_smoothness.ipynb]
 
 It copies one executed chapter (default: chapter 03 of the last `python -m rclib book`) into a
-temporary folder as `make lab` does (``rclib.report.lab.lab_copy``: every glued value written into
-the prose; ``--as-built`` copies the chapter unchanged, to see what glue roles alone give), starts JupyterLab there headless on a free port without a token (the kernel
-imports this checkout's rclib and uses the artifact cache in $RCLIB_ARTIFACTS, so run it with
-the cache of the build that executed the chapter), opens the notebook in Chromium and reports:
+temporary folder as `make lab` does (``rclib.report.lab.lab_copy``: glued values written into the
+prose, figure captions as paragraphs; ``--as-built`` copies the chapter unchanged, to see what
+glue roles alone give), starts JupyterLab there headless on a free port without a token (the
+kernel imports this checkout's rclib and uses the artifact cache in $RCLIB_ARTIFACTS, so run it
+with the cache of the build that executed the chapter), opens the notebook in Chromium and
+reports:
 
 1. whether the jupyterlab-myst renderer is active;
 2. each ``{glue:text}`` / ``{glue}`` role of the executed chapter's markdown cells: shown in the

@@ -38,7 +38,8 @@ def test_figure_directives_become_captions_under_their_figures(tmp_path):
     nb = new_notebook(cells=[
         new_code_cell("figstyle.glue_figure(...)", outputs=[_glued("seed", "3")]),
         new_markdown_cell("```{glue:figure} fig_a\n:name: fig-ch03-a\n:figwidth: 100%\n\nMaps of seed\n"
-                          "{glue:text}`seed`.\n```\n\n```{glue:figure} fig_b\n:name: fig-ch03-b\n\nThe same, shared.\n```"),
+                          "{glue:text}`seed`.\n```\n\n"
+                          "```{glue:figure} fig_b\n:name: fig-ch03-b\n\nThe same, shared.\n```"),
         new_markdown_cell("```{glue:figure} fig_c\n\nOne figure.\n```\n\nThen prose."),
     ])
     executed = tmp_path / "x.ipynb"
