@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import toys
@@ -124,8 +125,6 @@ def _rows():
 
 
 def test_tally_counts_the_three_kinds_apart_and_groups_the_papers_claims_by_what_they_measure():
-    import pandas as pd
-
     claims = pd.DataFrame([dict(r, chapter="notebooks/04_robust_retraining.ipynb") for r in _rows()])
     t = book.tally(claims)
     assert list(t.index) == [("the paper's claims", "robustness"), ("the paper's claims", "clean accuracy"),
@@ -137,6 +136,10 @@ def test_tally_counts_the_three_kinds_apart_and_groups_the_papers_claims_by_what
     assert counts == dict(n_paper=3, n_holds=2, n_fails=1, n_inconclusive=0, n_findings=1, n_checks=1)
     html = book.claims_table(claims, book.PAPER).to_html()
     assert html.count('<a href="../notebooks/04_robust_retraining.html#ch04-table-1">') == 3 and "|---|" not in html
+    # a sentence-long cell is shown whole (a DataFrame's display cuts it at 50 characters), no row numbers
+    long = "inconclusive: 100 models in 50 families, interval spans 0; 3 of 5 seeds on the claimed side"
+    shown = book.text_table(pd.DataFrame({"verdict": [long]})).to_html()
+    assert long in shown and "row_heading" not in shown
     # its smaller type comes from the book's stylesheet, which must know the class
     assert 'class="rclib-claims"' in html
     assert "table.rclib-claims" in (Path(__file__).resolve().parent.parent / "_static" / "rclib.css").read_text()
@@ -168,8 +171,6 @@ def test_a_row_links_to_the_section_named_by_its_anchor_and_a_bad_anchor_is_refu
 
 
 def test_readable_puts_words_in_a_tables_headers_and_refuses_identifiers():
-    import pandas as pd
-
     study = pd.DataFrame({"label": ["baseline", "global r=0.5"], "accuracy": ["97.0", "90.1"],
                           "pca_boundary_length": ["1.20", "1.35"]}).set_index("label")
     shown = book.readable(study)

@@ -269,8 +269,15 @@ def claims_table(claims, kind: str = PAPER):
     })
     # the class sets a smaller type (_static/rclib.css), so that seven columns and the verdict fit a
     # 1200-pixel window without scrolling
-    return out.style.hide(axis="index").set_table_attributes('class="rclib-claims"').set_properties(
-        **{"text-align": "left", "vertical-align": "top"})
+    return text_table(out).set_table_attributes('class="rclib-claims"')
+
+
+def text_table(table):
+    """A table of sentences (verdicts, settings) for display: a pandas Styler, which never cuts a
+    cell's text as a DataFrame's display does (``display.max_colwidth``, 50 characters), without
+    the row numbers, its cells left- and top-aligned. Used by :func:`claims_table` and chapter 03's
+    correlation table."""
+    return table.style.hide(axis="index").set_properties(**{"text-align": "left", "vertical-align": "top"})
 
 
 # What the code calls a table's columns and index, in words with their units, for display: the
